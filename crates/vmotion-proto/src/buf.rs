@@ -86,7 +86,11 @@ impl AlignedBuf {
 
     /// Appends bytes; returns `false` (and appends nothing) if they do not fit.
     pub fn extend_from_slice(&mut self, bytes: &[u8]) -> bool {
-        let Some(end) = self.len.checked_add(bytes.len()).filter(|e| *e <= self.capacity) else {
+        let Some(end) = self
+            .len
+            .checked_add(bytes.len())
+            .filter(|e| *e <= self.capacity)
+        else {
             return false;
         };
         let at = self.start + self.len;

@@ -119,7 +119,9 @@ pub enum PeerMisbehaved {
         found: u64,
     },
     /// The frame was sealed under an epoch the receiver has already retired.
-    #[error("frame on stream {stream} sealed under retired epoch {found}; current epoch is {expected}")]
+    #[error(
+        "frame on stream {stream} sealed under retired epoch {found}; current epoch is {expected}"
+    )]
     StaleEpoch {
         /// Stream.
         stream: u16,
@@ -129,7 +131,9 @@ pub enum PeerMisbehaved {
         found: u32,
     },
     /// The frame claims an epoch the budgets have not reached yet.
-    #[error("frame on stream {stream} claims epoch {found} before its budget allows; expected {expected}")]
+    #[error(
+        "frame on stream {stream} claims epoch {found} before its budget allows; expected {expected}"
+    )]
     EpochAhead {
         /// Stream.
         stream: u16,
@@ -235,9 +239,7 @@ impl PeerMisbehaved {
             | Self::ReservedBitsSet
             | Self::PayloadTooLarge { .. }
             | Self::MalformedPayload { .. } => AbortCode::DecodeError,
-            Self::UnexpectedFrame { .. } | Self::FrameAfterEnd { .. } => {
-                AbortCode::UnexpectedFrame
-            }
+            Self::UnexpectedFrame { .. } | Self::FrameAfterEnd { .. } => AbortCode::UnexpectedFrame,
             Self::WrongStream { .. }
             | Self::ReplayedFrame { .. }
             | Self::FrameOutOfOrder { .. }

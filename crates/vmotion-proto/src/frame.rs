@@ -156,9 +156,7 @@ impl Header {
             stream: u16::from_be_bytes([b[4], b[5]]),
             epoch: u32::from_be_bytes([b[8], b[9], b[10], b[11]]),
             payload_len,
-            sequence: u64::from_be_bytes([
-                b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23],
-            ]),
+            sequence: u64::from_be_bytes([b[16], b[17], b[18], b[19], b[20], b[21], b[22], b[23]]),
         })
     }
 

@@ -37,8 +37,7 @@ use crate::frame::{FrameType, HANDSHAKE_VERSION, Header, SUPPORTED_VERSIONS, Wir
 use crate::keyschedule::{Direction, KeySchedule, TRANSCRIPT_HASH_LEN, mac, mac_eq};
 use crate::message::pages::{MAX_PAGE_SHIFT, MIN_PAGE_SHIFT};
 use crate::message::{
-    Abort, CipherSet, Hello, HelloAck, KeyConfirm, MAX_STREAMS, MAX_VM_NAME, Message,
-    StreamBind,
+    Abort, CipherSet, Hello, HelloAck, KeyConfirm, MAX_STREAMS, MAX_VM_NAME, Message, StreamBind,
 };
 use crate::policy::{
     Decision, DecisionInputs, DestinationCapability, EncryptionPolicy, PlaintextReason, decide,
@@ -238,7 +237,9 @@ impl SenderHandshake {
         if !config.page_size.is_power_of_two()
             || !(u32::from(MIN_PAGE_SHIFT)..=u32::from(MAX_PAGE_SHIFT)).contains(&shift)
         {
-            return Err(invalid("page size must be a power of two from 4 KiB to 64 KiB"));
+            return Err(invalid(
+                "page size must be a power of two from 4 KiB to 64 KiB",
+            ));
         }
         if config.streams > MAX_STREAMS {
             return Err(invalid("at most 256 data streams"));
@@ -324,7 +325,12 @@ impl ExpectHelloAck {
     /// [`Error::Refused`]; a receiver that disagrees with the sender's own evaluation of
     /// the decision table, or chose outside the offer, is [`PeerMisbehaved`].
     pub fn handle(mut self, mut frame: WireFrame) -> Result<SenderNext> {
-        open_expected(&mut self.opener, &mut frame, FrameType::HelloAck, Self::STATE)?;
+        open_expected(
+            &mut self.opener,
+            &mut frame,
+            FrameType::HelloAck,
+            Self::STATE,
+        )?;
         let ack = HelloAck::decode(&frame.payload)?;
         transcript_add(&mut self.transcript, &frame);
 
@@ -338,7 +344,8 @@ impl ExpectHelloAck {
         {
             return Err(r.into());
         }
-        if !self.config.versions.contains(&ack.version) || !SUPPORTED_VERSIONS.contains(&ack.version)
+        if !self.config.versions.contains(&ack.version)
+            || !SUPPORTED_VERSIONS.contains(&ack.version)
         {
             return Err(PeerMisbehaved::IllegalChoice { what: "version" }.into());
         }
@@ -348,6 +355,11 @@ impl ExpectHelloAck {
             wire_can_encrypt: ack.can_encrypt,
             receiver_requires_encryption: ack.requires_encryption,
         });
+        // Our own refusal wins over whatever the receiver says: a downgrade is reported
+        // as a downgrade, not as a disagreement.
+        if let Decision::Refused(r) = ours {
+            return Err(r.into());
+        }
         if ours != ack.decision {
             return Err(PeerMisbehaved::DecisionMismatch {
                 ours: ours.to_string(),
@@ -356,12 +368,14 @@ impl ExpectHelloAck {
             .into());
         }
         let mode = match (ours, ack.cipher) {
-            (Decision::Refused(r), _) => return Err(r.into()),
-            (Decision::Encrypted, Some(c)) if self.hello.ciphers.contains(c) => {
-                Mode::Encrypted(c)
-            }
+            (Decision::Encrypted, Some(c)) if self.hello.ciphers.contains(c) => Mode::Encrypted(c),
             (Decision::Plaintext(reason), None) => Mode::Plaintext(reason),
-            _ => return Err(PeerMisbehaved::IllegalChoice { what: "cipher suite" }.into()),
+            _ => {
+                return Err(PeerMisbehaved::IllegalChoice {
+                    what: "cipher suite",
+                }
+                .into());
+            }
         };
         if !ack.limits.within(self.hello.limits) {
             return Err(PeerMisbehaved::IllegalChoice {
@@ -390,10 +404,7 @@ impl ExpectHelloAck {
         };
         match mode {
             Mode::Plaintext(_) => Ok(SenderNext::Established(SenderSession(SessionCore::new(
-                negotiated,
-                th,
-                None,
-                1,
+                negotiated, th, None, 1,
             )))),
             Mode::Encrypted(_) => {
                 let material = self
@@ -447,7 +458,12 @@ impl SenderExpectKeyConfirm {
     /// Verifies the receiver's confirmation; returns the session and the sender's own
     /// confirmation, which must be sent before any sealed frame.
     pub fn handle(mut self, mut frame: WireFrame) -> Result<(SenderSession, WireFrame)> {
-        open_expected(&mut self.opener, &mut frame, FrameType::KeyConfirm, Self::STATE)?;
+        open_expected(
+            &mut self.opener,
+            &mut frame,
+            FrameType::KeyConfirm,
+            Self::STATE,
+        )?;
         let theirs = KeyConfirm::decode(&frame.payload)?;
         let expected = confirm_mac(&self.schedule, &self.th, Direction::ReceiverToSender);
         if !mac_eq(&theirs.mac, &expected) {
@@ -534,7 +550,9 @@ impl ExpectHello {
         };
         Ok(HelloReceived {
             version: version.unwrap_or(0),
-            cipher: (decision == Decision::Encrypted).then_some(cipher).flatten(),
+            cipher: (decision == Decision::Encrypted)
+                .then_some(cipher)
+                .flatten(),
             decision,
             hello,
             config: self.config,
@@ -689,7 +707,12 @@ impl ReceiverExpectKeyConfirm {
 
     /// Verifies the sender's confirmation and establishes the session.
     pub fn handle(mut self, mut frame: WireFrame) -> Result<ReceiverSession> {
-        open_expected(&mut self.opener, &mut frame, FrameType::KeyConfirm, Self::STATE)?;
+        open_expected(
+            &mut self.opener,
+            &mut frame,
+            FrameType::KeyConfirm,
+            Self::STATE,
+        )?;
         let theirs = KeyConfirm::decode(&frame.payload)?;
         let expected = confirm_mac(&self.schedule, &self.th, Direction::SenderToReceiver);
         if !mac_eq(&theirs.mac, &expected) {
@@ -774,7 +797,9 @@ impl SessionCore {
             .and_then(|i| self.streams_taken.get_mut(i))
             .ok_or(ApiMisuse::NoSuchStream { stream, streams })?;
         if std::mem::replace(slot, true) {
-            return Err(ApiMisuse::InvalidConfig("that data stream was already opened"));
+            return Err(ApiMisuse::InvalidConfig(
+                "that data stream was already opened",
+            ));
         }
         Ok(())
     }

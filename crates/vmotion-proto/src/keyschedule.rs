@@ -210,7 +210,10 @@ mod tests {
     fn schedule_matches_independent_vectors() {
         let vectors = include_str!("../testdata/keyschedule.txt");
         let mut checked = 0;
-        for line in vectors.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in vectors
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let f: Vec<&str> = line.split_whitespace().collect();
             let [key, nonce, id, th, label, dir, stream, epoch, len, expected] = f[..] else {
                 panic!("bad vector line: {line}");
@@ -219,8 +222,10 @@ mod tests {
                 key: MigrationKey::from_slice(&hex::decode(key).unwrap()).unwrap(),
                 nonce: MigrationNonce(hex::decode(nonce).unwrap().try_into().unwrap()),
             };
-            let schedule =
-                KeySchedule::new(&material, MigrationId(hex::decode(id).unwrap().try_into().unwrap()));
+            let schedule = KeySchedule::new(
+                &material,
+                MigrationId(hex::decode(id).unwrap().try_into().unwrap()),
+            );
             let th: [u8; 32] = hex::decode(th).unwrap().try_into().unwrap();
             let label: &'static str = match label {
                 "key" => "key",
@@ -269,9 +274,18 @@ mod tests {
         let other_th = [5u8; 32];
         let variants = [
             base,
-            Slot { label: "iv", ..base },
-            Slot { transcript_hash: &other_th, ..base },
-            Slot { direction: Direction::ReceiverToSender, ..base },
+            Slot {
+                label: "iv",
+                ..base
+            },
+            Slot {
+                transcript_hash: &other_th,
+                ..base
+            },
+            Slot {
+                direction: Direction::ReceiverToSender,
+                ..base
+            },
             Slot { stream: 1, ..base },
             Slot { epoch: 1, ..base },
         ];

@@ -64,16 +64,18 @@ pub mod testing;
 
 pub use buf::AlignedBuf;
 pub use error::{AbortCode, ApiMisuse, Error, PeerMisbehaved, Refusal, Result};
-pub use frame::{FrameSplitter, FrameType, HEADER_LEN, Header, MAX_PAYLOAD, TRAILER_LEN, WireFrame};
+pub use frame::{
+    FrameSplitter, FrameType, HEADER_LEN, Header, MAX_PAYLOAD, TRAILER_LEN, WireFrame,
+};
 pub use handshake::{
     Channel, ExpectHello, ExpectHelloAck, HelloReceived, Mode, Negotiated, ReceiverConfig,
-    ReceiverExpectKeyConfirm, ReceiverHandshake, ReceiverNext, ReceiverSession,
-    SenderConfig, SenderExpectKeyConfirm, SenderHandshake, SenderNext, SenderSession,
+    ReceiverExpectKeyConfirm, ReceiverHandshake, ReceiverNext, ReceiverSession, SenderConfig,
+    SenderExpectKeyConfirm, SenderHandshake, SenderNext, SenderSession,
 };
 pub use keyschedule::Direction;
 pub use policy::{
-    Decision, DecisionInputs, DestinationCapability, EncryptionPolicy, PlaintextReason,
-    VmPolicy, decide,
+    Decision, DecisionInputs, DestinationCapability, EncryptionPolicy, PlaintextReason, VmPolicy,
+    decide,
 };
 pub use record::{CipherSuite, EpochLimits, Opener, Sealer};
 pub use secret::{KeyMaterial, MigrationId, MigrationKey, MigrationNonce};

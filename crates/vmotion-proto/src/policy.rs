@@ -268,7 +268,8 @@ mod tests {
             (Required,      Unregistered,   false, true,  R(PolicyRequiresEncryption)),
         ];
         assert_eq!(table.len(), 3 * 3 * 2 * 2, "the table covers every input");
-        for &(policy, authority, wire_can_encrypt, receiver_requires_encryption, expected) in table {
+        for &(policy, authority, wire_can_encrypt, receiver_requires_encryption, expected) in table
+        {
             let inputs = DecisionInputs {
                 policy,
                 authority,

@@ -387,7 +387,10 @@ pub struct Opener {
 impl std::fmt::Debug for Opener {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Opener")
-            .field("encrypted", &matches!(self.protection, Protection::Aead { .. }))
+            .field(
+                "encrypted",
+                &matches!(self.protection, Protection::Aead { .. }),
+            )
             .field("counters", &self.counters)
             .finish_non_exhaustive()
     }
@@ -482,7 +485,9 @@ impl Opener {
             .into());
         }
         let len = u64::from(h.payload_len);
-        let expected_epoch = c.epoch_for(len).ok_or(Error::SequenceExhausted { stream: c.stream })?;
+        let expected_epoch = c
+            .epoch_for(len)
+            .ok_or(Error::SequenceExhausted { stream: c.stream })?;
         if h.epoch != expected_epoch {
             let (stream, expected, found) = (c.stream, expected_epoch, h.epoch);
             return Err(if found < expected {
@@ -588,7 +593,10 @@ mod tests {
             key: MigrationKey::from_slice(key).unwrap(),
             nonce: MigrationNonce(nonce.try_into().unwrap()),
         };
-        Arc::new(KeySchedule::new(&material, MigrationId(id.try_into().unwrap())))
+        Arc::new(KeySchedule::new(
+            &material,
+            MigrationId(id.try_into().unwrap()),
+        ))
     }
 
     fn config(protection: Protection, limits: EpochLimits) -> RecordConfig {
@@ -617,14 +625,37 @@ mod tests {
     fn sealer_matches_independent_vectors() {
         let vectors = include_str!("../testdata/frames.txt");
         let mut n = 0;
-        for line in vectors.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in vectors
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let [key, nonce, id, th, dir, stream, epoch, seq, ftype, payload, "|", hdr, ct, tag] =
-                f[..]
+            let [
+                key,
+                nonce,
+                id,
+                th,
+                dir,
+                stream,
+                epoch,
+                seq,
+                ftype,
+                payload,
+                "|",
+                hdr,
+                ct,
+                tag,
+            ] = f[..]
             else {
                 panic!("bad vector line {line}");
             };
-            let unhex = |s: &str| if s == "-" { vec![] } else { hex::decode(s).unwrap() };
+            let unhex = |s: &str| {
+                if s == "-" {
+                    vec![]
+                } else {
+                    hex::decode(s).unwrap()
+                }
+            };
             let protection = Protection::Aead {
                 schedule: schedule(&unhex(key), &unhex(nonce), &unhex(id)),
                 transcript_hash: unhex(th).try_into().unwrap(),
@@ -671,7 +702,10 @@ mod tests {
         let mut sealer = Sealer::new(&cfg);
         sealer.set_position(u64::MAX - 1, 0);
         let f = sealer.seal(FrameType::Pages, vec![1, 2, 3]).unwrap();
-        assert_eq!(Header::decode(&f.header, MAX_PAYLOAD).unwrap().sequence, u64::MAX - 1);
+        assert_eq!(
+            Header::decode(&f.header, MAX_PAYLOAD).unwrap().sequence,
+            u64::MAX - 1
+        );
         assert_eq!(
             sealer.seal(FrameType::Pages, vec![1]),
             Err(Error::SequenceExhausted { stream: 1 })

@@ -122,7 +122,10 @@ mod tests {
     fn key_from_slice_checks_length() {
         assert!(MigrationKey::from_slice(&[0; 31]).is_none());
         assert!(MigrationKey::from_slice(&[0; 33]).is_none());
-        assert_eq!(MigrationKey::from_slice(&[7; 32]).unwrap().expose_secret(), &[7; 32]);
+        assert_eq!(
+            MigrationKey::from_slice(&[7; 32]).unwrap().expose_secret(),
+            &[7; 32]
+        );
     }
 
     #[test]

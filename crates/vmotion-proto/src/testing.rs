@@ -148,13 +148,22 @@ pub fn run_handshake(
         _ => None,
     };
     let Some(ack) = to_sender.pop_front() else {
-        return fail_sender(Error::PeerAborted { code: crate::AbortCode::InternalError, message: "no HelloAck".into() }, wire);
+        return fail_sender(
+            Error::PeerAborted {
+                code: crate::AbortCode::InternalError,
+                message: "no HelloAck".into(),
+            },
+            wire,
+        );
     };
     let sender_result = expect_ack.handle(ack).and_then(|n| match n {
         SenderNext::Established(s) => Ok((s, None)),
         SenderNext::ExpectKeyConfirm(state) => {
             let kc = to_sender.pop_front().ok_or(Error::PeerMisbehaved(
-                crate::PeerMisbehaved::Truncated { stream: 0, frames: 1 },
+                crate::PeerMisbehaved::Truncated {
+                    stream: 0,
+                    frames: 1,
+                },
             ))?;
             state.handle(kc).map(|(s, kc)| (s, Some(kc)))
         }
@@ -213,7 +222,9 @@ impl Link {
     /// Opens data stream `stream` on both sessions (bind frame checked).
     pub fn open(sender: &mut SenderSession, receiver: &mut ReceiverSession, stream: u16) -> Self {
         let (bind, s) = sender.open_data_stream(stream).expect("open data stream");
-        let (n, r) = receiver.accept_data_stream(bind).expect("accept data stream");
+        let (n, r) = receiver
+            .accept_data_stream(bind)
+            .expect("accept data stream");
         assert_eq!(n, stream);
         Self {
             sender: s,

@@ -81,7 +81,10 @@ impl<'a> PagesView<'a> {
             entries,
             page_size,
         };
-        let data_pages = view.raw_entries().filter(|e| e & ZERO_PAGE_FLAG == 0).count();
+        let data_pages = view
+            .raw_entries()
+            .filter(|e| e & ZERO_PAGE_FLAG == 0)
+            .count();
         if data_pages.checked_mul(page_size) != Some(data.len()) {
             return Err(malformed("data length does not match the non-zero entries"));
         }
@@ -166,7 +169,10 @@ impl PagesBuilder {
     /// Panics if `page_size` is not a power of two between 4 KiB and 64 KiB, or if not
     /// even one page fits: both are configuration bugs, checked by the handshake first.
     pub fn new(page_size: usize, max_payload: usize) -> Self {
-        assert!(page_size.is_power_of_two(), "page size must be a power of two");
+        assert!(
+            page_size.is_power_of_two(),
+            "page size must be a power of two"
+        );
         let shift = u8::try_from(page_size.trailing_zeros()).expect("small");
         assert!(
             (MIN_PAGE_SHIFT..=MAX_PAGE_SHIFT).contains(&shift),
