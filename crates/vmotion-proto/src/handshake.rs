@@ -308,7 +308,7 @@ impl std::fmt::Debug for ExpectHelloAck {
 #[derive(Debug)]
 pub enum SenderNext {
     /// Encrypted: wait for the receiver's key confirmation.
-    ExpectKeyConfirm(SenderExpectKeyConfirm),
+    ExpectKeyConfirm(Box<SenderExpectKeyConfirm>),
     /// Plaintext: the session is established.
     Established(SenderSession),
 }
@@ -413,13 +413,15 @@ impl ExpectHelloAck {
                     .as_ref()
                     .expect("ciphers are offered only with a key");
                 let schedule = KeySchedule::new(material, negotiated.migration_id);
-                Ok(SenderNext::ExpectKeyConfirm(SenderExpectKeyConfirm {
-                    negotiated,
-                    th,
-                    schedule,
-                    sealer: self.sealer,
-                    opener: self.opener,
-                }))
+                Ok(SenderNext::ExpectKeyConfirm(Box::new(
+                    SenderExpectKeyConfirm {
+                        negotiated,
+                        th,
+                        schedule,
+                        sealer: self.sealer,
+                        opener: self.opener,
+                    },
+                )))
             }
         }
     }
@@ -589,7 +591,7 @@ impl std::fmt::Debug for HelloReceived {
 #[derive(Debug)]
 pub enum ReceiverNext {
     /// Encrypted: wait for the sender's key confirmation.
-    ExpectKeyConfirm(ReceiverExpectKeyConfirm),
+    ExpectKeyConfirm(Box<ReceiverExpectKeyConfirm>),
     /// Plaintext: the session is established.
     Established(ReceiverSession),
     /// Refused: send the answer and close.
@@ -666,12 +668,12 @@ impl HelloReceived {
                 };
                 let kc_frame = self.sealer.seal(FrameType::KeyConfirm, kc.encode())?;
                 Ok((
-                    ReceiverNext::ExpectKeyConfirm(ReceiverExpectKeyConfirm {
+                    ReceiverNext::ExpectKeyConfirm(Box::new(ReceiverExpectKeyConfirm {
                         negotiated: negotiated(Mode::Encrypted(cipher)),
                         th,
                         schedule,
                         opener: self.opener,
-                    }),
+                    })),
                     vec![ack_frame, kc_frame],
                 ))
             }

@@ -744,6 +744,37 @@ mod tests {
         assert_eq!(epochs, [0, 0, 0, 1, 2, 3, 4]);
     }
 
+    /// A peer that never rotates keys (here: a sealer with a larger budget) seals a frame
+    /// with a perfectly valid tag under the retired epoch: rejected before decryption.
+    #[test]
+    fn validly_sealed_frame_under_a_retired_epoch_is_rejected() {
+        let cfg = config(aead([3; 32]), EpochLimits::new(2, 1 << 20).unwrap());
+        let stale_cfg = RecordConfig {
+            limits: EpochLimits::default(),
+            ..cfg.clone()
+        };
+        let mut honest = Sealer::new(&cfg);
+        let mut stale = Sealer::new(&stale_cfg);
+        let mut o = Opener::new(&cfg);
+        for _ in 0..2 {
+            let mut f = honest.seal(FrameType::Pages, vec![1; 8]).unwrap();
+            stale.seal(FrameType::Pages, vec![1; 8]).unwrap();
+            assert_eq!(o.open(&mut f).unwrap().epoch, 0);
+        }
+        let mut old = stale.seal(FrameType::Pages, vec![2; 8]).unwrap();
+        assert_eq!(
+            o.open(&mut old),
+            Err(PeerMisbehaved::StaleEpoch {
+                stream: 1,
+                expected: 1,
+                found: 0
+            }
+            .into())
+        );
+        let mut new = honest.seal(FrameType::Pages, vec![2; 8]).unwrap();
+        assert_eq!(o.open(&mut new).unwrap().epoch, 1);
+    }
+
     #[test]
     fn checksum_mode_detects_corruption() {
         let cfg = config(Protection::Checksum, EpochLimits::default());

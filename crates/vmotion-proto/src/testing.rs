@@ -285,3 +285,28 @@ pub fn checksum_frame(
     });
     sealer.seal(frame_type, payload)
 }
+
+/// The AES-256-GCM key and IV of one (direction, stream, epoch), derived exactly as the
+/// record layer derives them — so tests can open our frames with another AES-GCM
+/// implementation. Test-only: production code never sees raw traffic keys.
+pub fn traffic_key_iv(
+    material: &KeyMaterial,
+    migration_id: MigrationId,
+    transcript_hash: &[u8; 32],
+    direction: crate::Direction,
+    stream: u16,
+    epoch: u32,
+) -> ([u8; 32], [u8; 12]) {
+    let schedule = crate::keyschedule::KeySchedule::new(material, migration_id);
+    let slot = |label| crate::keyschedule::Slot {
+        label,
+        transcript_hash,
+        direction,
+        stream,
+        epoch,
+    };
+    (
+        *schedule.secret::<32>(slot("key")).expose(),
+        *schedule.secret::<12>(slot("iv")).expose(),
+    )
+}
