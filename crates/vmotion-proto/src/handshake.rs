@@ -159,6 +159,7 @@ fn handshake_record(stream: u16, version: u8) -> RecordConfig {
         version,
         first_sequence: 0,
         limits: EpochLimits::default(),
+        first_epoch_frames: u64::MAX,
         max_payload: HANDSHAKE_MAX_PAYLOAD,
     }
 }
@@ -777,6 +778,7 @@ impl SessionCore {
             version: self.negotiated.version,
             first_sequence,
             limits: self.negotiated.limits,
+            first_epoch_frames: first_epoch_frames(&self.th),
             max_payload: self.negotiated.max_payload,
         }
     }
@@ -816,6 +818,12 @@ impl SessionCore {
             None => self.th,
         }
     }
+}
+
+/// The frame budget of epoch 0: 1024 + (the first two bytes of the transcript hash mod
+/// 1024). Both ends know the transcript hash, so they agree; it differs per migration.
+pub(crate) fn first_epoch_frames(th: &[u8; TRANSCRIPT_HASH_LEN]) -> u64 {
+    1024 + u64::from(u16::from_be_bytes([th[0], th[1]]) % 1024)
 }
 
 /// The sender's established session: hands out the control channel and data streams.

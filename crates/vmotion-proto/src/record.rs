@@ -16,6 +16,10 @@
 //! key and IV are derived for it (the old ones are dropped). An opener demands exactly the
 //! epoch the rule gives, so a frame sealed under a retired epoch is rejected.
 //!
+//! Epoch 0 has a smaller frame budget, between 1024 and 2047 frames, chosen from the
+//! transcript hash: every migration of more than a few thousand frames exercises a key
+//! update early (STYLE.md 4, after quinn).
+//!
 //! ## Failing closed
 //!
 //! The sequence number is never reused and never wraps: sealing with sequence
@@ -171,6 +175,8 @@ struct Counters {
     total_frames: u64,
     total_bytes: u64,
     limits: EpochLimits,
+    /// Frame budget of epoch 0 only (see [`RecordConfig::first_epoch_frames`]).
+    first_epoch_frames: u64,
     max_payload: u32,
     ended: bool,
 }
@@ -178,8 +184,13 @@ struct Counters {
 impl Counters {
     /// The epoch the next frame of `len` payload bytes belongs to (see the module doc).
     fn epoch_for(&self, len: u64) -> Option<u32> {
+        let max_frames = if self.epoch == 0 {
+            self.first_epoch_frames
+        } else {
+            self.limits.max_frames.get()
+        };
         let full = self.frames_in_epoch > 0
-            && (self.frames_in_epoch >= self.limits.max_frames.get()
+            && (self.frames_in_epoch >= max_frames
                 || self.bytes_in_epoch.saturating_add(len) > self.limits.max_bytes.get());
         if full {
             self.epoch.checked_add(1)
@@ -210,6 +221,12 @@ pub(crate) struct RecordConfig {
     pub(crate) version: u8,
     pub(crate) first_sequence: u64,
     pub(crate) limits: EpochLimits,
+    /// Frame budget of epoch 0, at most `limits.max_frames`. Sessions set it to a value
+    /// between 1024 and 2047 taken from the transcript hash, so every migration longer
+    /// than a couple of thousand frames performs a key update early, and a peer that
+    /// mishandles key updates fails at once instead of after 64 GiB (quinn does the same
+    /// with a small random first key phase).
+    pub(crate) first_epoch_frames: u64,
     pub(crate) max_payload: u32,
 }
 
@@ -225,6 +242,9 @@ impl RecordConfig {
             total_frames: 0,
             total_bytes: 0,
             limits: self.limits,
+            first_epoch_frames: self
+                .first_epoch_frames
+                .clamp(1, self.limits.max_frames.get()),
             max_payload: self.max_payload.min(MAX_PAYLOAD),
             ended: false,
         }
@@ -606,6 +626,7 @@ mod tests {
             version: 1,
             first_sequence: 0,
             limits,
+            first_epoch_frames: u64::MAX,
             max_payload: MAX_PAYLOAD,
         }
     }

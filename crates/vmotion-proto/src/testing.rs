@@ -281,6 +281,7 @@ pub fn checksum_frame(
         version,
         first_sequence: sequence,
         limits: EpochLimits::default(),
+        first_epoch_frames: u64::MAX,
         max_payload: MAX_PAYLOAD,
     });
     sealer.seal(frame_type, payload)

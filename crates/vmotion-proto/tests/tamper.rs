@@ -365,3 +365,64 @@ fn key_update_crosses_many_epochs() {
         PeerMisbehaved::StaleEpoch { stream: 1, .. }
     ));
 }
+
+/// With the default (64 GiB) budgets a session still updates its key early: epoch 0 ends
+/// after 1024 to 2047 frames, picked from the transcript, the same on both ends.
+#[test]
+fn first_key_update_comes_early_with_default_budgets() {
+    let mut l = link();
+    let mut switched_at = None;
+    for i in 0..2100u32 {
+        l.send(FrameType::Pages, &i.to_be_bytes()).unwrap();
+        let (h, p) = l.deliver().unwrap().unwrap();
+        assert_eq!(p, i.to_be_bytes());
+        if h.epoch == 1 && switched_at.is_none() {
+            switched_at = Some(i);
+        }
+        assert!(h.epoch <= 1, "later epochs use the 2^24-frame budget");
+    }
+    let at = switched_at.expect("a key update within 2048 frames");
+    assert!((1024..2048).contains(&at), "switched after {at} frames");
+}
+
+/// No secret reaches `Debug` output: the derived traffic keys, IVs and the migration key
+/// appear neither as hex nor as the byte lists `{:?}` prints for arrays.
+#[test]
+fn debug_output_holds_no_key_material() {
+    let (mut s, mut r) = pair();
+    let th = *s.transcript_hash();
+    let control = s.take_control().unwrap();
+    let (bind, data) = s.open_data_stream(1).unwrap();
+    let rx = r.accept_data_stream(bind).unwrap();
+    let printed = format!(
+        "{s:?} {r:?} {control:?} {data:?} {rx:?} {:?} {:?}",
+        sender_config(),
+        key(1)
+    );
+    let mut secrets = vec![key(1).key.expose_secret().to_vec()];
+    for dir in [
+        vmotion_proto::Direction::SenderToReceiver,
+        vmotion_proto::Direction::ReceiverToSender,
+    ] {
+        for stream in [0, 1] {
+            let (k, iv) = vmotion_proto::testing::traffic_key_iv(
+                &key(1),
+                vmotion_proto::testing::TEST_ID,
+                &th,
+                dir,
+                stream,
+                0,
+            );
+            secrets.push(k.to_vec());
+            secrets.push(iv.to_vec());
+        }
+    }
+    for secret in secrets {
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        let list = format!("{:?}", &secret[..4]);
+        let list = &list[1..list.len() - 1]; // "a, b, c, d"
+        assert!(!printed.contains(&hex), "hex of a secret in {printed}");
+        assert!(!printed.contains(list), "bytes of a secret in {printed}");
+    }
+    assert!(printed.contains("redacted"));
+}
