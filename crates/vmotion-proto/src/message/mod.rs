@@ -650,8 +650,12 @@ impl<'a> Message<'a> {
             Self::KeyConfirm(m) => m.encode(),
             Self::StreamBind(m) => m.encode(),
             Self::Pages(view) => {
-                let max = view.len() * (view.page_size() + 8) + pages::PAGES_TRAILER_LEN;
-                let mut b = PagesBuilder::new(view.page_size(), max.max(view.page_size() + 16));
+                // Exactly the payload's length: reserving a page per entry would turn a
+                // 2 MiB batch of zero-page flags into a 17 GB allocation.
+                let len = view.data_pages() * view.page_size()
+                    + view.len() * 8
+                    + pages::PAGES_TRAILER_LEN;
+                let mut b = PagesBuilder::new(view.page_size(), len.max(view.page_size() + 16));
                 for e in view.iter() {
                     match e.data {
                         Some(d) => {

@@ -1,0 +1,198 @@
+//! The JSON API, shared by the server and the client. Specified for operators (with
+//! `curl` examples) in `docs/keyservice-api.md`.
+//!
+//! | method | path | caller | what |
+//! |---|---|---|---|
+//! | `POST` | `/v1/hosts/register` | any host | register or refresh the caller's capabilities |
+//! | `GET` | `/v1/hosts/{host}` | any host | a host's registry entry |
+//! | `POST` | `/v1/migrations` | the source | create a migration: id, key, nonce, destination's capabilities |
+//! | `POST` | `/v1/migrations/{id}/key` | the destination | fetch the key, once |
+//! | `PUT` | `/v1/migrations/{id}/outcome` | the source | record `committed` or `aborted` |
+//! | `GET` | `/v1/migrations/{id}/outcome` | source or destination | read the outcome |
+//!
+//! The caller's identity is the DNS name in its client certificate; no body field can
+//! claim another.
+
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// The cipher suite name hosts register.
+pub const CIPHER_AES_256_GCM: &str = "aes-256-gcm";
+
+/// Body of `POST /v1/hosts/register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    /// The host can fetch migration keys and decrypt.
+    pub can_encrypt: bool,
+    /// vmotion protocol versions the host speaks.
+    pub protocol_versions: Vec<u8>,
+    /// Cipher suites the host supports (e.g. `aes-256-gcm`).
+    pub ciphers: Vec<String>,
+}
+
+/// A host's registry entry (answer of register and of `GET /v1/hosts/{host}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostRecord {
+    /// The host's identity (its certificate's DNS name).
+    pub host: String,
+    /// The host can encrypt.
+    pub can_encrypt: bool,
+    /// Protocol versions.
+    pub protocol_versions: Vec<u8>,
+    /// Cipher suites.
+    pub ciphers: Vec<String>,
+    /// When the entry expires unless refreshed (Unix time, milliseconds).
+    pub expires_at_ms: u64,
+}
+
+impl HostRecord {
+    /// Whether the registry says this host encrypts with a suite vmotion uses.
+    pub fn encrypts(&self) -> bool {
+        self.can_encrypt && self.ciphers.iter().any(|c| c == CIPHER_AES_256_GCM)
+    }
+}
+
+/// Body of `POST /v1/migrations`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMigrationRequest {
+    /// The VM being migrated.
+    pub vm: String,
+    /// The destination host's identity.
+    pub destination: String,
+}
+
+/// Answer of `POST /v1/migrations`. Holds the key: zeroized on drop.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMigrationResponse {
+    /// Migration id, 32 hex digits.
+    pub migration_id: String,
+    /// The 256-bit key, standard base64.
+    pub key: Zeroizing<String>,
+    /// The 64-bit nonce, 16 hex digits.
+    pub nonce: String,
+    /// When the key expires at the service (Unix time, milliseconds).
+    pub expires_at_ms: u64,
+    /// The destination's registry entry, or `null` if it is not registered.
+    pub destination: Option<HostRecord>,
+}
+
+/// Answer of `POST /v1/migrations/{id}/key`. Holds the key: zeroized on drop.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FetchKeyResponse {
+    /// Migration id.
+    pub migration_id: String,
+    /// The 256-bit key, standard base64.
+    pub key: Zeroizing<String>,
+    /// The 64-bit nonce, 16 hex digits.
+    pub nonce: String,
+    /// The source host.
+    pub source: String,
+    /// The VM.
+    pub vm: String,
+}
+
+macro_rules! redacted_debug {
+    ($t:ty, $($field:ident),*) => {
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($t))
+                    $(.field(stringify!($field), &self.$field))*
+                    .field("key", &"[redacted]")
+                    .finish()
+            }
+        }
+    };
+}
+redacted_debug!(
+    CreateMigrationResponse,
+    migration_id,
+    nonce,
+    expires_at_ms,
+    destination
+);
+redacted_debug!(FetchKeyResponse, migration_id, nonce, source, vm);
+
+/// A switchover outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// The destination runs the VM; the source has stopped for good.
+    Committed,
+    /// The source runs the VM; the destination discards what it received.
+    Aborted,
+}
+
+/// Body of `PUT /v1/migrations/{id}/outcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeRequest {
+    /// The outcome.
+    pub outcome: Outcome,
+}
+
+/// A migration's outcome record (answer of both outcome calls).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeRecord {
+    /// Migration id.
+    pub migration_id: String,
+    /// Source host.
+    pub source: String,
+    /// Destination host.
+    pub destination: String,
+    /// The VM.
+    pub vm: String,
+    /// The outcome, or `null` while none is recorded.
+    pub outcome: Option<Outcome>,
+    /// When it was recorded (Unix time, milliseconds).
+    pub recorded_at_ms: Option<u64>,
+}
+
+/// Machine-readable error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The request is malformed (bad JSON, unknown field, bad id).
+    BadRequest,
+    /// The caller may not do this (not the migration's source or destination).
+    Forbidden,
+    /// No such migration, host or route.
+    NotFound,
+    /// The key was already handed out.
+    AlreadyFetched,
+    /// The migration's key expired.
+    Expired,
+    /// The outcome is already recorded differently.
+    Conflict,
+    /// The service failed (journal write).
+    Internal,
+}
+
+impl ErrorCode {
+    /// The HTTP status that carries this code.
+    pub fn status(self) -> u16 {
+        match self {
+            Self::BadRequest => 400,
+            Self::Forbidden => 403,
+            Self::NotFound => 404,
+            Self::AlreadyFetched | Self::Conflict => 409,
+            Self::Expired => 410,
+            Self::Internal => 500,
+        }
+    }
+}
+
+/// Body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErrorBody {
+    /// The code.
+    pub error: ErrorCode,
+    /// A sentence for people.
+    pub message: String,
+}

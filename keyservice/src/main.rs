@@ -1,0 +1,110 @@
+//! `vmotion-keyservice`: serve the key service, or make a development PKI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use vmotion_keyservice::{Config, Server, pki};
+
+/// vmotion's key service: per-migration keys, host registry and outcome records over
+/// mutual TLS.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve HTTPS with mutual TLS until SIGINT or SIGTERM.
+    Serve {
+        /// The configuration file (TOML; see docs/keyservice-api.md).
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Development PKI.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Write a CA, the service's certificate, one client certificate per host and a
+    /// ready-to-use keyservice.toml into a folder.
+    Init {
+        /// Folder to write into (created if missing).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Host names to issue client certificates for, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        hosts: Vec<String>,
+        /// Extra DNS names for the service certificate (localhost, 127.0.0.1 and ::1 are
+        /// always included), comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        service_names: Vec<String>,
+    },
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Pki {
+            command:
+                PkiCommand::Init {
+                    out,
+                    hosts,
+                    service_names,
+                },
+        } => {
+            let files = pki::init(&out, &hosts, &service_names)?;
+            println!(
+                "wrote a development PKI for {} into {}; serve it with\n  vmotion-keyservice serve --config {}",
+                files.hosts.join(", "),
+                files.dir.display(),
+                files.config().display()
+            );
+            Ok(())
+        }
+        Command::Serve { config } => {
+            let config = Config::load(&config)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            runtime.block_on(async {
+                let server = Server::bind(&config).await?;
+                let addr = server.local_addr()?;
+                // Scripts and tests read this line to learn the port (with port 0).
+                println!("listening on {addr}");
+                tracing::info!(%addr, "key service listening");
+                server.run(shutdown_signal()).await;
+                anyhow::Ok(())
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmotion-keyservice: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

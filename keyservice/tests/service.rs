@@ -1,0 +1,531 @@
+//! Integration tests against the real `vmotion-keyservice` binary over real mutual TLS on
+//! loopback: each test makes a dev PKI with the binary, starts `serve` on a free port and
+//! talks to it with the client library (and, for the attacks, with hand-built TLS).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmotion_keyservice::api::{ErrorCode, Outcome, RegisterRequest};
+use vmotion_keyservice::{ClientError, ClientIdentity, KeyServiceClient};
+use vmotion_proto::{DestinationCapability, MigrationId};
+
+const BIN: &str = env!("CARGO_BIN_EXE_vmotion-keyservice");
+
+fn pki(dir: &Path, hosts: &str) {
+    let out = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(dir)
+        .args(["--hosts", hosts])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A running service process.
+struct Service {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Service {
+    fn start_with(dir: &Path, key_ttl: &str, registry_ttl: &str) -> Self {
+        let config = dir.join("test.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\nkey = \"keyservice-key.pem\"\n\
+                 journal = \"state/journal.jsonl\"\naudit_log = \"state/audit.jsonl\"\n\
+                 key_ttl = \"{key_ttl}\"\nregistry_ttl = \"{registry_ttl}\"\n"
+            ),
+        )
+        .unwrap();
+        Self::spawn(dir, config)
+    }
+
+    fn spawn(dir: &Path, config: PathBuf) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        Self {
+            child,
+            addr,
+            dir: dir.to_owned(),
+            config,
+        }
+    }
+
+    fn start(dir: &Path) -> Self {
+        Self::start_with(dir, "5m", "60s")
+    }
+
+    fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    fn client(&self, host: &str) -> KeyServiceClient {
+        self.client_from(&self.dir, host)
+    }
+
+    /// A client whose certificate comes from the PKI in `pki_dir` (the service's own CA is
+    /// always the one trusted for the server).
+    fn client_from(&self, pki_dir: &Path, host: &str) -> KeyServiceClient {
+        KeyServiceClient::new(
+            &self.url(),
+            &ClientIdentity {
+                ca: self.dir.join("ca.pem"),
+                cert: pki_dir.join("hosts").join(format!("{host}.pem")),
+                key: pki_dir.join("hosts").join(format!("{host}-key.pem")),
+            },
+        )
+        .unwrap()
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+
+    fn audit(&self) -> String {
+        std::fs::read_to_string(self.dir.join("state/audit.jsonl")).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn setup() -> (tempfile::TempDir, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst,third");
+    let service = Service::start(dir.path());
+    (dir, service)
+}
+
+fn encrypting() -> RegisterRequest {
+    RegisterRequest {
+        can_encrypt: true,
+        protocol_versions: vec![1],
+        ciphers: vec!["aes-256-gcm".into()],
+    }
+}
+
+fn code(e: &ClientError) -> ErrorCode {
+    e.code()
+        .unwrap_or_else(|| panic!("expected a refusal from the service, got {e}"))
+}
+
+#[tokio::test]
+async fn happy_path() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let rec = dst.register(&encrypting()).await.unwrap();
+    assert_eq!(rec.host, "dst", "identity comes from the certificate");
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    assert_eq!(
+        issued.destination_capability(),
+        DestinationCapability::Encrypts
+    );
+    let fetched = dst.fetch_key(issued.id).await.unwrap();
+    assert_eq!(
+        fetched.material.key.expose_secret(),
+        issued.material.key.expose_secret()
+    );
+    assert_eq!(fetched.material.nonce, issued.material.nonce);
+    assert_eq!(
+        (fetched.source.as_str(), fetched.vm.as_str()),
+        ("src", "vm-1")
+    );
+    let o = dst.outcome(issued.id).await.unwrap();
+    assert_eq!(o.outcome, None);
+    let o = src
+        .record_outcome(issued.id, Outcome::Committed)
+        .await
+        .unwrap();
+    assert_eq!(o.outcome, Some(Outcome::Committed));
+    let o = dst.outcome(issued.id).await.unwrap();
+    assert_eq!(
+        (o.outcome, o.source.as_str(), o.destination.as_str()),
+        (Some(Outcome::Committed), "src", "dst")
+    );
+    // Two migrations never share key material.
+    let other = src.create_migration("vm-1", "dst").await.unwrap();
+    assert_ne!(other.id, issued.id);
+    assert_ne!(
+        other.material.key.expose_secret(),
+        issued.material.key.expose_secret()
+    );
+    assert_ne!(other.material.nonce, issued.material.nonce);
+}
+
+#[tokio::test]
+async fn authorization_matrix() {
+    let (dir, svc) = setup();
+    let (src, dst, third) = (svc.client("src"), svc.client("dst"), svc.client("third"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+
+    // The source itself, and a third host, may not fetch the key.
+    assert_eq!(
+        code(&src.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(&third.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    // Nor record or read the outcome (third host), nor record it (destination).
+    assert_eq!(
+        code(&third.outcome(issued.id).await.unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    assert_eq!(
+        code(
+            &dst.record_outcome(issued.id, Outcome::Committed)
+                .await
+                .unwrap_err()
+        ),
+        ErrorCode::Forbidden
+    );
+    // Unknown id.
+    assert_eq!(
+        code(&dst.fetch_key(MigrationId([0xee; 16])).await.unwrap_err()),
+        ErrorCode::NotFound
+    );
+    // The destination fetches once; the second fetch is refused.
+    dst.fetch_key(issued.id).await.unwrap();
+    assert_eq!(
+        code(&dst.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::AlreadyFetched
+    );
+    // The third host still gets "forbidden", not the key's state.
+    assert_eq!(
+        code(&third.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Forbidden
+    );
+    // A recorded outcome never changes.
+    src.record_outcome(issued.id, Outcome::Aborted)
+        .await
+        .unwrap();
+    assert_eq!(
+        code(
+            &src.record_outcome(issued.id, Outcome::Committed)
+                .await
+                .unwrap_err()
+        ),
+        ErrorCode::Conflict
+    );
+
+    // A certificate from another CA, even for a known host name, gets no service at all.
+    let other = tempfile::tempdir().unwrap();
+    pki(other.path(), "src,dst");
+    let impostor = svc.client_from(other.path(), "dst");
+    let err = impostor.fetch_key(issued.id).await.unwrap_err();
+    assert!(
+        err.code().is_none(),
+        "no API answer for a foreign certificate: {err}"
+    );
+
+    // No client certificate at all: the TLS session never carries a request.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in vmotion_keyservice::tls::load_certs(&dir.path().join("ca.pem"), "ca").unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(&svc.addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let answer = async {
+        let mut tls = connector
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await?;
+        tls.write_all(
+            format!(
+                "POST /v1/migrations/{}/key HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n",
+                issued.id
+            )
+            .as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf)
+    }
+    .await;
+    match answer {
+        Err(_) => {}
+        Ok(buf) => assert!(
+            buf.is_empty(),
+            "got an answer without a certificate: {}",
+            String::from_utf8_lossy(&buf)
+        ),
+    }
+
+    // Every refusal above is in the audit log, with the caller's identity.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = svc.audit();
+    for needle in [
+        r#""caller":"src","action":"fetch_key""#,
+        r#""caller":"third","action":"fetch_key""#,
+        r#""result":"forbidden""#,
+        r#""result":"already_fetched""#,
+        r#""result":"not_found""#,
+        r#""result":"conflict""#,
+        r#""action":"tls_handshake""#,
+    ] {
+        assert!(
+            audit.contains(needle),
+            "{needle} missing from the audit log:\n{audit}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn expired_keys_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let svc = Service::start_with(dir.path(), "1s", "60s");
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert_eq!(
+        code(&dst.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Expired
+    );
+    assert_eq!(
+        code(&dst.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Expired
+    );
+    // The record itself outlives the key: the outcome can still be recorded and read.
+    src.record_outcome(issued.id, Outcome::Aborted)
+        .await
+        .unwrap();
+    assert_eq!(
+        dst.outcome(issued.id).await.unwrap().outcome,
+        Some(Outcome::Aborted)
+    );
+}
+
+#[tokio::test]
+async fn registry_entries_expire_unless_refreshed() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let svc = Service::start_with(dir.path(), "5m", "1s");
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    assert!(src.host("dst").await.unwrap().is_none());
+    assert_eq!(
+        src.create_migration("vm", "dst")
+            .await
+            .unwrap()
+            .destination_capability(),
+        DestinationCapability::Unregistered
+    );
+    dst.register(&RegisterRequest {
+        can_encrypt: false,
+        ..encrypting()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        src.create_migration("vm", "dst")
+            .await
+            .unwrap()
+            .destination_capability(),
+        DestinationCapability::DoesNotEncrypt
+    );
+    dst.register(&encrypting()).await.unwrap();
+    assert!(src.host("dst").await.unwrap().unwrap().encrypts());
+    // Refreshing keeps it alive past the first TTL.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    dst.register(&encrypting()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        src.host("dst").await.unwrap().is_some(),
+        "refreshed 0.7 s ago"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(src.host("dst").await.unwrap().is_none(), "expired");
+    assert_eq!(
+        src.create_migration("vm", "dst")
+            .await
+            .unwrap()
+            .destination_capability(),
+        DestinationCapability::Unregistered
+    );
+}
+
+#[tokio::test]
+async fn outcomes_survive_a_crash_and_keys_do_not() {
+    let (dir, mut svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let committed = src.create_migration("vm-a", "dst").await.unwrap();
+    let pending = src.create_migration("vm-b", "dst").await.unwrap();
+    src.record_outcome(committed.id, Outcome::Committed)
+        .await
+        .unwrap();
+    // SIGKILL: no chance to flush anything that was not already on disk.
+    svc.child.kill().unwrap();
+    svc.child.wait().unwrap();
+    let config = svc.config.clone();
+    drop(svc);
+    let svc = Service::spawn(dir.path(), config);
+    let (src, dst2) = (svc.client("src"), svc.client("dst"));
+    drop(dst);
+    let o = dst2.outcome(committed.id).await.unwrap();
+    assert_eq!(
+        (o.outcome, o.vm.as_str()),
+        (Some(Outcome::Committed), "vm-a")
+    );
+    // The pending migration is known (its creation was journaled) but its key is gone.
+    assert_eq!(dst2.outcome(pending.id).await.unwrap().outcome, None);
+    assert_eq!(
+        code(&dst2.fetch_key(pending.id).await.unwrap_err()),
+        ErrorCode::Expired
+    );
+    // Its outcome can still be recorded after the restart.
+    src.record_outcome(pending.id, Outcome::Aborted)
+        .await
+        .unwrap();
+}
+
+/// The audit log records every action, and no file the service writes holds key bytes
+/// (searched as hex and as base64).
+#[tokio::test]
+async fn audit_log_has_every_action_and_no_key_material() {
+    let (dir, mut svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    dst.register(&encrypting()).await.unwrap();
+    src.host("dst").await.unwrap();
+    let issued = src.create_migration("vm-audit", "dst").await.unwrap();
+    dst.fetch_key(issued.id).await.unwrap();
+    src.record_outcome(issued.id, Outcome::Committed)
+        .await
+        .unwrap();
+    dst.outcome(issued.id).await.unwrap();
+    let key = *issued.material.key.expose_secret();
+    assert!(svc.terminate().success(), "SIGTERM is a clean exit");
+
+    let audit = std::fs::read_to_string(dir.path().join("state/audit.jsonl")).unwrap();
+    let id = issued.id.to_string();
+    for (caller, action) in [
+        ("dst", "register_host"),
+        ("src", "read_host"),
+        ("src", "create_migration"),
+        ("dst", "fetch_key"),
+        ("src", "record_outcome"),
+        ("dst", "read_outcome"),
+    ] {
+        let line = audit
+            .lines()
+            .find(|l| l.contains(&format!(r#""caller":"{caller}","action":"{action}""#)))
+            .unwrap_or_else(|| panic!("{action} by {caller} missing:\n{audit}"));
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["result"], "ok");
+        assert!(v["time_ms"].as_u64().unwrap() > 0);
+        if action.contains("migration") || action.contains("key") || action.contains("outcome") {
+            assert_eq!(v["migration_id"], id.as_str(), "{line}");
+        }
+    }
+    let forms = [
+        hex::encode(key),
+        hex::encode_upper(key),
+        base64::engine::general_purpose::STANDARD.encode(key),
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(key),
+    ];
+    for entry in walk(dir.path().join("state")) {
+        let bytes = std::fs::read(&entry).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        for f in &forms {
+            assert!(
+                !text.contains(f.as_str()),
+                "key material in {}",
+                entry.display()
+            );
+        }
+        assert!(
+            !bytes.windows(32).any(|w| w == key),
+            "raw key bytes in {}",
+            entry.display()
+        );
+    }
+}
+
+fn walk(dir: PathBuf) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn bad_config_names_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "a");
+    let cfg = dir.path().join("bad.toml");
+    let text = std::fs::read_to_string(dir.path().join("keyservice.toml"))
+        .unwrap()
+        .replace("registry_ttl = \"60s\"", "registry_ttl = \"sometimes\"");
+    std::fs::write(&cfg, text).unwrap();
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("bad.toml")
+            && err.contains("registry_ttl")
+            && err.contains("line 9, field `registry_ttl`"),
+        "{err}"
+    );
+
+    let out = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(dir.path().join("x"))
+        .args(["--hosts", "good,not a host"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`not a host` is not a valid host name"));
+}
