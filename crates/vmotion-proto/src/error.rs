@@ -343,6 +343,12 @@ pub enum ApiMisuse {
         /// Number of data streams negotiated.
         streams: u16,
     },
+    /// The opener already rejected a forged or corrupted frame; the stream is dead.
+    #[error("stream {stream} already failed authentication; it opens nothing more")]
+    StreamFailed {
+        /// Stream.
+        stream: u16,
+    },
     /// A configuration value is out of its allowed range.
     #[error("invalid configuration: {0}")]
     InvalidConfig(&'static str),

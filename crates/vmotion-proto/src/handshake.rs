@@ -45,8 +45,9 @@ use crate::policy::{
 use crate::record::{CipherSuite, EpochLimits, Opener, Protection, RecordConfig, Sealer};
 use crate::secret::{KeyMaterial, MigrationId};
 
-/// Handshake frames are small; anything larger is refused from its header.
-const HANDSHAKE_MAX_PAYLOAD: u32 = 1024;
+/// Handshake frames are small (a `Hello` is at most 391 bytes, an `Abort` 1028); anything
+/// larger is refused from its header.
+const HANDSHAKE_MAX_PAYLOAD: u32 = 1536;
 /// The smallest per-frame maximum a receiver may ask for (one 64 KiB page plus its index).
 pub const MIN_NEGOTIATED_PAYLOAD: u32 = 64 * 1024 + 64;
 
@@ -74,6 +75,10 @@ pub struct SenderConfig {
     pub streams: u16,
     /// Key-update budgets to propose.
     pub limits: EpochLimits,
+    /// 32 fresh random bytes for this handshake ([`crate::handshake_random`]). They make
+    /// every transcript, and so every key, unique even if the same key material were
+    /// used twice.
+    pub random: [u8; 32],
 }
 
 /// What the receiver brings to the handshake.
@@ -218,6 +223,58 @@ fn handshake_abort(sealer: &mut Sealer, code: AbortCode, message: &str) -> Resul
     )
 }
 
+/// A handshake step failed: the error, and the `Abort` frame to send before closing so
+/// the peer learns why.
+#[derive(Debug)]
+pub struct HandshakeFailure {
+    /// What went wrong.
+    pub error: Error,
+    /// The `Abort` to send (checksummed, on stream 0, at this end's next handshake
+    /// sequence). `None` when the peer aborted first.
+    pub abort: Option<WireFrame>,
+}
+
+impl std::fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for HandshakeFailure {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.error.source()
+    }
+}
+
+impl PartialEq<Error> for HandshakeFailure {
+    fn eq(&self, other: &Error) -> bool {
+        self.error == *other
+    }
+}
+
+impl PartialEq<Error> for Box<HandshakeFailure> {
+    fn eq(&self, other: &Error) -> bool {
+        self.error == *other
+    }
+}
+
+impl From<Box<HandshakeFailure>> for Error {
+    fn from(f: Box<HandshakeFailure>) -> Self {
+        f.error
+    }
+}
+
+/// The result of a handshake step.
+pub type StepResult<T> = std::result::Result<T, Box<HandshakeFailure>>;
+
+fn fail(sealer: &mut Sealer, error: Error) -> Box<HandshakeFailure> {
+    let abort = match &error {
+        Error::PeerAborted { .. } => None,
+        e => handshake_abort(sealer, e.abort_code(), &e.to_string()).ok(),
+    };
+    Box::new(HandshakeFailure { error, abort })
+}
+
 // ---------------------------------------------------------------------------------------
 // Sender
 // ---------------------------------------------------------------------------------------
@@ -228,8 +285,12 @@ pub struct SenderHandshake;
 
 impl SenderHandshake {
     /// Checks the configuration and produces the `Hello` frame to send on the control
-    /// connection.
+    /// connection. A `Required` VM whose destination the authority says cannot encrypt is
+    /// refused here ([`crate::policy::preflight`]), before a byte is sent.
     pub fn start(config: SenderConfig) -> Result<(ExpectHelloAck, WireFrame)> {
+        if let Some(refusal) = crate::policy::preflight(config.policy, config.destination) {
+            return Err(refusal.into());
+        }
         let invalid = |m| Error::ApiMisuse(ApiMisuse::InvalidConfig(m));
         if config.versions.is_empty() || *config.versions.start() == 0 {
             return Err(invalid("the version range is empty"));
@@ -265,6 +326,7 @@ impl SenderHandshake {
                 CipherSet::NONE
             },
             migration_id: config.migration_id,
+            random: config.random,
             page_size: config.page_size,
             streams: config.streams,
             guest_pages: config.guest_pages,
@@ -325,7 +387,17 @@ impl ExpectHelloAck {
     /// Handles the receiver's answer. A refusal (computed by both ends) comes back as
     /// [`Error::Refused`]; a receiver that disagrees with the sender's own evaluation of
     /// the decision table, or chose outside the offer, is [`PeerMisbehaved`].
-    pub fn handle(mut self, mut frame: WireFrame) -> Result<SenderNext> {
+    pub fn handle(mut self, frame: WireFrame) -> StepResult<SenderNext> {
+        match self.evaluate(frame) {
+            Ok((negotiated, th)) => Ok(self.advance(negotiated, th)),
+            Err(e) => Err(fail(&mut self.sealer, e)),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        mut frame: WireFrame,
+    ) -> Result<(Negotiated, [u8; TRANSCRIPT_HASH_LEN])> {
         open_expected(
             &mut self.opener,
             &mut frame,
@@ -390,12 +462,12 @@ impl ExpectHelloAck {
             }
             .into());
         }
-        let th = transcript_hash(self.transcript);
+        let th = transcript_hash(self.transcript.clone());
         let negotiated = Negotiated {
             version: ack.version,
             mode,
             migration_id: self.hello.migration_id,
-            vm_name: self.hello.vm_name,
+            vm_name: self.hello.vm_name.clone(),
             policy: self.hello.policy,
             page_size: self.hello.page_size,
             guest_pages: self.hello.guest_pages,
@@ -403,10 +475,14 @@ impl ExpectHelloAck {
             limits: ack.limits,
             max_payload: ack.max_payload,
         };
-        match mode {
-            Mode::Plaintext(_) => Ok(SenderNext::Established(SenderSession(SessionCore::new(
-                negotiated, th, None, 1,
-            )))),
+        Ok((negotiated, th))
+    }
+
+    fn advance(self, negotiated: Negotiated, th: [u8; TRANSCRIPT_HASH_LEN]) -> SenderNext {
+        match negotiated.mode {
+            Mode::Plaintext(_) => {
+                SenderNext::Established(SenderSession(SessionCore::new(negotiated, th, None, 1)))
+            }
             Mode::Encrypted(_) => {
                 let material = self
                     .config
@@ -414,15 +490,13 @@ impl ExpectHelloAck {
                     .as_ref()
                     .expect("ciphers are offered only with a key");
                 let schedule = KeySchedule::new(material, negotiated.migration_id);
-                Ok(SenderNext::ExpectKeyConfirm(Box::new(
-                    SenderExpectKeyConfirm {
-                        negotiated,
-                        th,
-                        schedule,
-                        sealer: self.sealer,
-                        opener: self.opener,
-                    },
-                )))
+                SenderNext::ExpectKeyConfirm(Box::new(SenderExpectKeyConfirm {
+                    negotiated,
+                    th,
+                    schedule,
+                    sealer: self.sealer,
+                    opener: self.opener,
+                }))
             }
         }
     }
@@ -460,7 +534,22 @@ impl SenderExpectKeyConfirm {
 
     /// Verifies the receiver's confirmation; returns the session and the sender's own
     /// confirmation, which must be sent before any sealed frame.
-    pub fn handle(mut self, mut frame: WireFrame) -> Result<(SenderSession, WireFrame)> {
+    pub fn handle(mut self, frame: WireFrame) -> StepResult<(SenderSession, WireFrame)> {
+        if let Err(e) = self.verify(frame) {
+            return Err(fail(&mut self.sealer, e));
+        }
+        let ours = KeyConfirm {
+            mac: confirm_mac(&self.schedule, &self.th, Direction::SenderToReceiver),
+        };
+        let kc = match self.sealer.seal(FrameType::KeyConfirm, ours.encode()) {
+            Ok(kc) => kc,
+            Err(e) => return Err(fail(&mut self.sealer, e)),
+        };
+        let core = SessionCore::new(self.negotiated, self.th, Some(Arc::new(self.schedule)), 2);
+        Ok((SenderSession(core), kc))
+    }
+
+    fn verify(&mut self, mut frame: WireFrame) -> Result<()> {
         open_expected(
             &mut self.opener,
             &mut frame,
@@ -472,12 +561,7 @@ impl SenderExpectKeyConfirm {
         if !mac_eq(&theirs.mac, &expected) {
             return Err(PeerMisbehaved::KeyConfirmationFailed.into());
         }
-        let ours = KeyConfirm {
-            mac: confirm_mac(&self.schedule, &self.th, Direction::SenderToReceiver),
-        };
-        let kc = self.sealer.seal(FrameType::KeyConfirm, ours.encode())?;
-        let core = SessionCore::new(self.negotiated, self.th, Some(Arc::new(self.schedule)), 2);
-        Ok((SenderSession(core), kc))
+        Ok(())
     }
 }
 
@@ -490,10 +574,12 @@ impl SenderExpectKeyConfirm {
 pub struct ReceiverHandshake;
 
 impl ReceiverHandshake {
-    /// A receiver waiting for a `Hello` on a new control connection.
-    pub fn start(config: ReceiverConfig) -> ExpectHello {
+    /// A receiver waiting for a `Hello` on a new control connection. `random` must be 32
+    /// fresh random bytes ([`crate::handshake_random`]), new for every connection.
+    pub fn start(config: ReceiverConfig, random: [u8; 32]) -> ExpectHello {
         ExpectHello {
             config,
+            random,
             sealer: Sealer::new(&handshake_record(0, HANDSHAKE_VERSION)),
             opener: Opener::new(&handshake_record(0, HANDSHAKE_VERSION)),
             transcript: digest::Context::new(&digest::SHA256),
@@ -504,6 +590,7 @@ impl ReceiverHandshake {
 /// Receiver state: waiting for the sender's `Hello`.
 pub struct ExpectHello {
     config: ReceiverConfig,
+    random: [u8; 32],
     sealer: Sealer,
     opener: Opener,
     transcript: digest::Context,
@@ -521,7 +608,27 @@ impl ExpectHello {
     const STATE: &'static str = "expecting Hello";
 
     /// Handles the `Hello` and computes the decision.
-    pub fn handle(mut self, mut frame: WireFrame) -> Result<HelloReceived> {
+    pub fn handle(mut self, frame: WireFrame) -> StepResult<HelloReceived> {
+        match self.evaluate(frame) {
+            Ok((hello, decision, version, cipher)) => Ok(HelloReceived {
+                version,
+                cipher,
+                decision,
+                hello,
+                random: self.random,
+                config: self.config,
+                sealer: self.sealer,
+                opener: self.opener,
+                transcript: self.transcript,
+            }),
+            Err(e) => Err(fail(&mut self.sealer, e)),
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        mut frame: WireFrame,
+    ) -> Result<(Hello, Decision, u8, Option<CipherSuite>)> {
         open_expected(&mut self.opener, &mut frame, FrameType::Hello, Self::STATE)?;
         let hello = Hello::decode(&frame.payload)?;
         transcript_add(&mut self.transcript, &frame);
@@ -542,7 +649,9 @@ impl ExpectHello {
             Decision::Refused(Refusal::NoCommonVersion)
         } else if let Decision::Refused(_) = policy_decision {
             policy_decision
-        } else if hello.page_size < (1 << MIN_PAGE_SHIFT) || hello.page_size > c.max_page_size {
+        } else if hello.page_size < (1 << MIN_PAGE_SHIFT)
+            || hello.page_size > c.max_page_size.min(1 << MAX_PAGE_SHIFT)
+        {
             Decision::Refused(Refusal::PageSizeUnsupported)
         } else if hello.streams > c.max_streams {
             Decision::Refused(Refusal::TooManyStreams)
@@ -551,18 +660,10 @@ impl ExpectHello {
         } else {
             policy_decision
         };
-        Ok(HelloReceived {
-            version: version.unwrap_or(0),
-            cipher: (decision == Decision::Encrypted)
-                .then_some(cipher)
-                .flatten(),
-            decision,
-            hello,
-            config: self.config,
-            sealer: self.sealer,
-            opener: self.opener,
-            transcript: self.transcript,
-        })
+        let cipher = (decision == Decision::Encrypted)
+            .then_some(cipher)
+            .flatten();
+        Ok((hello, decision, version.unwrap_or(0), cipher))
     }
 }
 
@@ -570,6 +671,7 @@ impl ExpectHello {
 /// the decision is encrypted) and sends the answer.
 pub struct HelloReceived {
     hello: Hello,
+    random: [u8; 32],
     decision: Decision,
     version: u8,
     cipher: Option<CipherSuite>,
@@ -637,6 +739,7 @@ impl HelloReceived {
             requires_encryption: self.config.require_encryption,
             max_payload,
             limits,
+            random: self.random,
         };
         let ack_frame = self.sealer.seal(FrameType::HelloAck, ack.encode())?;
         transcript_add(&mut self.transcript, &ack_frame);
@@ -673,6 +776,7 @@ impl HelloReceived {
                         negotiated: negotiated(Mode::Encrypted(cipher)),
                         th,
                         schedule,
+                        sealer: self.sealer,
                         opener: self.opener,
                     })),
                     vec![ack_frame, kc_frame],
@@ -694,6 +798,7 @@ pub struct ReceiverExpectKeyConfirm {
     negotiated: Negotiated,
     th: [u8; TRANSCRIPT_HASH_LEN],
     schedule: KeySchedule,
+    sealer: Sealer,
     opener: Opener,
 }
 
@@ -708,8 +813,22 @@ impl std::fmt::Debug for ReceiverExpectKeyConfirm {
 impl ReceiverExpectKeyConfirm {
     const STATE: &'static str = "expecting the sender's KeyConfirm";
 
-    /// Verifies the sender's confirmation and establishes the session.
-    pub fn handle(mut self, mut frame: WireFrame) -> Result<ReceiverSession> {
+    /// Verifies the sender's confirmation and establishes the session. On failure the
+    /// abort frame is checksummed, not sealed: the sender, already expecting sealed frames,
+    /// fails to authenticate it, which ends its side as surely.
+    pub fn handle(mut self, frame: WireFrame) -> StepResult<ReceiverSession> {
+        if let Err(e) = self.verify(frame) {
+            return Err(fail(&mut self.sealer, e));
+        }
+        Ok(ReceiverSession(SessionCore::new(
+            self.negotiated,
+            self.th,
+            Some(Arc::new(self.schedule)),
+            2,
+        )))
+    }
+
+    fn verify(&mut self, mut frame: WireFrame) -> Result<()> {
         open_expected(
             &mut self.opener,
             &mut frame,
@@ -721,12 +840,7 @@ impl ReceiverExpectKeyConfirm {
         if !mac_eq(&theirs.mac, &expected) {
             return Err(PeerMisbehaved::KeyConfirmationFailed.into());
         }
-        Ok(ReceiverSession(SessionCore::new(
-            self.negotiated,
-            self.th,
-            Some(Arc::new(self.schedule)),
-            2,
-        )))
+        Ok(())
     }
 }
 

@@ -41,8 +41,10 @@
 //! 5. End every stream direction with [`Sealer::seal_end_of_stream`]; on the other side,
 //!    [`Opener::finish`] when the connection closes tells a complete stream from a cut one.
 //!
-//! Any error ends the migration: send [`Error::abort_code`] in an `Abort` frame if the
-//! connection still works. Nothing in this crate panics on peer input.
+//! Any error ends the migration. A failed handshake step returns a [`HandshakeFailure`]
+//! that carries the `Abort` frame to send; after the handshake, seal an `Abort` with
+//! [`Error::abort_code`] on the control channel if it still works. Nothing in this crate
+//! panics on peer input.
 //!
 //! The byte-level specification is `docs/protocol.md`; the threat model is
 //! `docs/threat-model.md`.
@@ -68,9 +70,9 @@ pub use frame::{
     FrameSplitter, FrameType, HEADER_LEN, Header, MAX_PAYLOAD, TRAILER_LEN, WireFrame,
 };
 pub use handshake::{
-    Channel, ExpectHello, ExpectHelloAck, HelloReceived, Mode, Negotiated, ReceiverConfig,
-    ReceiverExpectKeyConfirm, ReceiverHandshake, ReceiverNext, ReceiverSession, SenderConfig,
-    SenderExpectKeyConfirm, SenderHandshake, SenderNext, SenderSession,
+    Channel, ExpectHello, ExpectHelloAck, HandshakeFailure, HelloReceived, Mode, Negotiated,
+    ReceiverConfig, ReceiverExpectKeyConfirm, ReceiverHandshake, ReceiverNext, ReceiverSession,
+    SenderConfig, SenderExpectKeyConfirm, SenderHandshake, SenderNext, SenderSession, StepResult,
 };
 pub use keyschedule::Direction;
 pub use policy::{
@@ -78,4 +80,4 @@ pub use policy::{
     decide,
 };
 pub use record::{CipherSuite, EpochLimits, Opener, Sealer};
-pub use secret::{KeyMaterial, MigrationId, MigrationKey, MigrationNonce};
+pub use secret::{KeyMaterial, MigrationId, MigrationKey, MigrationNonce, handshake_random};

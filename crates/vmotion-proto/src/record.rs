@@ -45,9 +45,11 @@ use crate::secret::Secret;
 /// How much one key may protect before the next epoch starts.
 ///
 /// Defaults (justified in docs/protocol.md, "Limits"): 2^24 frames — under the 2^24.5
-/// full records RFC 8446 §5.5 allows per AES-GCM key — and 64 GiB of payload, which keeps
-/// the confidentiality advantage of draft-irtf-cfrg-aead-limits §5.1 at about 2^-65 (2^32
-/// blocks per key).
+/// full records RFC 8446 §5.5 allows per AES-GCM key — and 64 GiB of payload: 2^32
+/// blocks per key, a single-key confidentiality advantage of about 2^-65 by the AES-GCM
+/// bound of draft-irtf-cfrg-aead-limits (section "AES-GCM" under "Single-Key AEAD
+/// Limits"). With rekeying the draft's multi-key bound applies; docs/protocol.md works
+/// it out per TiB sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EpochLimits {
     /// Frames per epoch.
@@ -398,10 +400,15 @@ impl Sealer {
 
 /// Opens the frames of one stream direction, checking stream, sequence, epoch, then the
 /// tag or checksum, then (for `EndOfStream`) the totals.
+///
+/// An opener that saw one forged or corrupted frame (authentication or checksum failure)
+/// refuses everything after it: a receiver gives an attacker exactly one forgery attempt
+/// per stream, which is what the integrity bound in docs/protocol.md assumes.
 pub struct Opener {
     protection: Protection,
     key: Option<EpochKey>,
     counters: Counters,
+    failed: bool,
 }
 
 impl std::fmt::Debug for Opener {
@@ -422,6 +429,7 @@ impl Opener {
             key: EpochKey::derive(&config.protection, config.stream, 0),
             protection: config.protection.clone(),
             counters: config.counters(),
+            failed: false,
         }
     }
 
@@ -453,14 +461,21 @@ impl Opener {
     }
 
     /// Checks and opens one frame in place. On success `payload` holds the plaintext and
-    /// the decoded header is returned. On error nothing advances: the stream is dead and
-    /// the caller aborts the migration.
+    /// the decoded header is returned. On error no counter or key changes; the caller
+    /// aborts the migration. After an authentication or checksum failure every later call
+    /// fails with [`ApiMisuse::StreamFailed`].
     pub fn open_in_place(
         &mut self,
         header_bytes: &[u8; HEADER_LEN],
         payload: &mut [u8],
         trailer: &[u8; TRAILER_LEN],
     ) -> Result<Header> {
+        if self.failed {
+            return Err(ApiMisuse::StreamFailed {
+                stream: self.counters.stream,
+            }
+            .into());
+        }
         let h = self.decode_header(header_bytes)?;
         let c = &self.counters;
         if h.version != c.version {
@@ -497,6 +512,10 @@ impl Opener {
             }
             .into());
         }
+        if h.sequence == u64::MAX {
+            // The sealer never uses it; accepting it would wrap the counter.
+            return Err(Error::SequenceExhausted { stream: c.stream });
+        }
         if payload.len() != h.payload_len as usize {
             return Err(PeerMisbehaved::MalformedPayload {
                 frame_type: h.frame_type,
@@ -525,12 +544,17 @@ impl Opener {
             }
             .into());
         }
-        if expected_epoch != c.epoch {
-            self.key = EpochKey::derive(&self.protection, c.stream, expected_epoch);
-        }
-        match &self.key {
+        // The next epoch's key replaces the current one only once a frame authenticated
+        // under it: a forged frame claiming the next epoch changes nothing.
+        let next_key = if expected_epoch == c.epoch {
+            None
+        } else {
+            EpochKey::derive(&self.protection, c.stream, expected_epoch)
+        };
+        match next_key.as_ref().or(self.key.as_ref()) {
             None => {
                 if checksum(header_bytes, payload) != *trailer {
+                    self.failed = true;
                     return Err(PeerMisbehaved::ChecksumMismatch {
                         stream: h.stream,
                         sequence: h.sequence,
@@ -548,12 +572,18 @@ impl Opener {
                         payload,
                         0..,
                     )
-                    .map_err(|_| PeerMisbehaved::AuthenticationFailed {
-                        stream: h.stream,
-                        epoch: h.epoch,
-                        sequence: h.sequence,
+                    .map_err(|_| {
+                        self.failed = true;
+                        PeerMisbehaved::AuthenticationFailed {
+                            stream: h.stream,
+                            epoch: h.epoch,
+                            sequence: h.sequence,
+                        }
                     })?;
             }
+        }
+        if next_key.is_some() {
+            self.key = next_key;
         }
         if h.frame_type == FrameType::EndOfStream {
             let totals = EndOfStream::decode(payload)?;
@@ -794,6 +824,68 @@ mod tests {
         );
         let mut new = honest.seal(FrameType::Pages, vec![2; 8]).unwrap();
         assert_eq!(o.open(&mut new).unwrap().epoch, 1);
+    }
+
+    /// A forged frame that claims the next epoch must not leave the opener holding the
+    /// next epoch's key: with the poison flag lifted (as only this test can), the honest
+    /// frame at the same position still opens.
+    #[test]
+    fn forged_next_epoch_frame_changes_no_key() {
+        let cfg = config(aead([4; 32]), EpochLimits::new(1000, 300).unwrap());
+        let mut s = Sealer::new(&cfg);
+        let mut o = Opener::new(&cfg);
+        let mut f = s.seal(FrameType::Pages, vec![1; 200]).unwrap();
+        o.open(&mut f).unwrap();
+        // 50 more bytes fit epoch 0; a 200-byte frame would belong to epoch 1.
+        let honest = s.seal(FrameType::Pages, vec![2; 50]).unwrap();
+        let mut forged = honest.clone();
+        forged.payload = vec![0; 200];
+        forged.header[8..12].copy_from_slice(&1u32.to_be_bytes());
+        forged.header[12..16].copy_from_slice(&200u32.to_be_bytes());
+        assert!(matches!(
+            o.open(&mut forged),
+            Err(Error::PeerMisbehaved(
+                PeerMisbehaved::AuthenticationFailed { epoch: 1, .. }
+            ))
+        ));
+        assert!(
+            o.open(&mut honest.clone()).is_err(),
+            "poisoned after a forgery"
+        );
+        o.failed = false;
+        let mut honest = honest;
+        assert_eq!(o.open(&mut honest).unwrap().epoch, 0);
+        assert_eq!(honest.payload, vec![2; 50]);
+    }
+
+    #[test]
+    fn opener_refuses_the_last_sequence_number() {
+        let cfg = config(Protection::Checksum, EpochLimits::default());
+        let mut s = Sealer::new(&cfg);
+        let mut o = Opener::new(&cfg);
+        s.set_position(u64::MAX - 1, 0);
+        o.counters.next_sequence = u64::MAX - 1;
+        let mut f = s.seal(FrameType::Pages, vec![1]).unwrap();
+        o.open(&mut f).unwrap();
+        // A peer that (unlike our sealer) uses u64::MAX is refused, not wrapped.
+        let header = Header {
+            version: 1,
+            frame_type: FrameType::Pages,
+            stream: 1,
+            epoch: 0,
+            payload_len: 1,
+            sequence: u64::MAX,
+        }
+        .encode();
+        let mut last = WireFrame {
+            header,
+            payload: vec![1],
+            trailer: checksum(&header, &[1]),
+        };
+        assert_eq!(
+            o.open(&mut last),
+            Err(Error::SequenceExhausted { stream: 1 })
+        );
     }
 
     #[test]

@@ -87,6 +87,13 @@ impl fmt::Debug for MigrationKey {
     }
 }
 
+/// 32 fresh bytes from the operating system's CSPRNG, for the `random` of a handshake.
+pub fn handshake_random() -> Result<[u8; 32], ring::error::Unspecified> {
+    let mut r = [0u8; 32];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut r)?;
+    Ok(r)
+}
+
 /// The 64-bit migration nonce, used as the HKDF salt. Issued together with the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MigrationNonce(pub [u8; 8]);

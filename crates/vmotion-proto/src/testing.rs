@@ -11,8 +11,8 @@ use std::collections::VecDeque;
 use crate::error::{Error, Result};
 use crate::frame::{FrameType, Header, MAX_PAYLOAD, WireFrame};
 use crate::handshake::{
-    Channel, ReceiverConfig, ReceiverHandshake, ReceiverNext, ReceiverSession, SenderConfig,
-    SenderHandshake, SenderNext, SenderSession,
+    Channel, HandshakeFailure, ReceiverConfig, ReceiverHandshake, ReceiverNext, ReceiverSession,
+    SenderConfig, SenderHandshake, SenderNext, SenderSession,
 };
 use crate::message::Hello;
 use crate::policy::{DestinationCapability, EncryptionPolicy};
@@ -53,11 +53,16 @@ pub fn sender_config() -> SenderConfig {
         guest_pages: 1024,
         streams: 2,
         limits: EpochLimits::default(),
+        random: [0x11; 32],
     }
 }
 
+/// The receiver's handshake random in [`run_handshake`].
+pub const RECEIVER_RANDOM: [u8; 32] = [0x22; 32];
+
 /// What a handshake run produced on each side. A side that never finished (because the
-/// other failed first) is `None`.
+/// other failed first) is `None`. The `Abort` a failing side sends is the last entry of
+/// `wire`.
 #[derive(Debug)]
 pub struct Outcome {
     /// The sender's result.
@@ -120,15 +125,23 @@ pub fn run_handshake(
         receiver: Some(Err(e)),
         wire,
     };
+    let record_abort = |flight, f: &HandshakeFailure, wire: &mut Vec<(Flight, WireFrame)>| {
+        if let Some(abort) = &f.abort {
+            wire.push((flight, abort.clone()));
+        }
+    };
 
     let (expect_ack, hello) = match SenderHandshake::start(sender) {
         Ok(x) => x,
         Err(e) => return fail_sender(e, wire),
     };
     let hello = send(Flight::ToReceiver, hello, &mut wire);
-    let received = match ReceiverHandshake::start(receiver).handle(hello) {
+    let received = match ReceiverHandshake::start(receiver, RECEIVER_RANDOM).handle(hello) {
         Ok(r) => r,
-        Err(e) => return fail_receiver(e, wire),
+        Err(f) => {
+            record_abort(Flight::ToSender, &f, &mut wire);
+            return fail_receiver(f.error, wire);
+        }
     };
     let key = if received.needs_key() {
         receiver_key(received.hello())
@@ -148,31 +161,21 @@ pub fn run_handshake(
         _ => None,
     };
     let Some(ack) = to_sender.pop_front() else {
-        return fail_sender(
-            Error::PeerAborted {
-                code: crate::AbortCode::InternalError,
-                message: "no HelloAck".into(),
-            },
-            wire,
-        );
+        panic!("harness: the receiver answered nothing");
     };
     let sender_result = expect_ack.handle(ack).and_then(|n| match n {
         SenderNext::Established(s) => Ok((s, None)),
-        SenderNext::ExpectKeyConfirm(state) => {
-            let kc = to_sender.pop_front().ok_or(Error::PeerMisbehaved(
-                crate::PeerMisbehaved::Truncated {
-                    stream: 0,
-                    frames: 1,
-                },
-            ))?;
-            state.handle(kc).map(|(s, kc)| (s, Some(kc)))
-        }
+        SenderNext::ExpectKeyConfirm(state) => match to_sender.pop_front() {
+            Some(kc) => state.handle(kc).map(|(s, kc)| (s, Some(kc))),
+            None => panic!("harness: the receiver sent no KeyConfirm"),
+        },
     });
     let (session, kc) = match sender_result {
         Ok(x) => x,
-        Err(e) => {
+        Err(f) => {
+            record_abort(Flight::ToReceiver, &f, &mut wire);
             return Outcome {
-                sender: Some(Err(e)),
+                sender: Some(Err(f.error)),
                 receiver: receiver_refusal.map(|r| Err(r.into())),
                 wire,
             };
@@ -182,7 +185,10 @@ pub fn run_handshake(
         (ReceiverNext::Established(r), None) => Ok(r),
         (ReceiverNext::ExpectKeyConfirm(state), Some(kc)) => {
             let kc = send(Flight::ToReceiver, kc, &mut wire);
-            state.handle(kc)
+            state.handle(kc).map_err(|f| {
+                record_abort(Flight::ToSender, &f, &mut wire);
+                f.error
+            })
         }
         (ReceiverNext::Refused(r), _) => Err(r.into()),
         (next, kc) => panic!("harness: mismatched states {next:?} / {kc:?}"),

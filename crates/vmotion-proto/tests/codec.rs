@@ -92,15 +92,17 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<u64>(),
         limits(),
         "[a-z0-9.-]{1,64}",
+        any::<[u8; 32]>(),
     )
         .prop_map(
-            |(min, extra, policy, authority, c, id, shift, streams, gp, limits, name)| {
+            |(min, extra, policy, authority, c, id, shift, streams, gp, limits, name, random)| {
                 Owned::Hello(Hello {
                     versions: min..=min.saturating_add(extra),
                     policy,
                     authority,
                     ciphers: CipherSet(c),
                     migration_id: MigrationId(id),
+                    random,
                     page_size: 1 << shift,
                     streams,
                     guest_pages: gp,
@@ -117,18 +119,22 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<bool>(),
         any::<u32>(),
         limits(),
+        any::<[u8; 32]>(),
     )
-        .prop_map(|(version, decision, c, can, req, max_payload, limits)| {
-            Owned::HelloAck(HelloAck {
-                version,
-                decision,
-                cipher: c.then_some(CipherSuite::Aes256Gcm),
-                can_encrypt: can,
-                requires_encryption: req,
-                max_payload,
-                limits,
-            })
-        });
+        .prop_map(
+            |(version, decision, c, can, req, max_payload, limits, random)| {
+                Owned::HelloAck(HelloAck {
+                    version,
+                    decision,
+                    cipher: c.then_some(CipherSuite::Aes256Gcm),
+                    can_encrypt: can,
+                    requires_encryption: req,
+                    max_payload,
+                    limits,
+                    random,
+                })
+            },
+        );
     prop_oneof![
         hello,
         ack,
@@ -170,7 +176,7 @@ fn owned() -> impl Strategy<Value = Owned> {
         (
             any::<u32>(),
             any::<u64>(),
-            any::<u64>(),
+            0..=vmotion_proto::message::MAX_DEVICE_STATE,
             proptest::collection::vec((any::<u64>(), any::<u64>()), 0..8)
         )
             .prop_map(|(iterations, pages, dsl, s)| Owned::Complete(Complete {
@@ -426,6 +432,7 @@ fn encoders_refuse_what_does_not_fit() {
         authority: DestinationCapability::Encrypts,
         ciphers: CipherSet::SUPPORTED,
         migration_id: MigrationId([0; 16]),
+        random: [0; 32],
         page_size: 4096,
         streams: 1,
         guest_pages: 1,

@@ -3,7 +3,7 @@
 
 use vmotion_proto::message::{Hello, HelloAck};
 use vmotion_proto::testing::{
-    Flight, TEST_ID, checksum_frame, header_of, key, run_handshake, sender_config,
+    Flight, RECEIVER_RANDOM, TEST_ID, checksum_frame, header_of, key, run_handshake, sender_config,
 };
 use vmotion_proto::{
     AbortCode, Decision, DestinationCapability, EncryptionPolicy, Error, FrameType, Mode,
@@ -97,6 +97,15 @@ fn both_ends_agree_on_every_policy_cell() {
                     let out = run_handshake(sender, receiver, |_| Some(key(1)), |_, _| {});
                     let case = format!("{policy:?} {authority:?} can={can_encrypt} req={require}");
                     match expected {
+                        Decision::Refused(Refusal::PolicyRequiresEncryption) => {
+                            // Refused before connecting: the receiver never sees a byte.
+                            assert_eq!(
+                                out.sender_error(),
+                                &Error::Refused(Refusal::PolicyRequiresEncryption),
+                                "{case}"
+                            );
+                            assert!(out.receiver.is_none() && out.wire.is_empty(), "{case}");
+                        }
                         Decision::Refused(r) => {
                             assert_eq!(out.sender_error(), &Error::Refused(r), "{case}");
                             assert_eq!(out.receiver_error(), &Error::Refused(r), "{case}");
@@ -278,7 +287,7 @@ fn same_key_other_migration_fails_key_confirmation() {
 #[test]
 fn reflected_key_confirmation_fails() {
     let (expect_ack, hello) = SenderHandshake::start(sender_config()).unwrap();
-    let received = ReceiverHandshake::start(ReceiverConfig::default())
+    let received = ReceiverHandshake::start(ReceiverConfig::default(), RECEIVER_RANDOM)
         .handle(hello)
         .unwrap();
     let (next, frames) = received.accept(Some(key(1))).unwrap();
@@ -407,7 +416,7 @@ fn unexpected_frames_name_the_state() {
     );
     let bogus = checksum_frame(1, 0, 0, FrameType::Commit, vec![]).unwrap();
     assert_eq!(
-        ReceiverHandshake::start(ReceiverConfig::default())
+        ReceiverHandshake::start(ReceiverConfig::default(), RECEIVER_RANDOM)
             .handle(bogus)
             .unwrap_err(),
         Error::PeerMisbehaved(PeerMisbehaved::UnexpectedFrame {
@@ -420,7 +429,7 @@ fn unexpected_frames_name_the_state() {
 #[test]
 fn receiver_abort_reaches_the_sender_with_its_code() {
     let (expect_ack, hello) = SenderHandshake::start(sender_config()).unwrap();
-    let received = ReceiverHandshake::start(ReceiverConfig::default())
+    let received = ReceiverHandshake::start(ReceiverConfig::default(), RECEIVER_RANDOM)
         .handle(hello)
         .unwrap();
     let abort = received
@@ -448,7 +457,7 @@ fn sender_without_a_key_for_an_encrypting_destination_is_api_misuse() {
     assert!(matches!(err, Error::ApiMisuse(_)), "{err:?}");
     // The receiver insisting on a key it was not given is misuse too.
     let (_, hello) = SenderHandshake::start(sender_config()).unwrap();
-    let received = ReceiverHandshake::start(ReceiverConfig::default())
+    let received = ReceiverHandshake::start(ReceiverConfig::default(), RECEIVER_RANDOM)
         .handle(hello)
         .unwrap();
     assert!(received.needs_key());
@@ -458,13 +467,17 @@ fn sender_without_a_key_for_an_encrypting_destination_is_api_misuse() {
 #[test]
 fn handshake_frames_are_size_limited_from_the_header() {
     let big = checksum_frame(1, 0, 0, FrameType::Hello, vec![0; 4096]).unwrap();
+    let failure = ReceiverHandshake::start(ReceiverConfig::default(), RECEIVER_RANDOM)
+        .handle(big)
+        .unwrap_err();
     assert!(matches!(
-        ReceiverHandshake::start(ReceiverConfig::default()).handle(big),
-        Err(Error::PeerMisbehaved(PeerMisbehaved::PayloadTooLarge {
-            len: 4096,
-            ..
-        }))
+        failure.error,
+        Error::PeerMisbehaved(PeerMisbehaved::PayloadTooLarge { len: 4096, .. })
     ));
+    // The receiver answers with an Abort carrying the decode-error code.
+    let abort = failure.abort.expect("an abort to send");
+    let msg = vmotion_proto::message::Abort::decode(&abort.payload).unwrap();
+    assert_eq!(msg.code, AbortCode::DecodeError);
 }
 
 #[test]
@@ -519,5 +532,147 @@ fn forged_stream_bind_is_refused() {
     assert_eq!(
         r.accept_data_stream(bind2).unwrap_err(),
         Error::PeerMisbehaved(PeerMisbehaved::StreamBindFailed { stream: 2 })
+    );
+}
+
+/// Fresh randomness on both sides makes every handshake's transcript, and so every key,
+/// unique: a retried migration with the same key material never reuses a nonce.
+#[test]
+fn same_key_material_twice_gives_different_keys() {
+    let run = |random: [u8; 32]| {
+        let out = run_handshake(
+            SenderConfig {
+                random,
+                ..sender_config()
+            },
+            ReceiverConfig::default(),
+            |_| Some(key(1)),
+            |_, _| {},
+        );
+        let (s, _) = out.established();
+        *s.transcript_hash()
+    };
+    assert_eq!(
+        run([1; 32]),
+        run([1; 32]),
+        "deterministic for the same inputs"
+    );
+    assert_ne!(run([1; 32]), run([2; 32]));
+}
+
+/// An attacker replays a recorded sender side (Hello, then KeyConfirm) to a receiver that
+/// can obtain the same key again: the receiver's fresh random changes the transcript, so
+/// the replayed confirmation does not verify.
+#[test]
+fn replayed_sender_handshake_fails_against_a_fresh_receiver() {
+    let recorded = run_handshake(
+        sender_config(),
+        ReceiverConfig::default(),
+        |_| Some(key(1)),
+        |_, _| {},
+    );
+    let sender_frames: Vec<WireFrame> = recorded
+        .wire
+        .iter()
+        .filter(|(d, _)| *d == Flight::ToReceiver)
+        .map(|(_, f)| f.clone())
+        .collect();
+    let [hello, kc]: [WireFrame; 2] = sender_frames.try_into().unwrap();
+    let received = ReceiverHandshake::start(ReceiverConfig::default(), [0x33; 32])
+        .handle(hello)
+        .unwrap();
+    let (next, _) = received.accept(Some(key(1))).unwrap();
+    let vmotion_proto::ReceiverNext::ExpectKeyConfirm(state) = next else {
+        panic!("encrypted")
+    };
+    assert_eq!(
+        state.handle(kc).unwrap_err(),
+        Error::PeerMisbehaved(PeerMisbehaved::KeyConfirmationFailed)
+    );
+}
+
+#[test]
+fn receiver_choosing_a_cipher_or_payload_outside_the_offer_is_caught() {
+    // Plaintext decision but a cipher chosen (or encrypted without one).
+    let out = run_handshake(
+        sender_config(),
+        ReceiverConfig::default(),
+        |_| Some(key(1)),
+        |d, f| {
+            if d == Flight::ToSender {
+                rewrite_ack(f, |a| a.cipher = None);
+            }
+        },
+    );
+    assert_eq!(
+        out.sender_error(),
+        &Error::PeerMisbehaved(PeerMisbehaved::IllegalChoice {
+            what: "cipher suite"
+        })
+    );
+    for bad in [1000, vmotion_proto::MAX_PAYLOAD + 1] {
+        let out = run_handshake(
+            sender_config(),
+            ReceiverConfig::default(),
+            |_| Some(key(1)),
+            |d, f| {
+                if d == Flight::ToSender {
+                    rewrite_ack(f, |a| a.max_payload = bad);
+                }
+            },
+        );
+        assert_eq!(
+            out.sender_error(),
+            &Error::PeerMisbehaved(PeerMisbehaved::IllegalChoice {
+                what: "maximum payload"
+            }),
+            "{bad}"
+        );
+    }
+}
+
+/// A refusing sender tells the receiver why, with the refusal's own abort code.
+#[test]
+fn sender_refusal_sends_an_abort_with_its_code() {
+    let out = run_handshake(
+        sender_config(),
+        ReceiverConfig::default(),
+        |_| Some(key(1)),
+        |d, f| {
+            if d == Flight::ToSender {
+                rewrite_ack(f, |ack| {
+                    ack.can_encrypt = false;
+                    ack.cipher = None;
+                    ack.decision = Decision::Plaintext(PlaintextReason::DestinationCannotEncrypt);
+                });
+            }
+        },
+    );
+    let (flight, last) = out.wire.last().unwrap();
+    assert_eq!(*flight, Flight::ToReceiver);
+    assert_eq!(header_of(last).frame_type, FrameType::Abort);
+    let abort = vmotion_proto::message::Abort::decode(&last.payload).unwrap();
+    assert_eq!(abort.code, AbortCode::DowngradeDetected);
+    assert!(abort.message.contains("downgrade"), "{}", abort.message);
+}
+
+/// The receiver caps page sizes at what a Pages frame can carry, whatever it is configured
+/// with.
+#[test]
+fn page_sizes_beyond_64_kib_are_refused() {
+    let (_, hello) = SenderHandshake::start(sender_config()).unwrap();
+    let mut h = Hello::decode(&hello.payload).unwrap();
+    h.page_size = 1 << 17;
+    let forged = checksum_frame(1, 0, 0, FrameType::Hello, h.encode().unwrap()).unwrap();
+    let receiver = ReceiverConfig {
+        max_page_size: 1 << 20,
+        ..ReceiverConfig::default()
+    };
+    let received = ReceiverHandshake::start(receiver, RECEIVER_RANDOM)
+        .handle(forged)
+        .unwrap();
+    assert_eq!(
+        received.decision(),
+        Decision::Refused(Refusal::PageSizeUnsupported)
     );
 }

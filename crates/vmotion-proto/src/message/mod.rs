@@ -63,6 +63,8 @@ pub struct Hello {
     pub ciphers: CipherSet,
     /// The migration id (names the key at the key service).
     pub migration_id: MigrationId,
+    /// The sender's 32 fresh random bytes: every transcript is unique.
+    pub random: [u8; 32],
     /// Guest page size in bytes.
     pub page_size: u32,
     /// Number of data connections the sender will open.
@@ -90,6 +92,7 @@ impl Hello {
         w.u8(self.ciphers.0);
         w.zeros(3);
         w.bytes(&self.migration_id.0);
+        w.bytes(&self.random);
         w.u32(self.page_size);
         w.u16(self.streams);
         w.zeros(2);
@@ -113,6 +116,7 @@ impl Hello {
         let ciphers = CipherSet(r.u8()?);
         r.zeros(3)?;
         let migration_id = MigrationId(r.array()?);
+        let random = r.array()?;
         let page_size = r.u32()?;
         if !page_size.is_power_of_two() {
             return Err(r.malformed("page size is not a power of two"));
@@ -136,6 +140,7 @@ impl Hello {
             authority,
             ciphers,
             migration_id,
+            random,
             page_size,
             streams,
             guest_pages,
@@ -162,6 +167,8 @@ pub struct HelloAck {
     pub max_payload: u32,
     /// The key-update budgets both ends use (at most the sender's proposal).
     pub limits: EpochLimits,
+    /// The receiver's 32 fresh random bytes.
+    pub random: [u8; 32],
 }
 
 impl HelloAck {
@@ -185,6 +192,7 @@ impl HelloAck {
         w.zeros(4);
         w.u64(self.limits.max_frames.get());
         w.u64(self.limits.max_bytes.get());
+        w.bytes(&self.random);
         v
     }
 
@@ -215,6 +223,7 @@ impl HelloAck {
         r.zeros(4)?;
         let limits =
             EpochLimits::new(r.u64()?, r.u64()?).ok_or(r.malformed("zero key-update budget"))?;
+        let random = r.array()?;
         r.finish()?;
         Ok(Self {
             version,
@@ -224,6 +233,7 @@ impl HelloAck {
             requires_encryption,
             max_payload,
             limits,
+            random,
         })
     }
 }
@@ -445,6 +455,11 @@ impl Complete {
             .ok()
             .filter(|n| *n <= MAX_STREAMS)
             .ok_or(ApiMisuse::Unencodable("too many streams"))?;
+        if self.device_state_len > MAX_DEVICE_STATE {
+            return Err(ApiMisuse::Unencodable(
+                "device state larger than the maximum",
+            ));
+        }
         let mut v = Vec::with_capacity(24 + 16 * self.streams.len());
         let mut w = Writer(&mut v);
         w.u32(self.iterations);
@@ -469,6 +484,9 @@ impl Complete {
         r.zeros(2)?;
         let pages = r.u64()?;
         let device_state_len = r.u64()?;
+        if device_state_len > MAX_DEVICE_STATE {
+            return Err(r.malformed("device state larger than the maximum"));
+        }
         // n is bounded by MAX_STREAMS, so this allocation is at most 4 KiB.
         let mut streams = Vec::with_capacity(usize::from(n));
         for _ in 0..n {
