@@ -529,3 +529,62 @@ fn bad_config_names_file_and_field() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`not a host` is not a valid host name"));
 }
+
+/// SIGTERM drops (zeroizes) every key still waiting for its destination, and says how
+/// many; the process exits 0.
+#[tokio::test]
+async fn shutdown_zeroizes_the_keys_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let config = dir.path().join("keyservice.toml");
+    let text = std::fs::read_to_string(&config)
+        .unwrap()
+        .replace("127.0.0.1:7443", "127.0.0.1:0");
+    std::fs::write(&config, text).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let client = |host: &str| {
+        KeyServiceClient::new(
+            &format!("https://{addr}"),
+            &ClientIdentity {
+                ca: dir.path().join("ca.pem"),
+                cert: dir.path().join(format!("hosts/{host}.pem")),
+                key: dir.path().join(format!("hosts/{host}-key.pem")),
+            },
+        )
+        .unwrap()
+    };
+    let src = client("src");
+    let fetched = src.create_migration("a", "dst").await.unwrap();
+    src.create_migration("b", "dst").await.unwrap();
+    client("dst").fetch_key(fetched.id).await.unwrap();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("keys_zeroized=1"),
+        "one key was still held:\n{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "no colour codes when stderr is not a terminal"
+    );
+}

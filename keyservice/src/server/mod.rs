@@ -167,7 +167,7 @@ impl Server {
                 let mut tick = tokio::time::interval(SWEEP_INTERVAL);
                 loop {
                     tick.tick().await;
-                    lock(&shared.state).expire(Instant::now());
+                    lock(&shared.state).expire(Instant::now(), shared.key_ttl);
                 }
             }
         });

@@ -2,7 +2,7 @@
 //! in zeroizing types. Every operation is a pure function of the state, the caller and
 //! `now`, so the authorization rules are unit-tested without sockets or clocks.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -12,6 +12,9 @@ use crate::api::{ErrorCode, HostRecord, Outcome, OutcomeRecord, RegisterRequest}
 
 /// How long a migration's record (not its key) stays in memory for outcome queries.
 pub(crate) const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
+/// Most records held in memory (a few hundred bytes each); past it the oldest go first.
+/// Their outcomes stay in the journal but are no longer served until the next restart.
+pub(crate) const MAX_RECORDS: usize = 1_000_000;
 
 /// A refused request: the code and a sentence.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +42,6 @@ struct Migration {
     vm: String,
     key: KeyState,
     key_expires: Instant,
-    created: Instant,
     outcome: Option<(Outcome, u64)>,
 }
 
@@ -96,6 +98,12 @@ pub(crate) struct Fetched {
 pub(crate) struct State {
     hosts: HashMap<String, HostEntry>,
     migrations: HashMap<MigrationId, Migration>,
+    /// Migrations in creation order, so a sweep touches only what expires: every key
+    /// lives `key_ttl` and every record `RECORD_RETENTION`, so creation order is expiry
+    /// order and the sweep never walks the whole map under the lock.
+    by_age: VecDeque<(Instant, MigrationId)>,
+    /// Migrations whose key may still be held, in creation (= expiry) order.
+    keys_by_age: VecDeque<(Instant, MigrationId)>,
 }
 
 pub(crate) fn parse_id(s: &str) -> Result<MigrationId, Refused> {
@@ -179,6 +187,8 @@ impl State {
             // 2^-128 per pair; answered as an internal error rather than ever reused.
             return refuse(ErrorCode::Internal, "migration id collision; retry");
         }
+        self.by_age.push_back((now, id));
+        self.keys_by_age.push_back((now, id));
         self.migrations.insert(
             id,
             Migration {
@@ -190,7 +200,6 @@ impl State {
                     nonce: MigrationNonce(nonce),
                 }),
                 key_expires: now + ttl,
-                created: now,
                 outcome: None,
             },
         );
@@ -315,15 +324,30 @@ impl State {
     }
 
     /// Zeroizes expired keys, forgets expired registrations and old records.
-    pub(crate) fn expire(&mut self, now: Instant) {
+    pub(crate) fn expire(&mut self, now: Instant, key_ttl: Duration) {
         self.hosts.retain(|_, h| h.expires > now);
-        for m in self.migrations.values_mut() {
-            if matches!(m.key, KeyState::Available(_)) && m.key_expires <= now {
+        // Records past retention (or past the cap) go entirely, their keys with them.
+        while let Some(&(created, id)) = self.by_age.front() {
+            if now.saturating_duration_since(created) < RECORD_RETENTION
+                && self.by_age.len() <= MAX_RECORDS
+            {
+                break;
+            }
+            self.by_age.pop_front();
+            self.migrations.remove(&id);
+        }
+        // Keys past their TTL are zeroized, oldest first, touching only those.
+        while let Some(&(created, id)) = self.keys_by_age.front() {
+            if now.saturating_duration_since(created) < key_ttl {
+                break;
+            }
+            self.keys_by_age.pop_front();
+            if let Some(m) = self.migrations.get_mut(&id)
+                && matches!(m.key, KeyState::Available(_))
+            {
                 m.key = KeyState::Expired;
             }
         }
-        self.migrations
-            .retain(|_, m| now.saturating_duration_since(m.created) < RECORD_RETENTION);
     }
 
     /// Number of keys held.
@@ -366,6 +390,7 @@ impl State {
                         continue;
                     };
                     let created = now.checked_sub(Duration::from_millis(age)).unwrap_or(now);
+                    self.by_age.push_back((created, id));
                     self.migrations.insert(
                         id,
                         Migration {
@@ -374,7 +399,6 @@ impl State {
                             vm,
                             key: KeyState::Expired,
                             key_expires: now,
-                            created,
                             outcome: None,
                         },
                     );
@@ -459,8 +483,18 @@ mod tests {
             ErrorCode::Expired
         );
         let (mut s, _) = state_with_migration(now);
-        s.expire(now + TTL);
+        s.expire(now + TTL - Duration::from_millis(1), TTL);
+        assert_eq!(s.keys_held(), 1, "not yet");
+        s.expire(now + TTL, TTL);
         assert_eq!(s.keys_held(), 0);
+        // Records outlive keys, up to the retention.
+        s.expire(now + RECORD_RETENTION - Duration::from_secs(1), TTL);
+        assert!(s.outcome("src", MigrationId([1; 16])).is_ok());
+        s.expire(now + RECORD_RETENTION, TTL);
+        assert_eq!(
+            s.outcome("src", MigrationId([1; 16])).unwrap_err().0,
+            ErrorCode::NotFound
+        );
     }
 
     #[test]
