@@ -45,7 +45,7 @@ use crate::policy::{
 use crate::record::{CipherSuite, EpochLimits, Opener, Protection, RecordConfig, Sealer};
 use crate::secret::{KeyMaterial, MigrationId};
 
-/// Handshake frames are small (a `Hello` is at most 391 bytes, an `Abort` 1028); anything
+/// Handshake frames are small (a `Hello` is at most 345 bytes, an `Abort` 1028); anything
 /// larger is refused from its header.
 const HANDSHAKE_MAX_PAYLOAD: u32 = 1536;
 /// The smallest per-frame maximum a receiver may ask for (one 64 KiB page plus its index).

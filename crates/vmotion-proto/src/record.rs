@@ -47,7 +47,7 @@ use crate::secret::Secret;
 /// Defaults (justified in docs/protocol.md, "Limits"): 2^24 frames — under the 2^24.5
 /// full records RFC 8446 §5.5 allows per AES-GCM key — and 64 GiB of payload: 2^32
 /// blocks per key, a single-key confidentiality advantage of about 2^-65 by the AES-GCM
-/// bound of draft-irtf-cfrg-aead-limits (section "AES-GCM" under "Single-Key AEAD
+/// bound of draft-irtf-cfrg-aead-limits (section "AEAD_AES_128_GCM and AEAD_AES_256_GCM" under "Single-Key AEAD
 /// Limits"). With rekeying the draft's multi-key bound applies; docs/protocol.md works
 /// it out per TiB sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -582,9 +582,6 @@ impl Opener {
                     })?;
             }
         }
-        if next_key.is_some() {
-            self.key = next_key;
-        }
         if h.frame_type == FrameType::EndOfStream {
             let totals = EndOfStream::decode(payload)?;
             let c = &self.counters;
@@ -603,6 +600,9 @@ impl Opener {
                 }
             }
             self.counters.ended = true;
+        }
+        if next_key.is_some() {
+            self.key = next_key;
         }
         self.counters.advance(h.epoch, len);
         Ok(h)
@@ -774,6 +774,38 @@ mod tests {
         assert!(sealer.seal(FrameType::Pages, vec![0]).is_ok());
         assert_eq!(
             sealer.seal(FrameType::Pages, vec![0]),
+            Err(Error::SequenceExhausted { stream: 1 })
+        );
+    }
+
+    #[test]
+    fn opener_refuses_to_go_past_the_last_epoch() {
+        let cfg = config(aead([1; 32]), EpochLimits::new(1, 1 << 20).unwrap());
+        let mut s = Sealer::new(&cfg);
+        let mut o = Opener::new(&cfg);
+        s.set_position(10, u32::MAX);
+        o.counters.next_sequence = 10;
+        o.counters.epoch = u32::MAX;
+        o.key = EpochKey::derive(&o.protection, 1, u32::MAX);
+        let mut f = s.seal(FrameType::Pages, vec![0]).unwrap();
+        o.open(&mut f).unwrap();
+        // The next frame would need epoch 2^32: refused from the counters alone.
+        let header = Header {
+            version: 1,
+            frame_type: FrameType::Pages,
+            stream: 1,
+            epoch: u32::MAX,
+            payload_len: 1,
+            sequence: 11,
+        }
+        .encode();
+        let mut next = WireFrame {
+            header,
+            payload: vec![0],
+            trailer: [0; 16],
+        };
+        assert_eq!(
+            o.open(&mut next),
             Err(Error::SequenceExhausted { stream: 1 })
         );
     }

@@ -7,7 +7,7 @@ output. Needs `pip install cryptography xxhash`. Regenerate with
 
     python3 crates/vmotion-proto/testdata/gen_vectors.py
 
-and commit both output files. The Rust tests check the crate against them.
+and commit the three output files. The Rust tests check the crate against them.
 """
 import hashlib
 import hmac

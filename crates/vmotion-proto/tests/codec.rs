@@ -464,3 +464,35 @@ fn encoders_refuse_what_does_not_fit() {
     assert!(decoded.message.len() <= 1024);
     assert!(a.message.starts_with(&decoded.message));
 }
+
+#[test]
+fn device_state_lengths_beyond_the_maximum_are_rejected() {
+    use vmotion_proto::message::MAX_DEVICE_STATE;
+    let chunk = DeviceStateChunk {
+        offset: 0,
+        total_len: MAX_DEVICE_STATE + 1,
+        data: &[1, 2, 3],
+    };
+    assert!(DeviceStateChunk::decode(&chunk.encode()).is_err());
+    let complete = Complete {
+        iterations: 1,
+        pages: 1,
+        device_state_len: MAX_DEVICE_STATE,
+        streams: vec![],
+    };
+    let mut payload = complete.encode().unwrap();
+    assert!(
+        Complete::decode(&payload).is_ok(),
+        "the maximum itself is fine"
+    );
+    payload[16..24].copy_from_slice(&(MAX_DEVICE_STATE + 1).to_be_bytes());
+    assert!(Complete::decode(&payload).is_err());
+    assert!(
+        Complete {
+            device_state_len: MAX_DEVICE_STATE + 1,
+            ..complete
+        }
+        .encode()
+        .is_err()
+    );
+}

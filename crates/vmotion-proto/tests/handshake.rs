@@ -676,3 +676,36 @@ fn page_sizes_beyond_64_kib_are_refused() {
         Decision::Refused(Refusal::PageSizeUnsupported)
     );
 }
+
+/// The other direction of replay: a recorded receiver side (HelloAck and its KeyConfirm)
+/// offered to a new sender, whose fresh random changes the Hello and so the transcript.
+#[test]
+fn replayed_receiver_handshake_fails_against_a_fresh_sender() {
+    let recorded = run_handshake(
+        sender_config(),
+        ReceiverConfig::default(),
+        |_| Some(key(1)),
+        |_, _| {},
+    );
+    let receiver_frames: Vec<WireFrame> = recorded
+        .wire
+        .iter()
+        .filter(|(d, _)| *d == Flight::ToSender)
+        .map(|(_, f)| f.clone())
+        .collect();
+    let [ack, kc]: [WireFrame; 2] = receiver_frames.try_into().unwrap();
+    let (expect_ack, _) = SenderHandshake::start(SenderConfig {
+        random: [0x44; 32],
+        ..sender_config()
+    })
+    .unwrap();
+    let vmotion_proto::SenderNext::ExpectKeyConfirm(state) = expect_ack.handle(ack).unwrap() else {
+        panic!("encrypted")
+    };
+    let failure = state.handle(kc).unwrap_err();
+    assert_eq!(
+        failure,
+        Error::PeerMisbehaved(PeerMisbehaved::KeyConfirmationFailed)
+    );
+    assert!(failure.abort.is_some(), "the sender tells the receiver");
+}

@@ -456,7 +456,9 @@ async fn create(
         expires_at_ms,
         destination: created.destination.clone(),
     };
-    let body = Zeroizing::new(serde_json::to_vec(&response).expect("serializes"));
+    // The body moves into hyper (no further copy); hyper's buffers are not wiped, see
+    // docs/keyservice-api.md, "Known limitation".
+    let body = serde_json::to_vec(&response).expect("serializes");
     let detail = format!(
         "vm={} destination={} registered={}",
         r.vm,
@@ -465,7 +467,7 @@ async fn create(
     );
     (
         Some(id.to_string()),
-        Ok((json_response(StatusCode::OK, body.to_vec()), Some(detail))),
+        Ok((json_response(StatusCode::OK, body), Some(detail))),
     )
 }
 
@@ -485,8 +487,8 @@ fn fetch(shared: &Shared, caller: &str, id: &str) -> Handled {
         source: fetched.source.clone(),
         vm: fetched.vm.clone(),
     };
-    let body = Zeroizing::new(serde_json::to_vec(&response).expect("serializes"));
-    Ok((json_response(StatusCode::OK, body.to_vec()), None))
+    let body = serde_json::to_vec(&response).expect("serializes");
+    Ok((json_response(StatusCode::OK, body), None))
 }
 
 async fn record_outcome(
