@@ -171,6 +171,9 @@ pub enum ErrorCode {
     Conflict,
     /// The service failed (journal write).
     Internal,
+    /// Not now: the outcome is being written, or the service is shutting down. Read the
+    /// outcome back (or retry) later.
+    Unavailable,
 }
 
 impl ErrorCode {
@@ -183,6 +186,7 @@ impl ErrorCode {
             Self::AlreadyFetched | Self::Conflict => 409,
             Self::Expired => 410,
             Self::Internal => 500,
+            Self::Unavailable => 503,
         }
     }
 }

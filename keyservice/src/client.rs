@@ -25,6 +25,8 @@ use crate::tls::{ClientIdentity, TlsError};
 
 /// Largest answer accepted from the service.
 const MAX_RESPONSE: usize = 1 << 20;
+/// A request (connecting included) that takes longer fails; the connection is dropped.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Errors talking to the key service.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +62,10 @@ pub enum ClientError {
         /// The service's explanation.
         message: String,
     },
+    /// The service did not answer in time. The request may or may not have been
+    /// processed: read the state back (e.g. the outcome) before acting.
+    #[error("the key service did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     /// The service's answer did not parse.
     #[error("unexpected answer from the key service: {0}")]
     BadResponse(String),
@@ -217,6 +223,24 @@ impl KeyServiceClient {
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut guard = self.conn.lock().await;
+        let exchange = self.exchange_on(&mut guard, method, path, body);
+        match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The connection may be stuck mid-request: never reuse it.
+                *guard = None;
+                Err(ClientError::Timeout(REQUEST_TIMEOUT))
+            }
+        }
+    }
+
+    async fn exchange_on(
+        &self,
+        guard: &mut Option<SendRequest<Full<Bytes>>>,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let reusable = match guard.as_mut() {
             Some(s) => s.ready().await.is_ok(),
             None => false,

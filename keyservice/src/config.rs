@@ -155,6 +155,13 @@ impl Config {
             key_ttl: raw.key_ttl,
             registry_ttl: raw.registry_ttl,
         };
+        if config.journal == config.audit_log {
+            return Err(ConfigError::Field {
+                path: path.to_owned(),
+                field: "audit_log",
+                message: "must not be the journal's file".into(),
+            });
+        }
         for (field, file) in [
             ("ca", &config.ca),
             ("cert", &config.cert),

@@ -10,7 +10,8 @@
 //! | `hosts/NAME.pem`, `hosts/NAME-key.pem` | host `NAME`'s client certificate (DNS SAN `NAME`) |
 //! | `keyservice.toml` | a service configuration using the files above, listening on 127.0.0.1:7443 |
 //!
-//! Private keys are written with mode 0600.
+//! Private keys are written with mode 0600; certificates last a year (the CA ten). It
+//! refuses a folder that already holds a PKI rather than overwrite keys.
 
 use std::fs;
 use std::io::Write;
@@ -34,6 +35,9 @@ pub enum PkiError {
     /// Certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// The folder already holds a PKI; `pki init` never overwrites keys.
+    #[error("{0} already exists; choose an empty folder (pki init never overwrites keys)")]
+    Exists(PathBuf),
     /// A file could not be written.
     #[error("cannot write {path}: {source}")]
     Write {
@@ -45,10 +49,16 @@ pub enum PkiError {
     },
 }
 
-/// Whether `name` is usable as a host identity (a DNS name).
+/// Whether `name` is usable as a host identity: a lowercase DNS name whose last label is
+/// not all digits (so it can never be read as an IP address).
 pub fn valid_host_name(name: &str) -> bool {
+    let numeric_tld = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()));
     !name.is_empty()
         && name.len() <= 253
+        && !numeric_tld
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
@@ -56,11 +66,12 @@ pub fn valid_host_name(name: &str) -> bool {
                 && !label.ends_with('-')
                 && label
                     .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         })
 }
 
 fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
+    use std::os::unix::fs::PermissionsExt;
     let err = |source| PkiError::Write {
         path: path.to_owned(),
         source,
@@ -68,14 +79,17 @@ fn write(path: &Path, contents: &str, private: bool) -> Result<(), PkiError> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).map_err(err)?;
     }
+    // create_new: never follow a planted symlink or reuse a file with looser permissions.
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
+    opts.mode(if private { 0o600 } else { 0o644 });
+    let mut f = opts.open(path).map_err(err)?;
     if private {
-        opts.mode(0o600);
+        // The umask can only remove bits; make the mode exact anyway.
+        f.set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(err)?;
     }
-    opts.open(path)
-        .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .map_err(err)
+    f.write_all(contents.as_bytes()).map_err(err)
 }
 
 fn name(cn: &str) -> DistinguishedName {
@@ -126,12 +140,20 @@ pub fn init(dir: &Path, hosts: &[String], service_names: &[String]) -> Result<Pk
     {
         return Err(PkiError::BadHostName(bad.clone()));
     }
+    for existing in ["ca.pem", "ca-key.pem", "keyservice.toml"] {
+        if dir.join(existing).exists() {
+            return Err(PkiError::Exists(dir.join(existing)));
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
 
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.distinguished_name = name("vmotion dev CA");
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    ca_params.not_before = now - time::Duration::hours(1);
+    ca_params.not_after = now + time::Duration::days(3650);
     let ca = ca_params.self_signed(&ca_key)?;
     write(&dir.join("ca.pem"), &ca.pem(), false)?;
     write(&dir.join("ca-key.pem"), &ca_key.serialize_pem(), true)?;
@@ -142,6 +164,8 @@ pub fn init(dir: &Path, hosts: &[String], service_names: &[String]) -> Result<Pk
     let mut params = CertificateParams::new(sans)?;
     params.distinguished_name = name("vmotion-keyservice");
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(365);
     let cert = params.signed_by(&key, &ca, &ca_key)?;
     write(&dir.join("keyservice.pem"), &cert.pem(), false)?;
     write(&dir.join("keyservice-key.pem"), &key.serialize_pem(), true)?;
@@ -155,6 +179,8 @@ pub fn init(dir: &Path, hosts: &[String], service_names: &[String]) -> Result<Pk
         let mut params = CertificateParams::new(vec![host.clone()])?;
         params.distinguished_name = name(host);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
         let cert = params.signed_by(&key, &ca, &ca_key)?;
         write(&files.host_cert(host), &cert.pem(), false)?;
         write(&files.host_key(host), &key.serialize_pem(), true)?;
@@ -184,7 +210,20 @@ mod tests {
         for good in ["a", "host-1", "src.example.test", "x1.y2"] {
             assert!(valid_host_name(good), "{good}");
         }
-        for bad in ["", "-a", "a-", "a..b", "a b", "a/b", "ä", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            "a/b",
+            "ä",
+            "Upper",
+            "10.0.0.5",
+            "host.123",
+            "*.x",
+            &"a".repeat(64),
+        ] {
             assert!(!valid_host_name(bad), "{bad}");
         }
     }

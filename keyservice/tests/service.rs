@@ -175,6 +175,12 @@ async fn happy_path() {
         (o.outcome, o.source.as_str(), o.destination.as_str()),
         (Some(Outcome::Committed), "src", "dst")
     );
+    // Host names have one spelling: "DST" is the registered "dst".
+    let upper = src.create_migration("vm-1", "DST").await.unwrap();
+    assert_eq!(
+        upper.destination_capability(),
+        DestinationCapability::Encrypts
+    );
     // Two migrations never share key material.
     let other = src.create_migration("vm-1", "dst").await.unwrap();
     assert_ne!(other.id, issued.id);
@@ -298,20 +304,28 @@ async fn authorization_matrix() {
     // Every refusal above is in the audit log, with the caller's identity.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let audit = svc.audit();
-    for needle in [
-        r#""caller":"src","action":"fetch_key""#,
-        r#""caller":"third","action":"fetch_key""#,
-        r#""result":"forbidden""#,
-        r#""result":"already_fetched""#,
-        r#""result":"not_found""#,
-        r#""result":"conflict""#,
-        r#""action":"tls_handshake""#,
+    for (field, value, and_field, and_value) in [
+        ("caller", "src", "action", "fetch_key"),
+        ("caller", "third", "action", "fetch_key"),
+        ("action", "fetch_key", "result", "forbidden"),
+        ("action", "fetch_key", "result", "already_fetched"),
+        ("action", "fetch_key", "result", "not_found"),
+        ("action", "record_outcome", "result", "conflict"),
+        ("action", "tls_handshake", "result", "refused"),
     ] {
         assert!(
-            audit.contains(needle),
-            "{needle} missing from the audit log:\n{audit}"
+            audit_lines(&audit)
+                .iter()
+                .any(|v| v[field] == value && v[and_field] == and_value),
+            "{field}={value} with {and_field}={and_value} missing from the audit log:\n{audit}"
         );
     }
+    // Every line names the peer's address.
+    assert!(audit_lines(&audit).iter().all(|v| {
+        v["peer"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("127.0.0.1:"))
+    }));
 }
 
 #[tokio::test]
@@ -402,6 +416,19 @@ async fn outcomes_survive_a_crash_and_keys_do_not() {
     svc.child.wait().unwrap();
     let config = svc.config.clone();
     drop(svc);
+    // A crash mid-write leaves a torn last line: the service cuts it and starts, and
+    // starts again after appending to the repaired file.
+    let journal = dir.path().join("state/journal.jsonl");
+    let mut bytes = std::fs::read(&journal).unwrap();
+    bytes.extend_from_slice(b"{\"event\":\"outcome\",\"migr");
+    std::fs::write(&journal, bytes).unwrap();
+    let mut svc = Service::spawn(dir.path(), config.clone());
+    svc.client("src")
+        .create_migration("vm-c", "dst")
+        .await
+        .unwrap();
+    assert!(svc.terminate().success());
+    drop(svc);
     let svc = Service::spawn(dir.path(), config);
     let (src, dst2) = (svc.client("src"), svc.client("dst"));
     drop(dst);
@@ -449,11 +476,11 @@ async fn audit_log_has_every_action_and_no_key_material() {
         ("src", "record_outcome"),
         ("dst", "read_outcome"),
     ] {
-        let line = audit
-            .lines()
-            .find(|l| l.contains(&format!(r#""caller":"{caller}","action":"{action}""#)))
+        let v = audit_lines(&audit)
+            .into_iter()
+            .find(|v| v["caller"] == caller && v["action"] == action)
             .unwrap_or_else(|| panic!("{action} by {caller} missing:\n{audit}"));
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let line = v.to_string();
         assert_eq!(v["result"], "ok");
         assert!(v["time_ms"].as_u64().unwrap() > 0);
         if action.contains("migration") || action.contains("key") || action.contains("outcome") {
@@ -528,6 +555,25 @@ fn bad_config_names_file_and_field() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("`not a host` is not a valid host name"));
+
+    // pki init never overwrites an existing PKI (its keys).
+    let out = Command::new(BIN)
+        .args(["pki", "init", "--out"])
+        .arg(dir.path())
+        .args(["--hosts", "b"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    // Private keys are owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    for key in ["ca-key.pem", "keyservice-key.pem", "hosts/a-key.pem"] {
+        let mode = std::fs::metadata(dir.path().join(key))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{key}");
+    }
 }
 
 /// SIGTERM drops (zeroizes) every key still waiting for its destination, and says how
@@ -587,4 +633,11 @@ async fn shutdown_zeroizes_the_keys_it_holds() {
         !err.contains('\u{1b}'),
         "no colour codes when stderr is not a terminal"
     );
+}
+
+fn audit_lines(audit: &str) -> Vec<serde_json::Value> {
+    audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
+        .collect()
 }

@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
@@ -37,10 +38,20 @@ impl LogFile {
     /// Opens (creating folders and the file) `path` for appending. `sync` makes durable
     /// appends wait for `fdatasync`.
     pub(crate) fn open(path: &Path, sync: bool) -> io::Result<Self> {
-        if let Some(dir) = path.parent() {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir {
             std::fs::create_dir_all(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(path)?;
+        if sync {
+            // The file's directory entry must be durable too, or the first fsynced line
+            // can vanish with the file after a power loss.
+            File::open(dir.unwrap_or(Path::new(".")))?.sync_all()?;
+        }
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name(format!(
@@ -122,4 +133,27 @@ fn writer(file: File, rx: &mpsc::Receiver<Entry>, sync: bool) {
             return;
         }
     }
+}
+
+/// Reads a JSON-lines file and repairs a torn tail: if the last line has no newline (a
+/// crash or a full disk mid-write), the file is cut back to the last complete line and
+/// synced, so the next append starts on a line of its own. Returns the complete lines.
+pub(crate) fn read_repairing(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() {
+        tracing::warn!(path = %path.display(), dropped = bytes.len() - complete, "cutting a torn last line");
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(complete as u64)?;
+        f.sync_all()?;
+    }
+    Ok(bytes[..complete]
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect())
 }

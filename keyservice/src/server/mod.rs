@@ -34,7 +34,17 @@ const MAX_BODY: usize = 64 * 1024;
 /// How often expired keys and registrations are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A request's head must arrive within this (also ends idle keep-alive connections; the
+/// client reconnects transparently).
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// A request body must arrive within this.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most connections served at once; more wait in the kernel's accept queue. Well under
+/// the usual 1024 open-file limit, so a flood of idle sockets cannot exhaust descriptors.
+const MAX_CONNECTIONS: usize = 512;
+/// Longest request path echoed into the audit log.
+const MAX_AUDITED_PATH: usize = 128;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +73,9 @@ pub enum ServeError {
 
 struct Shared {
     state: Mutex<State>,
+    /// Set at shutdown: every request from then on is refused, so no key is issued after
+    /// the keys were zeroized.
+    closing: std::sync::atomic::AtomicBool,
     journal: LogFile,
     audit: LogFile,
     key_ttl: Duration,
@@ -91,31 +104,21 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// Reads the journal; a torn last line (a crash mid-write) is ignored, any other bad
-/// line is an error naming it.
+/// Reads the journal. A torn last line (a crash mid-write) is cut off; any other bad line
+/// is an error naming it.
 fn read_journal(path: &std::path::Path) -> Result<Vec<JournalEntry>, ServeError> {
     let err = |message: String| ServeError::Journal {
         path: path.to_owned(),
         message,
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(err(format!("cannot read: {e}"))),
-    };
-    let complete = text.ends_with('\n');
-    let lines: Vec<&str> = text.lines().collect();
-    let mut entries = Vec::with_capacity(lines.len());
-    for (i, line) in lines.iter().enumerate() {
-        match serde_json::from_str(line) {
-            Ok(e) => entries.push(e),
-            Err(_) if i + 1 == lines.len() && !complete => {
-                tracing::warn!(line = i + 1, "ignoring a torn last journal line");
-            }
-            Err(e) => return Err(err(format!("line {}: {e}", i + 1))),
-        }
-    }
-    Ok(entries)
+    let lines = log::read_repairing(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_slice(line).map_err(|e| err(format!("line {}: {e}", i + 1)))
+        })
+        .collect()
 }
 
 impl Server {
@@ -133,6 +136,7 @@ impl Server {
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
+            closing: std::sync::atomic::AtomicBool::new(false),
             journal: open(&config.journal, true)?,
             audit: open(&config.audit_log, false)?,
             key_ttl: config.key_ttl,
@@ -172,13 +176,22 @@ impl Server {
             }
         });
         tokio::pin!(shutdown);
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                permit = slots.clone().acquire_owned() => permit.expect("never closed"),
+            };
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = self.listener.accept() => match accepted {
                     Ok((tcp, peer)) => {
                         let _ = tcp.set_nodelay(true);
-                        tokio::spawn(connection(self.acceptor.clone(), shared.clone(), tcp, peer));
+                        let (acceptor, shared) = (self.acceptor.clone(), shared.clone());
+                        tokio::spawn(async move {
+                            connection(acceptor, shared, tcp, peer).await;
+                            drop(permit);
+                        });
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -188,6 +201,9 @@ impl Server {
             }
         }
         sweeper.abort();
+        shared
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let held = {
             let mut state = lock(&shared.state);
             let held = state.keys_held();
@@ -211,42 +227,45 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
+    let refused = |shared: &Shared, detail: &str| {
+        shared.audit.append(audit_line(&Audit {
+            peer,
+            action: "tls_handshake",
+            result: "refused",
+            detail: Some(detail),
+            ..Audit::default()
+        }));
+    };
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(%peer, error = %e, "TLS handshake refused");
-            shared.audit.append(audit_line(
-                "-",
-                "tls_handshake",
-                None,
-                "refused",
-                Some(&e.to_string()),
-            ));
+            refused(&shared, &e.to_string());
             return;
         }
         Err(_) => {
             tracing::info!(%peer, "TLS handshake timed out");
+            refused(&shared, "the TLS handshake timed out");
             return;
         }
     };
     let Some(caller) = crate::tls::peer_identity(tls.get_ref().1.peer_certificates()) else {
-        tracing::info!(%peer, "client certificate has no DNS name; closing");
-        shared.audit.append(audit_line(
-            "-",
-            "tls_handshake",
-            None,
-            "refused",
-            Some("no DNS name in the client certificate"),
-        ));
+        tracing::info!(%peer, "client certificate names no usable host; closing");
+        refused(
+            &shared,
+            "the client certificate must name exactly one host (a DNS name, no wildcard)",
+        );
         return;
     };
     let caller: Arc<str> = caller.into();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let caller = caller.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &caller, req).await) }
+        async move { Ok::<_, Infallible>(handle(&shared, &caller, peer, req).await) }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
         .serve_connection(TokioIo::new(tls), service)
         .await
     {
@@ -254,42 +273,76 @@ async fn connection(
     }
 }
 
+/// One audit record. Never holds key material: only names, ids, addresses and results.
 #[derive(Serialize)]
 struct AuditLine<'a> {
     time_ms: u64,
+    #[serde(flatten)]
+    audit: &'a Audit<'a>,
+}
+
+#[derive(Serialize)]
+struct Audit<'a> {
     caller: &'a str,
+    peer: SocketAddr,
     action: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     migration_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vm: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<&'a str>,
     result: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
 }
 
-fn audit_line(
-    caller: &str,
-    action: &str,
-    migration_id: Option<&str>,
-    result: &str,
-    detail: Option<&str>,
-) -> String {
+impl Default for Audit<'_> {
+    fn default() -> Self {
+        Self {
+            caller: "-",
+            peer: SocketAddr::from(([0, 0, 0, 0], 0)),
+            action: "",
+            migration_id: None,
+            vm: None,
+            destination: None,
+            result: "",
+            detail: None,
+        }
+    }
+}
+
+fn audit_line(audit: &Audit<'_>) -> String {
     serde_json::to_string(&AuditLine {
         time_ms: unix_ms(),
-        caller,
-        action,
-        migration_id,
-        result,
-        detail,
+        audit,
     })
     .expect("plain strings serialize")
 }
 
-fn json_response(status: StatusCode, body: Vec<u8>) -> Response<Full<Bytes>> {
+/// A string cut to a length fit for the audit log, at a char boundary.
+fn short(s: &str) -> &str {
+    let mut end = s.len().min(MAX_AUDITED_PATH);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn json_response(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     Response::builder()
         .status(status)
         .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(body)))
+        .body(Full::new(body.into()))
         .expect("static headers are valid")
+}
+
+/// A body holding key material: hyper sends from this buffer itself, and it is wiped when
+/// hyper drops it.
+fn secret_json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    let mut body = Zeroizing::new(Vec::with_capacity(512));
+    serde_json::to_writer(&mut *body, value).expect("serializes");
+    json_response(StatusCode::OK, Bytes::from_owner(body))
 }
 
 fn error_response(Refused(code, message): Refused) -> Response<Full<Bytes>> {
@@ -312,90 +365,117 @@ fn ok_json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
 }
 
 async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, Refused> {
-    let bytes = Limited::new(req.into_body(), MAX_BODY)
-        .collect()
+    let read = Limited::new(req.into_body(), MAX_BODY).collect();
+    let bytes = tokio::time::timeout(BODY_TIMEOUT, read)
         .await
+        .map_err(|_| {
+            Refused(
+                ErrorCode::BadRequest,
+                "the body did not arrive in time".into(),
+            )
+        })?
         .map_err(|e| Refused(ErrorCode::BadRequest, format!("cannot read the body: {e}")))?
         .to_bytes();
     serde_json::from_slice(&bytes)
         .map_err(|e| Refused(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
 }
 
+/// What a handler tells the audit log besides the result.
+#[derive(Default)]
+struct Noted {
+    migration_id: Option<MigrationId>,
+    vm: Option<String>,
+    destination: Option<String>,
+}
+
+type Handled = Result<Response<Full<Bytes>>, Refused>;
+
 /// One request: route, act, audit.
-async fn handle(shared: &Shared, caller: &str, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(
+    shared: &Shared,
+    caller: &str,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
-    let (action, id_text, result) = match (&method, segments.as_slice()) {
-        (&Method::POST, ["v1", "hosts", "register"]) => {
-            ("register_host", None, register(shared, caller, req).await)
-        }
-        (&Method::GET, ["v1", "hosts", host]) => ("read_host", None, read_host(shared, host)),
-        (&Method::POST, ["v1", "migrations"]) => {
-            let (id, r) = create(shared, caller, req).await;
-            ("create_migration", id, r)
-        }
-        (&Method::POST, ["v1", "migrations", id, "key"]) => (
-            "fetch_key",
-            Some((*id).to_owned()),
-            fetch(shared, caller, id),
-        ),
-        (&Method::PUT, ["v1", "migrations", id, "outcome"]) => (
-            "record_outcome",
-            Some((*id).to_owned()),
-            record_outcome(shared, caller, id, req).await,
-        ),
-        (&Method::GET, ["v1", "migrations", id, "outcome"]) => (
-            "read_outcome",
-            Some((*id).to_owned()),
-            read_outcome(shared, caller, id),
-        ),
-        _ => (
-            "unknown_route",
-            None,
+    let mut noted = Noted::default();
+    let (action, result) = if shared.closing.load(std::sync::atomic::Ordering::SeqCst) {
+        (
+            "refused_at_shutdown",
             Err(Refused(
-                ErrorCode::NotFound,
-                format!("no route for {method} {path}"),
+                ErrorCode::Unavailable,
+                "the key service is shutting down".into(),
             )),
-        ),
+        )
+    } else {
+        match (&method, segments.as_slice()) {
+            (&Method::POST, ["v1", "hosts", "register"]) => {
+                ("register_host", register(shared, caller, req).await)
+            }
+            (&Method::GET, ["v1", "hosts", host]) => ("read_host", read_host(shared, host)),
+            (&Method::POST, ["v1", "migrations"]) => (
+                "create_migration",
+                create(shared, caller, req, &mut noted).await,
+            ),
+            (&Method::POST, ["v1", "migrations", id, "key"]) => {
+                ("fetch_key", fetch(shared, caller, id, &mut noted))
+            }
+            (&Method::PUT, ["v1", "migrations", id, "outcome"]) => (
+                "record_outcome",
+                record_outcome(shared, caller, id, req, &mut noted).await,
+            ),
+            (&Method::GET, ["v1", "migrations", id, "outcome"]) => {
+                ("read_outcome", read_outcome(shared, caller, id, &mut noted))
+            }
+            _ => (
+                "unknown_route",
+                Err(Refused(
+                    ErrorCode::NotFound,
+                    format!("no route for {method} {}", short(&path)),
+                )),
+            ),
+        }
     };
-    let (response, outcome, detail) = match result {
-        Ok((response, detail)) => (response, "ok".to_owned(), detail),
+    let (response, result, detail) = match result {
+        Ok(response) => (response, "ok".to_owned(), None),
         Err(refused) => {
             let code = serde_json::to_value(refused.0)
                 .ok()
                 .and_then(|v| v.as_str().map(str::to_owned))
                 .unwrap_or_default();
-            let detail = Some(refused.1.clone());
+            let detail = Some(short(&refused.1).to_owned());
             (error_response(refused), code, detail)
         }
     };
-    // The id is echoed only if it is well-formed: an attacker's path is not logged raw.
-    let id_text = id_text.filter(|t| parse_id(t).is_ok());
-    shared.audit.append(audit_line(
+    let id = noted.migration_id.map(|id| id.to_string());
+    shared.audit.append(audit_line(&Audit {
         caller,
+        peer,
         action,
-        id_text.as_deref(),
-        &outcome,
-        detail.as_deref(),
-    ));
-    tracing::debug!(caller, action, result = %outcome, "request");
+        migration_id: id.as_deref(),
+        vm: noted.vm.as_deref().map(short),
+        destination: noted.destination.as_deref().map(short),
+        result: &result,
+        detail: detail.as_deref(),
+    }));
+    tracing::debug!(caller, action, result = %result, "request");
     response
 }
 
-type Handled = Result<(Response<Full<Bytes>>, Option<String>), Refused>;
-
 async fn register(shared: &Shared, caller: &str, req: Request<Incoming>) -> Handled {
     let r: RegisterRequest = body(req).await?;
-    let detail = format!("can_encrypt={}", r.can_encrypt);
     let record =
         lock(&shared.state).register(caller, r, Instant::now(), unix_ms(), shared.registry_ttl);
-    Ok((ok_json(&record), Some(detail)))
+    Ok(ok_json(&record))
 }
 
 fn read_host(shared: &Shared, host: &str) -> Handled {
-    match lock(&shared.state).host(host, Instant::now()) {
-        Some(record) => Ok((ok_json(&record), None)),
+    let host = crate::tls::canonical_host(host)
+        .ok_or_else(|| Refused(ErrorCode::BadRequest, "not a valid host name".to_owned()))?;
+    match lock(&shared.state).host(&host, Instant::now()) {
+        Some(record) => Ok(ok_json(&record)),
         None => Err(Refused(
             ErrorCode::NotFound,
             format!("host {host} is not registered"),
@@ -407,42 +487,37 @@ async fn create(
     shared: &Shared,
     caller: &str,
     req: Request<Incoming>,
-) -> (Option<String>, Handled) {
-    let r: CreateMigrationRequest = match body(req).await {
-        Ok(r) => r,
-        Err(e) => return (None, Err(e)),
-    };
+    noted: &mut Noted,
+) -> Handled {
+    let r: CreateMigrationRequest = body(req).await?;
+    noted.vm = Some(r.vm.clone());
+    noted.destination = Some(r.destination.clone());
+    let destination = crate::tls::canonical_host(&r.destination).ok_or_else(|| {
+        Refused(
+            ErrorCode::BadRequest,
+            "the destination is not a valid host name".to_owned(),
+        )
+    })?;
     let mut key = Zeroizing::new([0u8; 32]);
     let mut nonce = [0u8; 8];
     let mut id = [0u8; 16];
-    let drawn = ring::rand::SecureRandom::fill(&shared.rng, &mut *key)
+    ring::rand::SecureRandom::fill(&shared.rng, &mut *key)
         .and_then(|()| ring::rand::SecureRandom::fill(&shared.rng, &mut nonce))
-        .and_then(|()| ring::rand::SecureRandom::fill(&shared.rng, &mut id));
-    if drawn.is_err() {
-        return (
-            None,
-            Err(Refused(
-                ErrorCode::Internal,
-                "the OS random generator failed".into(),
-            )),
-        );
-    }
+        .and_then(|()| ring::rand::SecureRandom::fill(&shared.rng, &mut id))
+        .map_err(|_| Refused(ErrorCode::Internal, "the OS random generator failed".into()))?;
     let id = MigrationId(id);
     let created = lock(&shared.state).create(
         caller,
         &r.vm,
-        &r.destination,
+        &destination,
         id,
         *key,
         nonce,
         Instant::now(),
         unix_ms(),
         shared.key_ttl,
-    );
-    let created = match created {
-        Ok(c) => c,
-        Err(e) => return (None, Err(e)),
-    };
+    )?;
+    noted.migration_id = Some(id);
     // Not awaited: a crash before this line is on disk loses a migration that can then
     // never be committed (recording its outcome fails), so the source keeps the VM.
     shared
@@ -451,32 +526,21 @@ async fn create(
     let expires_at_ms = unix_ms() + u64::try_from(shared.key_ttl.as_millis()).unwrap_or(u64::MAX);
     let response = CreateMigrationResponse {
         migration_id: id.to_string(),
-        key: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(created.key)),
+        key: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&created.key)),
         nonce: hex(&created.nonce),
         expires_at_ms,
         destination: created.destination.clone(),
     };
-    // The body moves into hyper (no further copy); hyper's buffers are not wiped, see
-    // docs/keyservice-api.md, "Known limitation".
-    let body = serde_json::to_vec(&response).expect("serializes");
-    let detail = format!(
-        "vm={} destination={} registered={}",
-        r.vm,
-        r.destination,
-        created.destination.is_some()
-    );
-    (
-        Some(id.to_string()),
-        Ok((json_response(StatusCode::OK, body), Some(detail))),
-    )
+    Ok(secret_json(&response))
 }
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn fetch(shared: &Shared, caller: &str, id: &str) -> Handled {
+fn fetch(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
+    noted.migration_id = Some(id);
     let fetched = lock(&shared.state).fetch_key(caller, id, Instant::now())?;
     let response = FetchKeyResponse {
         migration_id: id.to_string(),
@@ -487,8 +551,7 @@ fn fetch(shared: &Shared, caller: &str, id: &str) -> Handled {
         source: fetched.source.clone(),
         vm: fetched.vm.clone(),
     };
-    let body = serde_json::to_vec(&response).expect("serializes");
-    Ok((json_response(StatusCode::OK, body), None))
+    Ok(secret_json(&response))
 }
 
 async fn record_outcome(
@@ -496,29 +559,39 @@ async fn record_outcome(
     caller: &str,
     id: &str,
     req: Request<Incoming>,
+    noted: &mut Noted,
 ) -> Handled {
     let id = parse_id(id)?;
+    noted.migration_id = Some(id);
     let r: OutcomeRequest = body(req).await?;
-    let (record, journal) = lock(&shared.state).record_outcome(caller, id, r.outcome, unix_ms())?;
-    if let Some(entry) = journal {
-        // The answer waits for the fsync: a recorded outcome survives any crash after it.
-        let line = serde_json::to_string(&entry).expect("serializes");
-        if let Err(e) = shared.journal.append_durable(line).await {
-            lock(&shared.state).forget_outcome(id);
-            return Err(Refused(
-                ErrorCode::Internal,
-                format!("the journal write failed: {e}"),
-            ));
-        }
+    let now_ms = unix_ms();
+    let (record, journal) = lock(&shared.state).record_outcome(caller, id, r.outcome, now_ms)?;
+    let Some(entry) = journal else {
+        return Ok(ok_json(&record)); // this exact outcome is already on disk
+    };
+    // The answer waits for the fsync, and readers see the outcome only after it: a
+    // recorded outcome survives any crash after the answer, and no destination acts on one
+    // that could still vanish.
+    let line = serde_json::to_string(&entry).expect("serializes");
+    if let Err(e) = shared.journal.append_durable(line).await {
+        // The line may or may not be on disk: memory can no longer say which. Stop, so the
+        // journal alone decides after a restart; the source, without an answer, reads the
+        // outcome back then.
+        tracing::error!(error = %e, %id, "journal write failed; stopping");
+        eprintln!(
+            "vmotion-keyservice: the journal write failed ({e}); stopping so the journal stays the only truth"
+        );
+        std::process::abort();
     }
-    Ok((
-        ok_json(&record),
-        Some(format!("{:?}", r.outcome).to_lowercase()),
-    ))
+    let record = lock(&shared.state)
+        .confirm_outcome(id, now_ms)
+        .ok_or_else(|| Refused(ErrorCode::Internal, "the migration vanished".into()))?;
+    Ok(ok_json(&record))
 }
 
-fn read_outcome(shared: &Shared, caller: &str, id: &str) -> Handled {
+fn read_outcome(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
+    noted.migration_id = Some(id);
     let record = lock(&shared.state).outcome(caller, id)?;
-    Ok((ok_json(&record), None))
+    Ok(ok_json(&record))
 }

@@ -42,7 +42,18 @@ struct Migration {
     vm: String,
     key: KeyState,
     key_expires: Instant,
-    outcome: Option<(Outcome, u64)>,
+    outcome: OutcomeState,
+}
+
+/// Where a migration's outcome is. An outcome is visible to readers only once its journal
+/// line is on disk: a destination must never see `committed` that a crash could undo.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutcomeState {
+    None,
+    /// Accepted, journal write in flight.
+    Pending(Outcome),
+    /// On disk, at this time (Unix ms).
+    Recorded(Outcome, u64),
 }
 
 #[derive(Debug)]
@@ -108,8 +119,13 @@ pub(crate) struct State {
 
 pub(crate) fn parse_id(s: &str) -> Result<MigrationId, Refused> {
     let mut id = [0u8; 16];
-    if s.len() != 32 {
-        return refuse(ErrorCode::BadRequest, "a migration id is 32 hex digits");
+    // Checked byte by byte before any slicing: a path may hold any UTF-8, and only the
+    // canonical lowercase form is accepted, so the audit log has one spelling per id.
+    if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return refuse(
+            ErrorCode::BadRequest,
+            "a migration id is 32 lowercase hex digits",
+        );
     }
     for (i, b) in id.iter_mut().enumerate() {
         *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
@@ -200,7 +216,7 @@ impl State {
                     nonce: MigrationNonce(nonce),
                 }),
                 key_expires: now + ttl,
-                outcome: None,
+                outcome: OutcomeState::None,
             },
         );
         let created = Created {
@@ -263,9 +279,12 @@ impl State {
         }
     }
 
-    /// Records the outcome; only the source may, and a recorded outcome never changes.
-    /// Returns the journal line to write (durably) before answering, or `None` if this
-    /// exact outcome was already recorded.
+    /// Accepts the outcome; only the source may, and a recorded outcome never changes.
+    /// Returns the journal line to write durably, then [`confirm_outcome`] before
+    /// answering; `None` if this exact outcome is already on disk. A key still waiting for
+    /// its destination is dropped: the migration is over either way.
+    ///
+    /// [`confirm_outcome`]: Self::confirm_outcome
     pub(crate) fn record_outcome(
         &mut self,
         caller: &str,
@@ -283,15 +302,24 @@ impl State {
             );
         }
         let journal = match m.outcome {
-            Some((o, _)) if o == outcome => None,
-            Some((o, _)) => {
+            OutcomeState::Recorded(o, _) if o == outcome => None,
+            OutcomeState::Recorded(o, _) => {
                 return refuse(
                     ErrorCode::Conflict,
                     format!("migration {id} is already recorded as {o:?}"),
                 );
             }
-            None => {
-                m.outcome = Some((outcome, now_ms));
+            OutcomeState::Pending(_) => {
+                return refuse(
+                    ErrorCode::Unavailable,
+                    format!("the outcome of migration {id} is being recorded; read it back"),
+                );
+            }
+            OutcomeState::None => {
+                m.outcome = OutcomeState::Pending(outcome);
+                if matches!(m.key, KeyState::Available(_)) {
+                    m.key = KeyState::Expired;
+                }
                 Some(JournalEntry::Outcome {
                     migration_id: id.to_string(),
                     outcome,
@@ -302,11 +330,17 @@ impl State {
         Ok((record(id, m), journal))
     }
 
-    /// Undoes an outcome whose journal write failed, so the answer and the disk agree.
-    pub(crate) fn forget_outcome(&mut self, id: MigrationId) {
-        if let Some(m) = self.migrations.get_mut(&id) {
-            m.outcome = None;
+    /// Makes a pending outcome visible once its journal line is on disk.
+    pub(crate) fn confirm_outcome(
+        &mut self,
+        id: MigrationId,
+        time_ms: u64,
+    ) -> Option<OutcomeRecord> {
+        let m = self.migrations.get_mut(&id)?;
+        if let OutcomeState::Pending(o) = m.outcome {
+            m.outcome = OutcomeState::Recorded(o, time_ms);
         }
+        Some(record(id, m))
     }
 
     /// Reads the outcome; the source and the destination may.
@@ -399,7 +433,7 @@ impl State {
                             vm,
                             key: KeyState::Expired,
                             key_expires: now,
-                            outcome: None,
+                            outcome: OutcomeState::None,
                         },
                     );
                 }
@@ -412,7 +446,12 @@ impl State {
                         .ok()
                         .and_then(|id| self.migrations.get_mut(&id))
                     {
-                        m.outcome = Some((outcome, time_ms));
+                        // First wins, as it did when it was answered.
+                        if m.outcome == OutcomeState::None {
+                            m.outcome = OutcomeState::Recorded(outcome, time_ms);
+                        } else {
+                            tracing::warn!(%migration_id, "ignoring a second outcome line");
+                        }
                     }
                 }
             }
@@ -427,8 +466,14 @@ fn record(id: MigrationId, m: &Migration) -> OutcomeRecord {
         source: m.source.clone(),
         destination: m.destination.clone(),
         vm: m.vm.clone(),
-        outcome: m.outcome.map(|(o, _)| o),
-        recorded_at_ms: m.outcome.map(|(_, t)| t),
+        outcome: match m.outcome {
+            OutcomeState::Recorded(o, _) => Some(o),
+            OutcomeState::None | OutcomeState::Pending(_) => None,
+        },
+        recorded_at_ms: match m.outcome {
+            OutcomeState::Recorded(_, t) => Some(t),
+            OutcomeState::None | OutcomeState::Pending(_) => None,
+        },
     }
 }
 
@@ -508,8 +553,18 @@ mod tests {
             ErrorCode::Forbidden
         );
         let (rec, journal) = s.record_outcome("src", id, Outcome::Committed, 5).unwrap();
-        assert_eq!(rec.outcome, Some(Outcome::Committed));
         assert!(journal.is_some());
+        // Not visible, not repeatable, until it is on disk.
+        assert_eq!(rec.outcome, None);
+        assert_eq!(s.outcome("dst", id).unwrap().outcome, None);
+        assert_eq!(
+            s.record_outcome("src", id, Outcome::Committed, 5)
+                .unwrap_err()
+                .0,
+            ErrorCode::Unavailable
+        );
+        let rec = s.confirm_outcome(id, 5).unwrap();
+        assert_eq!(rec.outcome, Some(Outcome::Committed));
         let (_, again) = s.record_outcome("src", id, Outcome::Committed, 6).unwrap();
         assert!(again.is_none(), "idempotent");
         assert_eq!(
@@ -586,5 +641,88 @@ mod tests {
         assert_eq!(mk(&mut s, "", "dst"), ErrorCode::BadRequest);
         assert_eq!(mk(&mut s, "vm", "bad host"), ErrorCode::BadRequest);
         assert_eq!(mk(&mut s, "vm", "src"), ErrorCode::BadRequest);
+    }
+}
+
+#[cfg(test)]
+mod more_tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_canonical_ascii_hex() {
+        assert!(parse_id(&"ab".repeat(16)).is_ok());
+        for bad in [
+            "a".to_string() + &"é".repeat(15) + "a",
+            "€".repeat(10) + "aa",
+            "é".repeat(16),
+            "AB".repeat(16),
+            "+f".repeat(16),
+            "ab".repeat(15),
+        ] {
+            assert_eq!(
+                parse_id(&bad).unwrap_err().0,
+                ErrorCode::BadRequest,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_outcome_drops_a_key_still_waiting() {
+        let now = Instant::now();
+        let mut s = State::default();
+        let id = MigrationId([5; 16]);
+        s.create(
+            "src",
+            "vm",
+            "dst",
+            id,
+            [1; 32],
+            [2; 8],
+            now,
+            0,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        s.record_outcome("src", id, Outcome::Aborted, 1).unwrap();
+        assert_eq!(s.keys_held(), 0);
+        assert_eq!(
+            s.fetch_key("dst", id, now).unwrap_err().0,
+            ErrorCode::Expired
+        );
+    }
+
+    #[test]
+    fn replay_keeps_the_first_outcome() {
+        let now = Instant::now();
+        let id = MigrationId([6; 16]);
+        let mut s = State::default();
+        s.replay(
+            [
+                JournalEntry::Created {
+                    migration_id: id.to_string(),
+                    source: "a".into(),
+                    destination: "b".into(),
+                    vm: "v".into(),
+                    time_ms: 1,
+                },
+                JournalEntry::Outcome {
+                    migration_id: id.to_string(),
+                    outcome: Outcome::Committed,
+                    time_ms: 2,
+                },
+                JournalEntry::Outcome {
+                    migration_id: id.to_string(),
+                    outcome: Outcome::Aborted,
+                    time_ms: 3,
+                },
+            ],
+            now,
+            4,
+        );
+        assert_eq!(
+            s.outcome("a", id).unwrap().outcome,
+            Some(Outcome::Committed)
+        );
     }
 }
