@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 # Nothing outside cargo is needed yet. Later issues add their system packages here
 # (e.g. QEMU for the tunnel tests) so a fresh clone needs no manual setup.
 
+# nextest does not run doctests; the rustdoc examples are part of the API's promise.
+# They run first so the suite's closing line is the main runner's summary.
+cargo test --workspace --all-features --doc
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --all-features --no-fail-fast
 else
   echo "cargo-nextest not found; falling back to cargo test" >&2
   cargo test --workspace --all-features --no-fail-fast --lib --bins --tests
 fi
-# nextest does not run doctests; the rustdoc examples are part of the API's promise.
-cargo test --workspace --all-features --doc
