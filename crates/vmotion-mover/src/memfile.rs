@@ -1,0 +1,122 @@
+//! Guest memory in a file (for example one under `/dev/shm` that a VMM maps), read and
+//! written with positioned I/O. A file has no dirty log, so it migrates cold: the
+//! engine pauses first (the file must not change from then on) and copies it once.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use crate::{DirtyTracking, GuestMemory, MoverError, Source, VmControl, check_range};
+
+/// A memory file.
+#[derive(Debug)]
+pub struct MemoryFile {
+    file: File,
+    page_size: u64,
+    pages: u64,
+}
+
+impl MemoryFile {
+    /// Opens an existing file as guest memory; its length must be a whole number of pages.
+    pub fn open(path: &Path, page_size: u64) -> Result<Self, MoverError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let len = file.metadata()?.len();
+        if !page_size.is_power_of_two() || !len.is_multiple_of(page_size) {
+            return Err(MoverError::State(
+                "the memory file's length is not a whole number of pages",
+            ));
+        }
+        Ok(Self {
+            file,
+            page_size,
+            pages: len / page_size,
+        })
+    }
+
+    /// Creates (or truncates) a file of `pages` zero pages: a destination sink. The file is
+    /// sized at once, so the destination has room for the whole guest before a page
+    /// arrives.
+    pub fn create(path: &Path, pages: u64, page_size: u64) -> Result<Self, MoverError> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        file.set_len(pages * page_size)?;
+        Ok(Self {
+            file,
+            page_size,
+            pages,
+        })
+    }
+}
+
+impl GuestMemory for MemoryFile {
+    fn page_size(&self) -> u64 {
+        self.page_size
+    }
+
+    fn page_count(&self) -> u64 {
+        self.pages
+    }
+
+    fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<(), MoverError> {
+        check_range(first, out.len(), self.page_size, self.pages)?;
+        Ok(self.file.read_exact_at(out, first * self.page_size)?)
+    }
+
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), MoverError> {
+        check_range(first, data.len(), self.page_size, self.pages)?;
+        Ok(self.file.write_all_at(data, first * self.page_size)?)
+    }
+}
+
+impl VmControl for MemoryFile {
+    // A file runs nothing: pausing, resuming and throttling have nothing to stop, and it
+    // has no device state beyond its contents. These are real answers, not defaults.
+    fn pause(&mut self) -> Result<(), MoverError> {
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), MoverError> {
+        Ok(())
+    }
+
+    fn throttle(&mut self, _percent: u8) -> Result<(), MoverError> {
+        Ok(())
+    }
+
+    fn save_device_state(&mut self) -> Result<Vec<u8>, MoverError> {
+        Ok(Vec::new())
+    }
+
+    fn load_device_state(&mut self, state: &[u8]) -> Result<(), MoverError> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(MoverError::DeviceState(
+                "a memory file takes no device state".into(),
+            ))
+        }
+    }
+}
+
+impl Source for MemoryFile {
+    fn memory(&self) -> &dyn GuestMemory {
+        self
+    }
+
+    fn dirty_tracking(&mut self) -> DirtyTracking<'_> {
+        DirtyTracking::Unsupported {
+            reason: "a memory file has no dirty log; it migrates cold (paused, one pass)",
+        }
+    }
+
+    fn control(&mut self) -> &mut dyn VmControl {
+        self
+    }
+}
