@@ -101,8 +101,9 @@ pub trait VmControl: Send {
 
 /// Everything the source side needs from a mover.
 pub trait Source: Send {
-    /// Guest memory.
-    fn memory(&self) -> &dyn GuestMemory;
+    /// Guest memory, shared with the driver's stream tasks (which read pages while the
+    /// control loop drives the VM).
+    fn memory(&self) -> std::sync::Arc<dyn GuestMemory>;
     /// Dirty tracking, or why there is none.
     fn dirty_tracking(&mut self) -> DirtyTracking<'_>;
     /// VM control.

@@ -5,13 +5,14 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::{DirtyTracking, GuestMemory, MoverError, Source, VmControl, check_range};
 
-/// A memory file.
-#[derive(Debug)]
+/// A memory file. Clones share the open file.
+#[derive(Debug, Clone)]
 pub struct MemoryFile {
-    file: File,
+    file: Arc<File>,
     page_size: u64,
     pages: u64,
 }
@@ -30,7 +31,7 @@ impl MemoryFile {
             ));
         }
         Ok(Self {
-            file,
+            file: Arc::new(file),
             page_size,
             pages: len / page_size,
         })
@@ -48,7 +49,7 @@ impl MemoryFile {
             .open(path)?;
         file.set_len(pages * page_size)?;
         Ok(Self {
-            file,
+            file: Arc::new(file),
             page_size,
             pages,
         })
@@ -106,8 +107,8 @@ impl VmControl for MemoryFile {
 }
 
 impl Source for MemoryFile {
-    fn memory(&self) -> &dyn GuestMemory {
-        self
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        Arc::new(self.clone())
     }
 
     fn dirty_tracking(&mut self) -> DirtyTracking<'_> {

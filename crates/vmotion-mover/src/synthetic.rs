@@ -267,6 +267,58 @@ fn writer(shared: &Shared, rate: f64, pattern: Pattern, mut rng: u64) {
     }
 }
 
+/// A handle on a synthetic guest's memory, shareable with other threads.
+#[derive(Clone)]
+pub struct SyntheticMemory(Arc<Shared>);
+
+impl std::fmt::Debug for SyntheticMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyntheticMemory")
+            .field("pages", &self.0.pages)
+            .finish()
+    }
+}
+
+impl GuestMemory for SyntheticMemory {
+    fn page_size(&self) -> u64 {
+        self.0.page_size
+    }
+
+    fn page_count(&self) -> u64 {
+        self.0.pages
+    }
+
+    fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<(), MoverError> {
+        let s = &self.0;
+        check_range(first, out.len(), s.page_size, s.pages)?;
+        let start = first as usize * s.words_per_page;
+        for (chunk, word) in out.chunks_exact_mut(8).zip(&s.words[start..]) {
+            chunk.copy_from_slice(&word.load(Relaxed).to_le_bytes());
+        }
+        Ok(())
+    }
+
+    fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), MoverError> {
+        let s = &self.0;
+        check_range(first, data.len(), s.page_size, s.pages)?;
+        let start = first as usize * s.words_per_page;
+        for (chunk, word) in data.chunks_exact(8).zip(&s.words[start..]) {
+            word.store(
+                u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
+                Relaxed,
+            );
+        }
+        Ok(())
+    }
+}
+
+impl SyntheticGuest {
+    /// A shareable handle on the memory.
+    pub fn memory_handle(&self) -> SyntheticMemory {
+        SyntheticMemory(self.shared.clone())
+    }
+}
+
 impl GuestMemory for SyntheticGuest {
     fn page_size(&self) -> u64 {
         self.shared.page_size
@@ -277,24 +329,11 @@ impl GuestMemory for SyntheticGuest {
     }
 
     fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<(), MoverError> {
-        check_range(first, out.len(), self.shared.page_size, self.shared.pages)?;
-        let start = first as usize * self.shared.words_per_page;
-        for (chunk, word) in out.chunks_exact_mut(8).zip(&self.shared.words[start..]) {
-            chunk.copy_from_slice(&word.load(Relaxed).to_le_bytes());
-        }
-        Ok(())
+        self.memory_handle().read_pages(first, out)
     }
 
     fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), MoverError> {
-        check_range(first, data.len(), self.shared.page_size, self.shared.pages)?;
-        let start = first as usize * self.shared.words_per_page;
-        for (chunk, word) in data.chunks_exact(8).zip(&self.shared.words[start..]) {
-            word.store(
-                u64::from_le_bytes(chunk.try_into().expect("8 bytes")),
-                Relaxed,
-            );
-        }
-        Ok(())
+        self.memory_handle().write_pages(first, data)
     }
 }
 
@@ -385,8 +424,8 @@ impl VmControl for SyntheticGuest {
 }
 
 impl Source for SyntheticGuest {
-    fn memory(&self) -> &dyn GuestMemory {
-        self
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        Arc::new(self.memory_handle())
     }
 
     fn dirty_tracking(&mut self) -> DirtyTracking<'_> {
