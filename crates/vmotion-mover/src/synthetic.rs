@@ -173,15 +173,21 @@ impl SyntheticGuest {
         }
     }
 
-    /// An all-zero guest with no writers: a destination sink.
+    /// An all-zero, paused guest with no writers: a destination sink, resumed on commit.
     pub fn blank(pages: u64, page_size: u64) -> Self {
         let config = SyntheticConfig {
             pages,
             page_size,
             ..SyntheticConfig::default()
         };
+        let shared = Self::build(&config, false);
+        shared
+            .pause
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .paused = true;
         Self {
-            shared: Self::build(&config, false),
+            shared,
             threads: Vec::new(),
             device_state: None,
             writers: 0,

@@ -310,6 +310,16 @@ impl Sealer {
         self.counters.max_payload
     }
 
+    /// Frames sealed so far (what `EndOfStream` will report).
+    pub fn frames_sealed(&self) -> u64 {
+        self.counters.total_frames
+    }
+
+    /// Payload bytes sealed so far (what `EndOfStream` will report).
+    pub fn bytes_sealed(&self) -> u64 {
+        self.counters.total_bytes
+    }
+
     /// Seals `payload` in place and returns the header to send before it and the trailer
     /// to send after it. No allocation: this is the data path.
     pub fn seal_in_place(
@@ -446,6 +456,11 @@ impl Opener {
     /// Frames opened so far (excluding handshake and bind frames).
     pub fn frames(&self) -> u64 {
         self.counters.total_frames
+    }
+
+    /// Payload bytes opened so far.
+    pub fn bytes(&self) -> u64 {
+        self.counters.total_bytes
     }
 
     /// The largest payload this opener accepts; use it to size receive buffers and to

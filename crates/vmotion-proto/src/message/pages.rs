@@ -223,6 +223,35 @@ impl PagesBuilder {
         true
     }
 
+    /// Adds a page by letting `fill` write it straight into the batch (no intermediate
+    /// copy); an all-zero result becomes a flag. Returns `Ok(false)` (calling nothing) if
+    /// the batch is full, and `fill`'s error (adding nothing) if it fails.
+    pub fn push_with<E>(
+        &mut self,
+        index: u64,
+        fill: impl FnOnce(&mut [u8]) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        assert_eq!(index & ZERO_PAGE_FLAG, 0, "page index too large");
+        self.start_batch();
+        if self.size_with(self.data_pages + 1, self.entries.len() + 1) > self.buf.capacity() {
+            return Ok(false);
+        }
+        let at = self.buf.len();
+        let page = &mut self.buf.resize(at + self.page_size)[at..];
+        if let Err(e) = fill(page) {
+            self.buf.resize(at);
+            return Err(e);
+        }
+        if is_zero(page) {
+            self.buf.resize(at);
+            self.entries.push(index | ZERO_PAGE_FLAG);
+        } else {
+            self.data_pages += 1;
+            self.entries.push(index);
+        }
+        Ok(true)
+    }
+
     /// Adds a zero page (no data). Returns `false` if the batch is full.
     pub fn push_zero(&mut self, index: u64) -> bool {
         assert_eq!(index & ZERO_PAGE_FLAG, 0, "page index too large");
@@ -280,4 +309,39 @@ impl PagesBuilder {
 pub fn is_zero(page: &[u8]) -> bool {
     let (chunks, rest) = page.as_chunks::<8>();
     chunks.iter().all(|c| u64::from_ne_bytes(*c) == 0) && rest.iter().all(|b| *b == 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_with_fills_in_place_and_flags_zero_pages() {
+        let mut b = PagesBuilder::new(4096, 3 * 4096 + 3 * 8 + PAGES_TRAILER_LEN);
+        assert_eq!(
+            b.push_with(1, |p| {
+                p.fill(7);
+                Ok::<_, ()>(())
+            }),
+            Ok(true)
+        );
+        assert_eq!(
+            b.push_with(2, |p| {
+                p.fill(0);
+                Ok::<_, ()>(())
+            }),
+            Ok(true)
+        );
+        assert_eq!(b.push_with(3, |_| Err("read failed")), Err("read failed"));
+        assert_eq!(
+            b.push_with(4, |p| {
+                p.fill(9);
+                Ok::<_, ()>(())
+            }),
+            Ok(true)
+        );
+        let v = PagesView::decode(b.finish()).unwrap();
+        let got: Vec<_> = v.iter().map(|e| (e.index, e.data.map(|d| d[0]))).collect();
+        assert_eq!(got, [(1, Some(7)), (2, None), (4, Some(9))]);
+    }
 }

@@ -1,0 +1,512 @@
+//! The destination side: [`Receiver`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::{TcpListener, TcpStream};
+use vmotion_keyservice::KeyServiceClient;
+use vmotion_keyservice::api::Outcome as RecordedOutcome;
+use vmotion_mover::{GuestMemory, VmControl};
+use vmotion_proto::message::{
+    Abort, Complete, DeviceStateChunk, Hello, MAX_DEVICE_STATE, Message, PagesView, Ready,
+};
+use vmotion_proto::{
+    AbortCode, AlignedBuf, FrameType, KeyMaterial, MigrationId, Mode, Opener, PeerMisbehaved,
+    ReceiverConfig, ReceiverHandshake, ReceiverNext, ReceiverSession, handshake_random,
+};
+
+use crate::error::MigrateError;
+use crate::wire::{read_frame, read_open, write_frame};
+
+/// Where an incoming guest goes: its memory and its control (device state, resume).
+pub trait Sink: Send {
+    /// Guest memory, shared with the stream tasks.
+    fn memory(&self) -> Arc<dyn GuestMemory>;
+    /// Loads the device state and resumes the VM on commit.
+    fn control(&mut self) -> &mut dyn VmControl;
+}
+
+/// How a [`Receiver`] gets migration keys.
+pub enum ReceiverKeys {
+    /// Fetch by migration id from the key service (with this host's certificate).
+    Service(Arc<KeyServiceClient>),
+    /// An orchestrator handed this key in for this migration id.
+    Direct {
+        /// The migration.
+        migration_id: MigrationId,
+        /// The key.
+        material: KeyMaterial,
+    },
+    /// This host cannot encrypt.
+    None,
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone)]
+pub struct ReceiveReport {
+    /// The migration.
+    pub migration_id: MigrationId,
+    /// The VM.
+    pub vm_name: String,
+    /// Encrypted or plaintext.
+    pub mode: Mode,
+    /// Pages received (resends included).
+    pub pages: u64,
+    /// Payload bytes received on the data streams.
+    pub bytes: u64,
+    /// Device state length.
+    pub device_state_len: u64,
+}
+
+/// Builds and runs the destination side of one migration.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use vmotion::{Receiver, ReceiverKeys, Sink};
+/// use vmotion_mover::synthetic::SyntheticGuest;
+///
+/// struct Blank(SyntheticGuest);
+/// impl Sink for Blank {
+///     fn memory(&self) -> Arc<dyn vmotion_mover::GuestMemory> { Arc::new(self.0.memory_handle()) }
+///     fn control(&mut self) -> &mut dyn vmotion_mover::VmControl { &mut self.0 }
+/// }
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
+/// let receiver = Receiver::new(ReceiverKeys::None);
+/// let (report, _sink) = receiver
+///     .receive(&listener, |hello| Ok(Blank(SyntheticGuest::blank(hello.guest_pages, u64::from(hello.page_size)))))
+///     .await?;
+/// println!("received {} pages of {}", report.pages, report.vm_name);
+/// # Ok(()) }
+/// ```
+pub struct Receiver {
+    config: ReceiverConfig,
+    keys: ReceiverKeys,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+struct StreamStats {
+    pages: u64,
+    frames: u64,
+    bytes: u64,
+}
+
+impl Receiver {
+    /// A receiver with the protocol's default limits. `can_encrypt` follows the keys.
+    pub fn new(keys: ReceiverKeys) -> Self {
+        let config = ReceiverConfig {
+            can_encrypt: !matches!(keys, ReceiverKeys::None),
+            ..ReceiverConfig::default()
+        };
+        Self {
+            config,
+            keys,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Refuse every migration that would be plaintext.
+    pub fn require_encryption(mut self, yes: bool) -> Self {
+        self.config.require_encryption = yes;
+        self
+    }
+
+    /// How long to wait for each step of the peer (data connections, Complete, Commit).
+    pub fn timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// Receives one migration on `listener`: the control connection, then its data
+    /// connections. `make_sink` sees the sender's `Hello` and builds the sink, or refuses
+    /// (pre-flight: no room, unacceptable configuration) with a reason the sender gets.
+    /// Returns the sink, resumed, once the VM is committed here.
+    pub async fn receive<S: Sink>(
+        &self,
+        listener: &TcpListener,
+        make_sink: impl FnOnce(&Hello) -> Result<S, String>,
+    ) -> Result<(ReceiveReport, S), MigrateError> {
+        let (mut control, _) = listener.accept().await?;
+        let _ = control.set_nodelay(true);
+        let hello = read_frame(&mut control, 4096)
+            .await?
+            .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        let random =
+            handshake_random().map_err(|_| MigrateError::Options("no OS randomness".into()))?;
+        let received = match ReceiverHandshake::start(self.config.clone(), random).handle(hello) {
+            Ok(r) => r,
+            Err(f) => {
+                if let Some(a) = &f.abort {
+                    let _ = write_frame(&mut control, a).await;
+                }
+                return Err(f.into());
+            }
+        };
+        let hello = received.hello().clone();
+        let migration_id = hello.migration_id;
+
+        // Pre-flight: the sink must take this guest.
+        let sink = make_sink(&hello).and_then(|s| {
+            let m = s.memory();
+            if m.page_size() != u64::from(hello.page_size) || m.page_count() < hello.guest_pages {
+                Err(format!(
+                    "the sink has {} pages of {} bytes; the guest needs {} of {}",
+                    m.page_count(),
+                    m.page_size(),
+                    hello.guest_pages,
+                    hello.page_size
+                ))
+            } else {
+                Ok(s)
+            }
+        });
+        let mut sink = match sink {
+            Ok(s) => s,
+            Err(reason) => {
+                let abort = received.reject(AbortCode::DestinationFailed, &reason)?;
+                let _ = write_frame(&mut control, &abort).await;
+                return Err(MigrateError::Aborted(format!(
+                    "pre-flight refused: {reason}"
+                )));
+            }
+        };
+
+        let key = if received.needs_key() {
+            let fetched = match &self.keys {
+                ReceiverKeys::Service(c) => c
+                    .fetch_key(migration_id)
+                    .await
+                    .map(|k| k.material)
+                    .map_err(|e| e.to_string()),
+                ReceiverKeys::Direct {
+                    migration_id: id,
+                    material,
+                } if *id == migration_id => Ok(KeyMaterial {
+                    key: vmotion_proto::MigrationKey::from_bytes(*material.key.expose_secret()),
+                    nonce: material.nonce,
+                }),
+                _ => Err("no key for this migration".to_owned()),
+            };
+            match fetched {
+                Ok(k) => Some(k),
+                Err(reason) => {
+                    let abort = received.reject(AbortCode::KeyUnavailable, &reason)?;
+                    let _ = write_frame(&mut control, &abort).await;
+                    return Err(MigrateError::Aborted(format!("no key: {reason}")));
+                }
+            }
+        } else {
+            None
+        };
+        let (next, frames) = received.accept(key)?;
+        for f in &frames {
+            write_frame(&mut control, f).await?;
+        }
+        let mut session: ReceiverSession = match next {
+            ReceiverNext::Refused(r) => return Err(MigrateError::Refused(r)),
+            ReceiverNext::Established(s) => s,
+            ReceiverNext::ExpectKeyConfirm(state) => {
+                let kc = read_frame(&mut control, 4096).await?.ok_or_else(|| {
+                    MigrateError::Aborted("the sender closed the connection".into())
+                })?;
+                match state.handle(kc) {
+                    Ok(s) => s,
+                    Err(f) => {
+                        if let Some(a) = &f.abort {
+                            let _ = write_frame(&mut control, a).await;
+                        }
+                        return Err(f.into());
+                    }
+                }
+            }
+        };
+        let negotiated = session.negotiated().clone();
+        tracing::info!(migration = %migration_id, mode = ?negotiated.mode, "handshake done");
+
+        // Data connections: each binds itself with its first frame.
+        let memory = sink.memory();
+        let mut tasks = Vec::new();
+        while tasks.len() < usize::from(negotiated.streams) {
+            let (tcp, peer) = tokio::time::timeout(self.timeout, listener.accept())
+                .await
+                .map_err(|_| {
+                    MigrateError::Aborted("the data connections did not arrive".into())
+                })??;
+            let _ = tcp.set_nodelay(true);
+            match bind_stream(tcp, &mut session).await {
+                Ok((r, opener)) => {
+                    let memory = memory.clone();
+                    tasks.push(tokio::spawn(receive_stream(
+                        r,
+                        opener,
+                        memory,
+                        hello.guest_pages,
+                    )));
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "dropping a connection that did not bind")
+                }
+            }
+        }
+
+        let ctrl = session.take_control()?;
+        let (mut opener, mut sealer) = (ctrl.opener, ctrl.sealer);
+        let (mut control_r, mut control_w) = control.into_split();
+        let mut device_state: Vec<u8> = Vec::new();
+        let complete: Complete = loop {
+            let mut f = read_frame(&mut control_r, opener.max_payload())
+                .await?
+                .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+            let h = opener.open(&mut f)?;
+            match Message::decode(h.frame_type, &f.payload)? {
+                Message::IterationMarker(m) => tracing::debug!(?m, "iteration"),
+                Message::DeviceState(c) => add_chunk(&mut device_state, &c)?,
+                Message::Complete(c) => break c,
+                Message::Abort(a) => {
+                    return Err(MigrateError::PeerAborted {
+                        code: a.code,
+                        message: a.message,
+                    });
+                }
+                other => {
+                    return Err(PeerMisbehaved::UnexpectedFrame {
+                        state: "receiving a migration",
+                        frame_type: other.frame_type(),
+                    }
+                    .into());
+                }
+            }
+        };
+
+        // Verify everything before Ready: every stream ended with the totals Complete
+        // claims, and the device state is whole.
+        let verified: Result<(u64, u64), MigrateError> = async {
+            if complete.streams.len() != tasks.len() {
+                return Err(MigrateError::Aborted(
+                    "Complete names another number of streams".into(),
+                ));
+            }
+            let (mut pages, mut bytes) = (0, 0);
+            for (i, (task, claimed)) in tasks.into_iter().zip(&complete.streams).enumerate() {
+                let stats = tokio::time::timeout(self.timeout, task)
+                    .await
+                    .map_err(|_| MigrateError::Aborted("a data stream did not end".into()))?
+                    .map_err(|e| MigrateError::Aborted(format!("a stream task failed: {e}")))??;
+                for (what, c, r) in [
+                    ("frames", claimed.frames, stats.frames),
+                    ("bytes", claimed.bytes, stats.bytes),
+                ] {
+                    if c != r {
+                        return Err(PeerMisbehaved::TotalsMismatch {
+                            stream: u16::try_from(i + 1).unwrap_or(u16::MAX),
+                            what,
+                            claimed: c,
+                            received: r,
+                        }
+                        .into());
+                    }
+                }
+                pages += stats.pages;
+                bytes += stats.bytes;
+            }
+            if pages != complete.pages || device_state.len() as u64 != complete.device_state_len {
+                return Err(MigrateError::Aborted(
+                    "Complete's totals do not match what arrived".into(),
+                ));
+            }
+            sink.control().load_device_state(&device_state)?;
+            Ok((pages, bytes))
+        }
+        .await;
+        let (pages, bytes) = match verified {
+            Ok(x) => x,
+            Err(e) => {
+                let code = match &e {
+                    MigrateError::Protocol(p) => p.abort_code(),
+                    _ => AbortCode::DestinationFailed,
+                };
+                if let Ok(f) = sealer.seal(
+                    FrameType::Abort,
+                    Abort {
+                        code,
+                        message: e.to_string(),
+                    }
+                    .encode(),
+                ) {
+                    let _ = write_frame(&mut control_w, &f).await;
+                }
+                return Err(e);
+            }
+        };
+        let ready = Ready {
+            pages,
+            device_state_len: device_state.len() as u64,
+        };
+        let f = sealer.seal(FrameType::Ready, ready.encode())?;
+        write_frame(&mut control_w, &f).await?;
+
+        // Commit, or Abort; a lost connection is settled by the key service's record.
+        let decided = match tokio::time::timeout(
+            self.timeout,
+            read_frame(&mut control_r, opener.max_payload()),
+        )
+        .await
+        {
+            Ok(Ok(Some(mut f))) => match opener.open(&mut f) {
+                Ok(h) if h.frame_type == FrameType::Commit => Some(true),
+                Ok(h) if h.frame_type == FrameType::Abort => Some(false),
+                _ => None,
+            },
+            _ => None,
+        };
+        let committed = match decided {
+            Some(c) => c,
+            None => self.outcome_from_service(migration_id).await,
+        };
+        if !committed {
+            return Err(MigrateError::Aborted(
+                "the source kept the VM; the received guest is discarded".into(),
+            ));
+        }
+        sink.control().resume()?;
+        Ok((
+            ReceiveReport {
+                migration_id,
+                vm_name: hello.vm_name.clone(),
+                mode: negotiated.mode,
+                pages,
+                bytes,
+                device_state_len: device_state.len() as u64,
+            },
+            sink,
+        ))
+    }
+
+    /// After `Ready`, with no `Commit` or `Abort` heard: the key service's record decides.
+    /// Without a key service (or an answer), the VM is not resumed here.
+    async fn outcome_from_service(&self, id: MigrationId) -> bool {
+        let ReceiverKeys::Service(c) = &self.keys else {
+            return false;
+        };
+        for _ in 0..10 {
+            if let Ok(r) = c.outcome(id).await {
+                match r.outcome {
+                    Some(RecordedOutcome::Committed) => return true,
+                    Some(RecordedOutcome::Aborted) => return false,
+                    None => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    }
+}
+
+async fn bind_stream(
+    mut tcp: TcpStream,
+    session: &mut ReceiverSession,
+) -> Result<(OwnedReadHalf, Opener), MigrateError> {
+    let bind = read_frame(&mut tcp, 4096)
+        .await?
+        .ok_or_else(|| MigrateError::Aborted("closed before binding".into()))?;
+    let (_stream, channel) = session.accept_data_stream(bind)?;
+    let (r, _w) = tcp.into_split();
+    Ok((r, channel.opener))
+}
+
+fn add_chunk(state: &mut Vec<u8>, c: &DeviceStateChunk<'_>) -> Result<(), MigrateError> {
+    // Chunks arrive in order on the control connection; the total is bounded by the
+    // decoder (MAX_DEVICE_STATE), and memory grows only with what actually arrived.
+    if c.offset != state.len() as u64 || c.total_len > MAX_DEVICE_STATE {
+        return Err(PeerMisbehaved::MalformedPayload {
+            frame_type: FrameType::DeviceState,
+            reason: "device state chunk out of order",
+        }
+        .into());
+    }
+    state.extend_from_slice(c.data);
+    Ok(())
+}
+
+/// One data stream: opens frames and writes their pages into the sink.
+async fn receive_stream(
+    mut r: OwnedReadHalf,
+    mut opener: Opener,
+    memory: Arc<dyn GuestMemory>,
+    guest_pages: u64,
+) -> Result<StreamStats, MigrateError> {
+    let mut buf = AlignedBuf::page_aligned(opener.max_payload() as usize);
+    let zero = vec![0u8; memory.page_size() as usize];
+    let mut stats = StreamStats {
+        pages: 0,
+        frames: 0,
+        bytes: 0,
+    };
+    while let Some(h) = read_open(&mut r, &mut opener, &mut buf).await? {
+        match h.frame_type {
+            FrameType::Pages => {
+                let view = PagesView::decode(buf.as_slice())?;
+                if view.page_size() as u64 != memory.page_size() {
+                    return Err(PeerMisbehaved::MalformedPayload {
+                        frame_type: FrameType::Pages,
+                        reason: "page size differs from the negotiated one",
+                    }
+                    .into());
+                }
+                for e in view.iter() {
+                    if e.index >= guest_pages {
+                        return Err(PeerMisbehaved::MalformedPayload {
+                            frame_type: FrameType::Pages,
+                            reason: "page index past the end of guest memory",
+                        }
+                        .into());
+                    }
+                    memory.write_pages(e.index, e.data.unwrap_or(&zero))?;
+                }
+                stats.pages += view.len() as u64;
+                stats.frames += 1;
+                stats.bytes += u64::from(h.payload_len);
+            }
+            FrameType::EndOfStream => {}
+            other => {
+                return Err(PeerMisbehaved::UnexpectedFrame {
+                    state: "receiving pages",
+                    frame_type: other,
+                }
+                .into());
+            }
+        }
+    }
+    opener.finish()?;
+    Ok(stats)
+}
+
+impl Sink for vmotion_mover::synthetic::SyntheticGuest {
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        Arc::new(self.memory_handle())
+    }
+
+    fn control(&mut self) -> &mut dyn VmControl {
+        self
+    }
+}
+
+impl Sink for vmotion_mover::memfile::MemoryFile {
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        vmotion_mover::Source::memory(self)
+    }
+
+    fn control(&mut self) -> &mut dyn VmControl {
+        self
+    }
+}

@@ -1,0 +1,747 @@
+//! The source side: [`Sender`].
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use vmotion_engine::{
+    AbortReason, Action, ConvergencePolicy, EngineConfig, Outcome, PageRange, SenderEngine,
+    bitmap::{split_at_chunks, stream_for},
+};
+use vmotion_keyservice::KeyServiceClient;
+use vmotion_keyservice::api::Outcome as RecordedOutcome;
+use vmotion_mover::{DirtyTracking, GuestMemory, Source};
+use vmotion_proto::message::{
+    Abort, Complete, DeviceStateChunk, IterationMarker, MarkerKind, PagesBuilder, StreamTotals,
+};
+use vmotion_proto::{
+    AbortCode, DestinationCapability, EpochLimits, FrameType, KeyMaterial, MigrationId, Sealer,
+    SenderConfig, SenderHandshake, SenderNext, SenderSession, VmPolicy, WireFrame,
+    handshake_random,
+};
+
+use crate::error::MigrateError;
+use crate::report::MigrationReport;
+use crate::wire::{read_frame, write_frame, write_parts};
+
+/// Where the migration key comes from.
+pub enum KeySource {
+    /// The key service creates the migration (id, key, nonce) and says whether the
+    /// destination can encrypt.
+    Service {
+        /// A client with this host's certificate.
+        client: Arc<KeyServiceClient>,
+        /// The destination host's identity at the key service.
+        destination: String,
+    },
+    /// An orchestrator handed the key in, vouching that the destination holds it too.
+    Direct {
+        /// The migration id both ends use.
+        migration_id: MigrationId,
+        /// The key.
+        material: KeyMaterial,
+    },
+    /// No key: the migration can only be plaintext (the policy must allow it).
+    None {
+        /// The migration id both ends use.
+        migration_id: MigrationId,
+    },
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service { destination, .. } => write!(f, "KeySource::Service({destination})"),
+            Self::Direct { migration_id, .. } => write!(f, "KeySource::Direct({migration_id})"),
+            Self::None { migration_id } => write!(f, "KeySource::None({migration_id})"),
+        }
+    }
+}
+
+/// Builds and runs the source side of one migration.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use vmotion::{KeySource, Sender};
+/// use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
+/// use vmotion_proto::{EncryptionPolicy, MigrationId, VmPolicy, MigrationKey, MigrationNonce, KeyMaterial};
+///
+/// let mut guest = SyntheticGuest::start(SyntheticConfig::default());
+/// let key = KeyMaterial { key: MigrationKey::generate()?, nonce: MigrationNonce([7; 8]) };
+/// let report = Sender::builder("web-1")
+///     .policy(VmPolicy { encryption: EncryptionPolicy::Required, vm_encrypted: false })
+///     .key(KeySource::Direct { migration_id: MigrationId([1; 16]), material: key })
+///     .streams(4)
+///     .build()
+///     .migrate("127.0.0.1:7700".parse()?, &mut guest)
+///     .await?;
+/// println!("{}", report.summary());
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Sender {
+    vm_name: String,
+    policy: VmPolicy,
+    key: KeySource,
+    streams: u16,
+    convergence: ConvergencePolicy,
+    switchover_timeout: Duration,
+    limits: EpochLimits,
+    chunk_pages: u64,
+    batch_bytes: usize,
+    max_bandwidth: Option<u64>,
+}
+
+/// The [`Sender`] builder.
+#[derive(Debug)]
+pub struct SenderBuilder(Sender);
+
+impl Sender {
+    /// Starts building the migration of VM `vm_name`. Defaults: opportunistic policy, no
+    /// key (so plaintext), one data stream, the default convergence policy, a 10 s
+    /// switchover timeout, 2 MiB chunks, 256 KiB batches, no bandwidth cap.
+    pub fn builder(vm_name: &str) -> SenderBuilder {
+        SenderBuilder(Self {
+            vm_name: vm_name.to_owned(),
+            policy: VmPolicy::default(),
+            key: KeySource::None {
+                migration_id: MigrationId([0; 16]),
+            },
+            streams: 1,
+            convergence: ConvergencePolicy::default(),
+            switchover_timeout: Duration::from_secs(10),
+            limits: EpochLimits::default(),
+            chunk_pages: 512,
+            batch_bytes: 256 * 1024,
+            max_bandwidth: None,
+        })
+    }
+}
+
+impl SenderBuilder {
+    /// The VM's policy.
+    pub fn policy(mut self, policy: VmPolicy) -> Self {
+        self.0.policy = policy;
+        self
+    }
+    /// Where the key comes from.
+    pub fn key(mut self, key: KeySource) -> Self {
+        self.0.key = key;
+        self
+    }
+    /// Number of data connections (1 to 256).
+    pub fn streams(mut self, streams: u16) -> Self {
+        self.0.streams = streams;
+        self
+    }
+    /// Convergence knobs.
+    pub fn convergence(mut self, c: ConvergencePolicy) -> Self {
+        self.0.convergence = c;
+        self
+    }
+    /// Longest pause-to-Ready time before aborting.
+    pub fn switchover_timeout(mut self, t: Duration) -> Self {
+        self.0.switchover_timeout = t;
+        self
+    }
+    /// Key-update budgets (small ones force many epochs, for tests).
+    pub fn epoch_limits(mut self, l: EpochLimits) -> Self {
+        self.0.limits = l;
+        self
+    }
+    /// Pages per chunk: a chunk always travels on the same stream.
+    pub fn chunk_pages(mut self, pages: u64) -> Self {
+        self.0.chunk_pages = pages.max(1);
+        self
+    }
+    /// Bandwidth cap, bytes per second, all streams together.
+    pub fn max_bandwidth(mut self, bytes_per_second: Option<u64>) -> Self {
+        self.0.max_bandwidth = bytes_per_second;
+        self
+    }
+    /// The sender.
+    pub fn build(self) -> Sender {
+        self.0
+    }
+}
+
+/// Work for one data stream.
+enum Job {
+    Pages {
+        ranges: Vec<PageRange>,
+        done: oneshot::Sender<Result<(u64, u64), MigrateError>>,
+    },
+    End {
+        done: oneshot::Sender<Result<(StreamTotals, u32), MigrateError>>,
+    },
+}
+
+struct StreamConfig {
+    page_size: usize,
+    max_payload: usize,
+    bytes_per_second: Option<f64>,
+}
+
+/// One data stream: reads pages from guest memory straight into batches, seals them and
+/// writes them, in the order the jobs come (so a page's later copy follows its earlier
+/// one on the same connection).
+async fn stream_task(
+    mut w: OwnedWriteHalf,
+    mut sealer: Sealer,
+    memory: Arc<dyn GuestMemory>,
+    mut jobs: mpsc::Receiver<Job>,
+    cfg: StreamConfig,
+) {
+    let mut builder = PagesBuilder::new(cfg.page_size, cfg.max_payload);
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Pages { ranges, done } => {
+                let r = send_pages(
+                    &mut w,
+                    &mut sealer,
+                    &*memory,
+                    &mut builder,
+                    &ranges,
+                    &cfg,
+                    started,
+                    &mut sent,
+                )
+                .await;
+                let _ = done.send(r);
+            }
+            Job::End { done } => {
+                let totals = StreamTotals {
+                    frames: sealer.frames_sealed(),
+                    bytes: sealer.bytes_sealed(),
+                };
+                let epoch = sealer.epoch();
+                let r = async {
+                    let eos = sealer.seal_end_of_stream()?;
+                    write_frame(&mut w, &eos).await?;
+                    w.shutdown().await?;
+                    Ok((totals, epoch))
+                }
+                .await;
+                let _ = done.send(r);
+                return;
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_pages(
+    w: &mut OwnedWriteHalf,
+    sealer: &mut Sealer,
+    memory: &dyn GuestMemory,
+    builder: &mut PagesBuilder,
+    ranges: &[PageRange],
+    cfg: &StreamConfig,
+    started: Instant,
+    sent: &mut u64,
+) -> Result<(u64, u64), MigrateError> {
+    let mut pages = 0u64;
+    let mut bytes = 0u64;
+    async fn flush(
+        w: &mut OwnedWriteHalf,
+        sealer: &mut Sealer,
+        builder: &mut PagesBuilder,
+        cfg: &StreamConfig,
+        started: Instant,
+        sent: &mut u64,
+    ) -> Result<u64, MigrateError> {
+        if builder.is_empty() {
+            return Ok(0);
+        }
+        let payload = builder.finish();
+        let (h, t) = sealer.seal_in_place(FrameType::Pages, payload)?;
+        write_parts(w, &h, payload, &t).await?;
+        let n = (payload.len() + 40) as u64;
+        *sent += n;
+        if let Some(rate) = cfg.bytes_per_second {
+            // Pace to the cap: never ahead of `rate` since the stream started.
+            let due = Duration::from_secs_f64(*sent as f64 / rate);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Ok(n)
+    }
+    for r in ranges {
+        for page in r.start..r.end() {
+            loop {
+                let added = builder.push_with(page, |dst| memory.read_pages(page, dst))?;
+                if added {
+                    break;
+                }
+                bytes += flush(w, sealer, builder, cfg, started, sent).await?;
+            }
+            pages += 1;
+        }
+    }
+    bytes += flush(w, sealer, builder, cfg, started, sent).await?;
+    Ok((pages, bytes))
+}
+
+/// Messages from the receiver on the control connection.
+enum FromReceiver {
+    Ready,
+    Abort(Abort),
+    Failed(MigrateError),
+}
+
+async fn control_reader(
+    mut r: OwnedReadHalf,
+    mut opener: vmotion_proto::Opener,
+    tx: mpsc::Sender<FromReceiver>,
+) {
+    loop {
+        let msg = match read_frame(&mut r, opener.max_payload()).await {
+            Ok(None) => {
+                FromReceiver::Failed(MigrateError::Io(std::io::ErrorKind::UnexpectedEof.into()))
+            }
+            Err(e) => FromReceiver::Failed(e),
+            Ok(Some(mut f)) => match opener.open(&mut f) {
+                Err(e) => FromReceiver::Failed(e.into()),
+                Ok(h) => match h.frame_type {
+                    FrameType::Ready => FromReceiver::Ready,
+                    FrameType::Abort => match Abort::decode(&f.payload) {
+                        Ok(a) => FromReceiver::Abort(a),
+                        Err(e) => FromReceiver::Failed(e.into()),
+                    },
+                    other => FromReceiver::Failed(
+                        vmotion_proto::PeerMisbehaved::UnexpectedFrame {
+                            state: "migrating (sender)",
+                            frame_type: other,
+                        }
+                        .into(),
+                    ),
+                },
+            },
+        };
+        let end = !matches!(msg, FromReceiver::Ready);
+        if tx.send(msg).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+impl Sender {
+    /// Migrates the VM in `source` to the receiver at `addr`. Returns the report when the
+    /// VM runs at the destination; on any error the VM runs at the source (the error says
+    /// whether it was refused, aborted, or failed).
+    pub async fn migrate(
+        self,
+        addr: SocketAddr,
+        source: &mut dyn Source,
+    ) -> Result<MigrationReport, MigrateError> {
+        let started = Instant::now();
+        if self.streams == 0 || self.streams > vmotion_proto::message::MAX_STREAMS {
+            return Err(MigrateError::Options("streams must be 1 to 256".into()));
+        }
+        let memory = source.memory();
+        let (migration_id, material, destination, service) = match self.key {
+            KeySource::Service {
+                client,
+                destination,
+            } => {
+                let issued = client.create_migration(&self.vm_name, &destination).await?;
+                let cap = issued.destination_capability();
+                (issued.id, Some(issued.material), cap, Some(client))
+            }
+            KeySource::Direct {
+                migration_id,
+                material,
+            } => (
+                migration_id,
+                Some(material),
+                DestinationCapability::Encrypts,
+                None,
+            ),
+            KeySource::None { migration_id } => (
+                migration_id,
+                None,
+                DestinationCapability::DoesNotEncrypt,
+                None,
+            ),
+        };
+        let record_aborted = async |service: &Option<Arc<KeyServiceClient>>| {
+            if let Some(c) = service {
+                let _ = c
+                    .record_outcome(migration_id, RecordedOutcome::Aborted)
+                    .await;
+            }
+        };
+        let config = SenderConfig {
+            migration_id,
+            vm_name: self.vm_name.clone(),
+            policy: self.policy.effective(),
+            destination,
+            key: material,
+            versions: vmotion_proto::frame::SUPPORTED_VERSIONS,
+            page_size: u32::try_from(memory.page_size())
+                .map_err(|_| MigrateError::Options("page size too large".into()))?,
+            guest_pages: memory.page_count(),
+            streams: self.streams,
+            limits: self.limits,
+            random: handshake_random()
+                .map_err(|_| MigrateError::Options("no OS randomness".into()))?,
+        };
+        // Refusals that need no connection happen here: not a byte reaches the destination.
+        let (expect_ack, hello) = match SenderHandshake::start(config) {
+            Ok(x) => x,
+            Err(e) => {
+                record_aborted(&service).await;
+                return Err(e.into());
+            }
+        };
+        let mut session = match handshake(addr, expect_ack, hello).await {
+            Ok(s) => s,
+            Err(e) => {
+                record_aborted(&service).await;
+                return Err(e);
+            }
+        };
+        let negotiated = session.0.negotiated().clone();
+        tracing::info!(migration = %migration_id, mode = ?negotiated.mode, streams = self.streams, "handshake done");
+
+        // Data connections.
+        let page_size = memory.page_size() as usize;
+        let max_payload = (negotiated.max_payload as usize).min(self.batch_bytes + 64 * 1024);
+        let mut streams = Vec::new();
+        for s in 1..=self.streams {
+            let (bind, channel) = session.0.open_data_stream(s)?;
+            let tcp = TcpStream::connect(addr).await?;
+            let _ = tcp.set_nodelay(true);
+            let (_r, mut w) = tcp.into_split();
+            write_frame(&mut w, &bind).await?;
+            let (tx, rx) = mpsc::channel(2);
+            let cfg = StreamConfig {
+                page_size,
+                max_payload,
+                bytes_per_second: self
+                    .max_bandwidth
+                    .map(|b| b as f64 / f64::from(self.streams)),
+            };
+            tokio::spawn(stream_task(w, channel.sealer, memory.clone(), rx, cfg));
+            streams.push(tx);
+        }
+        let control = session.0.take_control()?;
+        let (control_r, mut control_w) = session.1.into_split();
+        let mut sealer = control.sealer;
+        let (from_rx_tx, mut from_rx) = mpsc::channel(4);
+        tokio::spawn(control_reader(control_r, control.opener, from_rx_tx));
+
+        let dirty_tracking = matches!(source.dirty_tracking(), DirtyTracking::Supported(_));
+        let t0 = Instant::now();
+        let now = || t0.elapsed();
+        let mut engine = SenderEngine::new(
+            EngineConfig {
+                guest_pages: memory.page_count(),
+                page_size: memory.page_size(),
+                policy: self.convergence,
+                dirty_tracking,
+                switchover_timeout: self.switchover_timeout,
+                device_state_estimate: 64 * 1024,
+            },
+            now(),
+        );
+        let mut first_error: Option<MigrateError> = None;
+        let mut pages_total = 0u64;
+        let mut bytes_total = 0u64;
+        let mut device_state_len = 0u64;
+        let mut max_epoch = 0u32;
+        let chunk_pages = self.chunk_pages;
+        let n_streams = self.streams;
+
+        while let Some(action) = engine.poll_action() {
+            let step: Result<(), MigrateError> = async {
+                match action {
+                    Action::StartDirtyLog => {
+                        if let DirtyTracking::Supported(log) = source.dirty_tracking() {
+                            log.start()?;
+                        }
+                    }
+                    Action::StopDirtyLog => {
+                        if let DirtyTracking::Supported(log) = source.dirty_tracking() {
+                            log.stop()?;
+                        }
+                    }
+                    Action::FetchDirtyLog => {
+                        let DirtyTracking::Supported(log) = source.dirty_tracking() else {
+                            return Err(MigrateError::Options("dirty log vanished".into()));
+                        };
+                        let dirty = log.fetch_and_clear()?;
+                        engine
+                            .handle_dirty_log(now(), &dirty)
+                            .map_err(|e| MigrateError::Options(e.to_string()))?;
+                    }
+                    Action::SendPages { iteration, ranges, .. } => {
+                        let marker = IterationMarker {
+                            iteration,
+                            kind: MarkerKind::Start,
+                            pages: 0,
+                        };
+                        let f = sealer.seal(FrameType::IterationMarker, marker.encode())?;
+                        write_frame(&mut control_w, &f).await?;
+                        // Chunks pinned to streams.
+                        let mut per_stream = vec![Vec::new(); usize::from(n_streams)];
+                        for r in ranges {
+                            for piece in split_at_chunks(r, chunk_pages) {
+                                let s = stream_for(piece.start, chunk_pages, n_streams);
+                                per_stream[usize::from(s - 1)].push(piece);
+                            }
+                        }
+                        let mut waits = Vec::new();
+                        for (tx, ranges) in streams.iter().zip(per_stream) {
+                            let (done, wait) = oneshot::channel();
+                            tx.send(Job::Pages { ranges, done })
+                                .await
+                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))?;
+                            waits.push(wait);
+                        }
+                        let (mut pages, mut bytes) = (0, 0);
+                        for w in waits {
+                            let (p, b) = w
+                                .await
+                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))??;
+                            pages += p;
+                            bytes += b;
+                        }
+                        pages_total += pages;
+                        bytes_total += bytes;
+                        let marker = IterationMarker {
+                            iteration,
+                            kind: MarkerKind::End,
+                            pages,
+                        };
+                        let f = sealer.seal(FrameType::IterationMarker, marker.encode())?;
+                        write_frame(&mut control_w, &f).await?;
+                        engine
+                            .handle_pages_sent(now(), pages, bytes)
+                            .map_err(|e| MigrateError::Options(e.to_string()))?;
+                    }
+                    Action::SetThrottle(p) => source.control().throttle(p)?,
+                    Action::Pause => {
+                        source.control().pause()?;
+                        engine
+                            .handle_paused(now())
+                            .map_err(|e| MigrateError::Options(e.to_string()))?;
+                    }
+                    Action::Resume => source.control().resume()?,
+                    Action::SendDeviceState => {
+                        let state = source.control().save_device_state()?;
+                        let chunk = sealer.max_payload() as usize - 16;
+                        let total_len = state.len() as u64;
+                        let mut offset = 0usize;
+                        loop {
+                            let end = (offset + chunk).min(state.len());
+                            let c = DeviceStateChunk {
+                                offset: offset as u64,
+                                total_len,
+                                data: &state[offset..end],
+                            };
+                            let f = sealer.seal(FrameType::DeviceState, c.encode())?;
+                            write_frame(&mut control_w, &f).await?;
+                            offset = end;
+                            if offset >= state.len() {
+                                break;
+                            }
+                        }
+                        device_state_len = total_len;
+                        engine
+                            .handle_device_state_sent(now(), total_len)
+                            .map_err(|e| MigrateError::Options(e.to_string()))?;
+                    }
+                    Action::SendComplete => {
+                        let mut totals = Vec::new();
+                        for tx in &streams {
+                            let (done, wait) = oneshot::channel();
+                            tx.send(Job::End { done })
+                                .await
+                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))?;
+                            let (t, epoch) = wait
+                                .await
+                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))??;
+                            max_epoch = max_epoch.max(epoch);
+                            totals.push(t);
+                        }
+                        let complete = Complete {
+                            iterations: u32::try_from(engine.report().iterations.len() + 1)
+                                .unwrap_or(u32::MAX),
+                            pages: pages_total,
+                            device_state_len,
+                            streams: totals,
+                        };
+                        let f = sealer.seal(FrameType::Complete, complete.encode()?)?;
+                        write_frame(&mut control_w, &f).await?;
+                        let deadline = self.switchover_timeout;
+                        match tokio::time::timeout(deadline, from_rx.recv()).await {
+                            Ok(Some(FromReceiver::Ready)) => engine
+                                .handle_ready(now())
+                                .map_err(|e| MigrateError::Options(e.to_string()))?,
+                            Ok(Some(FromReceiver::Abort(a))) => {
+                                return Err(MigrateError::PeerAborted {
+                                    code: a.code,
+                                    message: a.message,
+                                });
+                            }
+                            Ok(Some(FromReceiver::Failed(e))) => return Err(e),
+                            Ok(None) => {
+                                return Err(MigrateError::Aborted("the control connection closed".into()));
+                            }
+                            Err(_) => {
+                                engine.handle_tick(now() + deadline);
+                            }
+                        }
+                    }
+                    Action::RecordOutcome(Outcome::Committed) => {
+                        let recorded = match &service {
+                            None => true,
+                            Some(c) => record_committed(c, migration_id).await?,
+                        };
+                        engine
+                            .handle_outcome_recorded(now(), recorded)
+                            .map_err(|e| MigrateError::Options(e.to_string()))?;
+                    }
+                    Action::RecordOutcome(Outcome::Aborted) => record_aborted(&service).await,
+                    Action::SendCommit => {
+                        let f = sealer.seal(FrameType::Commit, Vec::new())?;
+                        // The commit point has passed: a lost Commit is the destination's to
+                        // resolve with the key service, never a reason to resume here.
+                        if let Err(e) = write_frame(&mut control_w, &f).await {
+                            tracing::warn!(error = %e, "Commit not delivered; the destination asks the key service");
+                        }
+                    }
+                    Action::SendAbort(reason) => {
+                        let (code, message) = abort_message(&reason);
+                        if let Ok(f) = sealer.seal(FrameType::Abort, Abort { code, message }.encode()) {
+                            let _ = write_frame(&mut control_w, &f).await;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = step {
+                tracing::warn!(error = %e, "migration step failed");
+                engine.handle_failure(now(), e.to_string());
+                first_error.get_or_insert(e);
+            }
+        }
+        let _ = control_w.shutdown().await;
+        let report = engine.report().clone();
+        match engine.outcome() {
+            Some(Outcome::Committed) => Ok(MigrationReport::new(
+                migration_id,
+                &self.vm_name,
+                negotiated.mode,
+                self.streams,
+                report,
+                bytes_total,
+                max_epoch,
+                started.elapsed(),
+            )),
+            _ => Err(first_error.unwrap_or_else(|| {
+                MigrateError::Aborted(
+                    report
+                        .abort_reason
+                        .map_or_else(|| "aborted".to_owned(), |r| format!("{r:?}")),
+                )
+            })),
+        }
+    }
+}
+
+/// The handshake on a fresh control connection.
+async fn handshake(
+    addr: SocketAddr,
+    expect_ack: vmotion_proto::ExpectHelloAck,
+    hello: WireFrame,
+) -> Result<(SenderSession, TcpStream), MigrateError> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    write_frame(&mut tcp, &hello).await?;
+    let ack = read_frame(&mut tcp, 4096)
+        .await?
+        .ok_or_else(|| MigrateError::Aborted("the receiver closed the connection".into()))?;
+    let next = match expect_ack.handle(ack) {
+        Ok(n) => n,
+        Err(f) => {
+            if let Some(abort) = &f.abort {
+                let _ = write_frame(&mut tcp, abort).await;
+            }
+            return Err(f.into());
+        }
+    };
+    match next {
+        SenderNext::Established(s) => Ok((s, tcp)),
+        SenderNext::ExpectKeyConfirm(state) => {
+            let kc = read_frame(&mut tcp, 4096).await?.ok_or_else(|| {
+                MigrateError::Aborted("the receiver closed the connection".into())
+            })?;
+            match state.handle(kc) {
+                Ok((s, my_kc)) => {
+                    write_frame(&mut tcp, &my_kc).await?;
+                    Ok((s, tcp))
+                }
+                Err(f) => {
+                    if let Some(abort) = &f.abort {
+                        let _ = write_frame(&mut tcp, abort).await;
+                    }
+                    Err(f.into())
+                }
+            }
+        }
+    }
+}
+
+/// Records `committed`. `Ok(false)` only when the service definitely did not record it;
+/// when the answer is lost, the outcome is read back (a few tries) before deciding, and
+/// if it stays unknown the error leaves the VM paused rather than risk running it twice.
+async fn record_committed(c: &KeyServiceClient, id: MigrationId) -> Result<bool, MigrateError> {
+    match c.record_outcome(id, RecordedOutcome::Committed).await {
+        Ok(r) => return Ok(r.outcome == Some(RecordedOutcome::Committed)),
+        Err(e)
+            if e.code().is_some()
+                && e.code() != Some(vmotion_keyservice::api::ErrorCode::Unavailable) =>
+        {
+            return Ok(false);
+        }
+        Err(e) => tracing::warn!(error = %e, "outcome record unanswered; reading it back"),
+    }
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if let Ok(r) = c.outcome(id).await {
+            return Ok(r.outcome == Some(RecordedOutcome::Committed));
+        }
+    }
+    Err(MigrateError::Aborted(format!(
+        "the outcome of migration {id} could not be recorded or read back; the VM is left \
+         paused at the source: resolve with `GET /v1/migrations/{id}/outcome` before resuming"
+    )))
+}
+
+fn abort_message(reason: &AbortReason) -> (AbortCode, String) {
+    match reason {
+        AbortReason::Limit(l) => (
+            AbortCode::LimitExceeded,
+            format!("pre-copy did not converge ({l:?} limit)"),
+        ),
+        AbortReason::SwitchoverTimeout => (
+            AbortCode::Timeout,
+            "no Ready within the switchover timeout".into(),
+        ),
+        AbortReason::OutcomeNotRecorded => (
+            AbortCode::SourceFailed,
+            "the outcome could not be recorded".into(),
+        ),
+        AbortReason::Failure(m) => (AbortCode::SourceFailed, m.clone()),
+    }
+}

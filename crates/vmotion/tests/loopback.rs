@@ -1,0 +1,236 @@
+//! Migrations over real TCP on loopback, with the receiver in the same process: a running
+//! synthetic guest (writer threads dirtying memory during pre-copy) moves into a blank
+//! guest; after the commit the destination's memory is byte for byte the source's memory
+//! at pause time.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use vmotion::{KeySource, MigrateError, Receiver, ReceiverKeys, Sender};
+use vmotion_engine::ConvergencePolicy;
+use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
+use vmotion_proto::{
+    EncryptionPolicy, EpochLimits, KeyMaterial, MigrationId, MigrationKey, MigrationNonce, Mode,
+    PlaintextReason, Refusal, VmPolicy,
+};
+
+fn key() -> KeyMaterial {
+    KeyMaterial {
+        key: MigrationKey::from_bytes([7; 32]),
+        nonce: MigrationNonce([9; 8]),
+    }
+}
+
+const ID: MigrationId = MigrationId([0x5a; 16]);
+
+fn guest(pages: u64, rate: f64) -> SyntheticGuest {
+    SyntheticGuest::start(SyntheticConfig {
+        pages,
+        dirty_rate: rate,
+        pattern: Pattern::Uniform,
+        writers: 2,
+        ..SyntheticConfig::default()
+    })
+}
+
+struct Run {
+    sender: Result<vmotion::MigrationReport, MigrateError>,
+    receiver: Result<(vmotion::ReceiveReport, SyntheticGuest), MigrateError>,
+    source: SyntheticGuest,
+}
+
+async fn run(sender: Sender, receiver: Receiver, mut source: SyntheticGuest) -> Run {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rx = tokio::spawn(async move {
+        receiver
+            .receive(&listener, |hello| {
+                Ok(SyntheticGuest::blank(
+                    hello.guest_pages,
+                    u64::from(hello.page_size),
+                ))
+            })
+            .await
+    });
+    let sender = sender.migrate(addr, &mut source).await;
+    let receiver = rx.await.unwrap();
+    Run {
+        sender,
+        receiver,
+        source,
+    }
+}
+
+fn assert_same_memory(run: &Run) {
+    let (_, dst) = run.receiver.as_ref().expect("received");
+    let (a, b) = (run.source.snapshot(), dst.snapshot());
+    let differing = a
+        .chunks(4096)
+        .zip(b.chunks(4096))
+        .filter(|(x, y)| x != y)
+        .count();
+    assert_eq!(differing, 0, "{differing} pages differ");
+}
+
+fn policy() -> ConvergencePolicy {
+    ConvergencePolicy {
+        max_downtime: Duration::from_millis(100),
+        ..ConvergencePolicy::default()
+    }
+}
+
+async fn encrypted(streams: u16) {
+    let sender = Sender::builder("vm-enc")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Required,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .streams(streams)
+        .convergence(policy())
+        .build();
+    let receiver = Receiver::new(ReceiverKeys::Direct {
+        migration_id: ID,
+        material: key(),
+    });
+    let run = run(sender, receiver, guest(8192, 50_000.0)).await;
+    let report = run.sender.as_ref().expect("committed");
+    assert!(matches!(report.mode, Mode::Encrypted(_)));
+    // The writers dirtied pages while iteration 0 ran, so the dirty log was exercised.
+    assert!(
+        report.engine.iterations[0].dirty_after > 0,
+        "{:?}",
+        report.engine.iterations
+    );
+    assert!(report.engine.downtime.is_some());
+    assert!(run.source.writes() > 0);
+    assert_same_memory(&run);
+    let (rr, dst) = run.receiver.as_ref().unwrap();
+    assert!(matches!(rr.mode, Mode::Encrypted(_)));
+    assert!(dst.loaded_device_state().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_one_stream() {
+    encrypted(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_four_streams() {
+    encrypted(4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_by_policy() {
+    let sender = Sender::builder("vm-plain")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Disabled,
+            vm_encrypted: false,
+        })
+        .key(KeySource::None { migration_id: ID })
+        .streams(4)
+        .convergence(policy())
+        .build();
+    let run = run(
+        sender,
+        Receiver::new(ReceiverKeys::None),
+        guest(4096, 10_000.0),
+    )
+    .await;
+    let report = run.sender.as_ref().expect("committed");
+    assert_eq!(
+        report.mode,
+        Mode::Plaintext(PlaintextReason::PolicyDisabled)
+    );
+    assert_same_memory(&run);
+}
+
+/// Small key-update budgets: the stream crosses many epochs and still arrives intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_key_epochs() {
+    let sender = Sender::builder("vm-epochs")
+        .key(KeySource::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .epoch_limits(EpochLimits::new(4, 1 << 20).unwrap())
+        .convergence(policy())
+        .build();
+    let receiver = Receiver::new(ReceiverKeys::Direct {
+        migration_id: ID,
+        material: key(),
+    });
+    let run = run(sender, receiver, guest(4096, 5_000.0)).await;
+    let report = run.sender.as_ref().expect("committed");
+    assert!(report.epochs > 10, "{} epochs", report.epochs);
+    assert_same_memory(&run);
+}
+
+/// A required policy against a receiver that cannot encrypt is refused before a page;
+/// the source VM is still running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_policy_without_an_encrypting_receiver_is_refused() {
+    let sender = Sender::builder("vm-req")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Required,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .build();
+    // The orchestrator vouched the destination encrypts, but it has no key: a
+    // registry/wire contradiction, refused as a downgrade.
+    let run = run(
+        sender,
+        Receiver::new(ReceiverKeys::None),
+        guest(1024, 1_000.0),
+    )
+    .await;
+    assert!(
+        matches!(
+            run.sender,
+            Err(MigrateError::Refused(Refusal::DowngradeDetected))
+        ),
+        "{:?}",
+        run.sender.as_ref().err()
+    );
+    let w = run.source.writes();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(run.source.writes() > w, "the source VM keeps running");
+}
+
+/// A sink too small for the guest is refused by the receiver's pre-flight; the sender is
+/// told why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preflight_refuses_a_sink_without_room() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rx = tokio::spawn(async move {
+        Receiver::new(ReceiverKeys::None)
+            .receive(&listener, |_| Ok(SyntheticGuest::blank(16, 4096)))
+            .await
+            .map(|_| ())
+    });
+    let mut source = guest(1024, 0.0);
+    let r = Sender::builder("vm-big")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Disabled,
+            vm_encrypted: false,
+        })
+        .key(KeySource::None { migration_id: ID })
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    match r {
+        Err(MigrateError::PeerAborted { message, .. }) => {
+            assert!(message.contains("1024"), "{message}")
+        }
+        other => panic!("{:?}", other.err()),
+    }
+    assert!(rx.await.unwrap().is_err());
+}
