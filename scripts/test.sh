@@ -7,6 +7,9 @@ cd "$(dirname "$0")/.."
 # Nothing outside cargo is needed yet. Later issues add their system packages here
 # (e.g. QEMU for the tunnel tests) so a fresh clone needs no manual setup.
 
+# Some tests run the workspace's binaries as real processes (the key service): build them.
+cargo build --workspace --all-features --bins
+
 # nextest does not run doctests; the rustdoc examples are part of the API's promise.
 # They run first so the suite's closing line is the main runner's summary.
 cargo test --workspace --all-features --doc

@@ -1,0 +1,266 @@
+//! Migrations with a real `vmotion-keyservice` process over mutual TLS: the sender creates
+//! the migration (key, nonce, the registry's word on the destination), the receiver
+//! fetches the key with its own certificate, and the outcome is recorded before Commit.
+//!
+//! The key service binary must be built (`scripts/test.sh` builds every workspace binary
+//! before the tests); it is looked up next to the test executable's folder.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use vmotion::{KeySource, MigrateError, Receiver, ReceiverKeys, Sender};
+use vmotion_engine::ConvergencePolicy;
+use vmotion_keyservice::api::{Outcome, RegisterRequest};
+use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
+use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
+use vmotion_proto::{EncryptionPolicy, Mode, PlaintextReason, Refusal, VmPolicy};
+
+fn keyservice_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap(); // target/<profile>/deps
+    let bin = dir.parent().unwrap().join("vmotion-keyservice");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first with `cargo build -p vmotion-keyservice` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+struct KeyService {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for KeyService {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl KeyService {
+    fn start() -> Self {
+        let bin = keyservice_binary();
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(&bin)
+            .args(["pki", "init", "--out"])
+            .arg(dir.path())
+            .args(["--hosts", "src,dst"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let config = dir.path().join("keyservice.toml");
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("127.0.0.1:7443", "127.0.0.1:0");
+        std::fs::write(&config, text).unwrap();
+        let mut child = Command::new(&bin)
+            .args(["serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap()
+            .to_owned();
+        Self {
+            child,
+            url: format!("https://{addr}"),
+            dir,
+        }
+    }
+
+    fn client(&self, host: &str) -> Arc<KeyServiceClient> {
+        let p = |f: &str| -> PathBuf { Path::new(self.dir.path()).join(f) };
+        Arc::new(
+            KeyServiceClient::new(
+                &self.url,
+                &ClientIdentity {
+                    ca: p("ca.pem"),
+                    cert: p(&format!("hosts/{host}.pem")),
+                    key: p(&format!("hosts/{host}-key.pem")),
+                },
+            )
+            .unwrap(),
+        )
+    }
+}
+
+fn guest() -> SyntheticGuest {
+    SyntheticGuest::start(SyntheticConfig {
+        pages: 8192,
+        dirty_rate: 50_000.0,
+        pattern: Pattern::Uniform,
+        writers: 2,
+        ..SyntheticConfig::default()
+    })
+}
+
+async fn migrate(
+    ks: &KeyService,
+    policy: EncryptionPolicy,
+    receiver_keys: ReceiverKeys,
+    streams: u16,
+) -> (
+    Result<vmotion::MigrationReport, MigrateError>,
+    Result<(vmotion::ReceiveReport, SyntheticGuest), MigrateError>,
+    SyntheticGuest,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver = Receiver::new(receiver_keys);
+    let rx = tokio::spawn(async move {
+        receiver
+            .receive(&listener, |h| {
+                Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size)))
+            })
+            .await
+    });
+    let mut source = guest();
+    let sent = Sender::builder("vm-ks")
+        .policy(VmPolicy {
+            encryption: policy,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Service {
+            client: ks.client("src"),
+            destination: "dst".into(),
+        })
+        .streams(streams)
+        .convergence(ConvergencePolicy {
+            max_downtime: Duration::from_millis(100),
+            ..ConvergencePolicy::default()
+        })
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    (sent, rx.await.unwrap(), source)
+}
+
+fn same_memory(a: &SyntheticGuest, b: &SyntheticGuest) -> bool {
+    a.snapshot() == b.snapshot()
+}
+
+async fn register(ks: &KeyService, can_encrypt: bool) {
+    ks.client("dst")
+        .register(&RegisterRequest {
+            can_encrypt,
+            protocol_versions: vec![1],
+            ciphers: vec!["aes-256-gcm".into()],
+        })
+        .await
+        .unwrap();
+}
+
+async fn encrypted_via_key_service(streams: u16) {
+    let ks = KeyService::start();
+    register(&ks, true).await;
+    let (sent, received, source) = migrate(
+        &ks,
+        EncryptionPolicy::Required,
+        ReceiverKeys::Service(ks.client("dst")),
+        streams,
+    )
+    .await;
+    let report = sent.expect("committed");
+    assert!(matches!(report.mode, Mode::Encrypted(_)));
+    let (rr, dst) = received.expect("received");
+    assert!(matches!(rr.mode, Mode::Encrypted(_)));
+    assert!(
+        same_memory(&source, &dst),
+        "destination memory differs from the source at pause"
+    );
+    // The outcome is on record, for either host to read.
+    let o = ks.client("dst").outcome(report.migration_id).await.unwrap();
+    assert_eq!(o.outcome, Some(Outcome::Committed));
+    // The key was handed out once: a second fetch is refused.
+    assert!(
+        ks.client("dst")
+            .fetch_key(report.migration_id)
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_one_stream_with_key_service() {
+    encrypted_via_key_service(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_four_streams_with_key_service() {
+    encrypted_via_key_service(4).await;
+}
+
+/// Opportunistic policy, destination registered as unable to encrypt: plaintext, with the
+/// reason in the report, over 1 and 4 streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_downgrade_with_key_service() {
+    let ks = KeyService::start();
+    register(&ks, false).await;
+    for streams in [1, 4] {
+        let (sent, received, source) = migrate(
+            &ks,
+            EncryptionPolicy::Opportunistic,
+            ReceiverKeys::None,
+            streams,
+        )
+        .await;
+        let report = sent.expect("committed");
+        assert_eq!(
+            report.mode,
+            Mode::Plaintext(PlaintextReason::DestinationCannotEncrypt)
+        );
+        let (_, dst) = received.expect("received");
+        assert!(same_memory(&source, &dst));
+    }
+}
+
+/// Required policy, destination not registered: refused before connecting; the key
+/// service records the migration as aborted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn required_policy_refused_for_an_unregistered_destination() {
+    let ks = KeyService::start();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut source = guest();
+    let r = Sender::builder("vm-ks")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Required,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Service {
+            client: ks.client("src"),
+            destination: "dst".into(),
+        })
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    assert!(
+        matches!(
+            r,
+            Err(MigrateError::Refused(Refusal::PolicyRequiresEncryption))
+        ),
+        "{:?}",
+        r.err()
+    );
+    // Nothing connected to the destination.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), listener.accept())
+            .await
+            .is_err()
+    );
+}
