@@ -32,6 +32,10 @@ pub enum MigrateError {
     /// The mover failed.
     #[error("mover: {0}")]
     Mover(#[from] vmotion_mover::MoverError),
+    /// A migration of this VM is already in flight (pre-flight refusal; nothing was
+    /// sent and the VM is untouched).
+    #[error("a migration of VM {0} is already in flight")]
+    AlreadyInFlight(String),
     /// The builder was given an impossible combination.
     #[error("invalid options: {0}")]
     Options(String),

@@ -25,4 +25,45 @@ mod wire;
 pub use error::MigrateError;
 pub use receiver::{ReceiveReport, Receiver, ReceiverKeys, Sink};
 pub use report::MigrationReport;
+pub use report::Phases;
 pub use sender::{KeySource, Sender, SenderBuilder};
+
+/// The VMs this process is migrating out, or taking in: a second migration of the same
+/// VM in the same direction is refused before it starts. (Out and in are kept apart: a
+/// host may well send a VM to itself in tests and demos.)
+pub(crate) struct InFlight {
+    vm: String,
+    set: &'static std::sync::Mutex<Vec<String>>,
+}
+
+pub(crate) static OUTGOING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+pub(crate) static INCOMING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+impl InFlight {
+    pub(crate) fn claim(
+        set: &'static std::sync::Mutex<Vec<String>>,
+        vm: &str,
+    ) -> Result<Self, MigrateError> {
+        let mut list = set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if list.iter().any(|v| v == vm) {
+            return Err(MigrateError::AlreadyInFlight(vm.to_owned()));
+        }
+        list.push(vm.to_owned());
+        Ok(Self {
+            vm: vm.to_owned(),
+            set,
+        })
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut list = self
+            .set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        list.retain(|v| *v != self.vm);
+    }
+}

@@ -61,25 +61,41 @@ pub struct ReceiveReport {
 
 /// Builds and runs the destination side of one migration.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use std::sync::Arc;
-/// use vmotion::{Receiver, ReceiverKeys, Sink};
-/// use vmotion_mover::synthetic::SyntheticGuest;
+/// The receiver's view of a plaintext migration (the VM's policy disables encryption, so
+/// no key is needed); see [`crate::Sender`] for an encrypted one.
 ///
-/// struct Blank(SyntheticGuest);
-/// impl Sink for Blank {
-///     fn memory(&self) -> Arc<dyn vmotion_mover::GuestMemory> { Arc::new(self.0.memory_handle()) }
-///     fn control(&mut self) -> &mut dyn vmotion_mover::VmControl { &mut self.0 }
-/// }
+/// ```
+/// use vmotion::{KeySource, Receiver, ReceiverKeys, Sender};
+/// use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
+/// use vmotion_proto::{EncryptionPolicy, MigrationId, Mode, PlaintextReason, VmPolicy};
 ///
-/// let listener = tokio::net::TcpListener::bind("127.0.0.1:7700").await?;
-/// let receiver = Receiver::new(ReceiverKeys::None);
-/// let (report, _sink) = receiver
-///     .receive(&listener, |hello| Ok(Blank(SyntheticGuest::blank(hello.guest_pages, u64::from(hello.page_size)))))
-///     .await?;
-/// println!("received {} pages of {}", report.pages, report.vm_name);
-/// # Ok(()) }
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let addr = listener.local_addr().unwrap();
+/// let source = tokio::spawn(async move {
+///     let mut guest = SyntheticGuest::start(SyntheticConfig { pages: 512, ..Default::default() });
+///     Sender::builder("batch-7")
+///         .policy(VmPolicy { encryption: EncryptionPolicy::Disabled, vm_encrypted: false })
+///         .key(KeySource::None { migration_id: MigrationId([3; 16]) })
+///         .build()
+///         .migrate(addr, &mut guest)
+///         .await
+///         .map(|_| guest.snapshot())
+/// });
+///
+/// // The sink is chosen from the sender's Hello: its size, page size and VM name.
+/// let (report, sink) = Receiver::new(ReceiverKeys::None)
+///     .receive(&listener, |hello| {
+///         if hello.guest_pages > 1 << 20 {
+///             return Err(format!("no room for {} pages", hello.guest_pages));
+///         }
+///         Ok(SyntheticGuest::blank(hello.guest_pages, u64::from(hello.page_size)))
+///     })
+///     .await
+///     .unwrap();
+/// assert_eq!(report.mode, Mode::Plaintext(PlaintextReason::PolicyDisabled));
+/// assert_eq!(sink.snapshot(), source.await.unwrap().unwrap());
+/// # });
 /// ```
 pub struct Receiver {
     config: ReceiverConfig,
@@ -154,6 +170,14 @@ impl Receiver {
         };
         let hello = received.hello().clone();
         let migration_id = hello.migration_id;
+        let _in_flight = match crate::InFlight::claim(&crate::INCOMING, &hello.vm_name) {
+            Ok(g) => g,
+            Err(e) => {
+                let abort = received.reject(AbortCode::DestinationFailed, &e.to_string())?;
+                let _ = write_frame(&mut control, &abort).await;
+                return Err(e);
+            }
+        };
 
         // Pre-flight: the sink must take this guest.
         let sink = make_sink(&hello).and_then(|s| {

@@ -5,6 +5,17 @@ use std::time::Duration;
 use vmotion_engine::EngineReport;
 use vmotion_proto::{MigrationId, Mode};
 
+/// How long each phase took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Phases {
+    /// Key issuance, handshake and opening the data connections.
+    pub setup: Duration,
+    /// Pre-copy iterations, while the VM ran.
+    pub precopy: Duration,
+    /// Pause to commit (the downtime).
+    pub switchover: Duration,
+}
+
 /// The source's account of a committed migration.
 #[derive(Debug, Clone)]
 pub struct MigrationReport {
@@ -24,6 +35,8 @@ pub struct MigrationReport {
     pub epochs: u32,
     /// Start to commit.
     pub total_time: Duration,
+    /// The phases.
+    pub phases: Phases,
 }
 
 impl MigrationReport {
@@ -37,8 +50,16 @@ impl MigrationReport {
         bytes_sent: u64,
         max_epoch: u32,
         total_time: Duration,
+        setup: Duration,
     ) -> Self {
+        let switchover = engine.downtime.map(|d| d.total).unwrap_or_default();
+        let phases = Phases {
+            setup,
+            precopy: engine.total_time.saturating_sub(switchover),
+            switchover,
+        };
         Self {
+            phases,
             migration_id,
             vm_name: vm_name.to_owned(),
             mode,
@@ -66,7 +87,7 @@ impl MigrationReport {
             |d| format!("{:.1} ms", d.total.as_secs_f64() * 1e3),
         );
         format!(
-            "migration {} of {}: committed, {mode}\n  {} iterations + final pass, {:.1} MB in {:.2} s ({:.0} MB/s), downtime {downtime}, max throttle {} %, {} key epoch(s), {} stream(s)",
+            "migration {} of {}: committed, {mode}\n  {} iterations + final pass, {:.1} MB in {:.2} s ({:.0} MB/s), downtime {downtime}, max throttle {} %, {} key epoch(s), {} stream(s)\n  setup {:.0} ms, pre-copy {:.0} ms, switchover {:.1} ms",
             self.migration_id,
             self.vm_name,
             self.engine.iterations.len(),
@@ -76,6 +97,9 @@ impl MigrationReport {
             self.engine.max_throttle_percent,
             self.epochs,
             self.streams,
+            self.phases.setup.as_secs_f64() * 1e3,
+            self.phases.precopy.as_secs_f64() * 1e3,
+            self.phases.switchover.as_secs_f64() * 1e3,
         )
     }
 }

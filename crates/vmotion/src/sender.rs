@@ -64,23 +64,48 @@ impl std::fmt::Debug for KeySource {
 
 /// Builds and runs the source side of one migration.
 ///
-/// ```no_run
-/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-/// use vmotion::{KeySource, Sender};
-/// use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
-/// use vmotion_proto::{EncryptionPolicy, MigrationId, VmPolicy, MigrationKey, MigrationNonce, KeyMaterial};
+/// A whole encrypted migration on loopback: a synthetic guest with a writer thread moves
+/// into a blank guest, with a key handed in by the caller (as an orchestrator would).
 ///
-/// let mut guest = SyntheticGuest::start(SyntheticConfig::default());
-/// let key = KeyMaterial { key: MigrationKey::generate()?, nonce: MigrationNonce([7; 8]) };
+/// ```
+/// use vmotion::{KeySource, Receiver, ReceiverKeys, Sender};
+/// use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
+/// use vmotion_proto::{
+///     EncryptionPolicy, KeyMaterial, MigrationId, MigrationKey, MigrationNonce, Mode, VmPolicy,
+/// };
+///
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// let key = || KeyMaterial { key: MigrationKey::from_bytes([7; 32]), nonce: MigrationNonce([1; 8]) };
+/// let id = MigrationId([9; 16]);
+///
+/// // Destination: one migration into a blank guest of the announced size.
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+/// let addr = listener.local_addr().unwrap();
+/// let receiver = tokio::spawn(async move {
+///     Receiver::new(ReceiverKeys::Direct { migration_id: id, material: key() })
+///         .receive(&listener, |hello| {
+///             Ok(SyntheticGuest::blank(hello.guest_pages, u64::from(hello.page_size)))
+///         })
+///         .await
+/// });
+///
+/// // Source: a running guest, required encryption, two data streams.
+/// let mut guest = SyntheticGuest::start(SyntheticConfig { pages: 1024, dirty_rate: 5_000.0, ..Default::default() });
 /// let report = Sender::builder("web-1")
 ///     .policy(VmPolicy { encryption: EncryptionPolicy::Required, vm_encrypted: false })
-///     .key(KeySource::Direct { migration_id: MigrationId([1; 16]), material: key })
-///     .streams(4)
+///     .key(KeySource::Direct { migration_id: id, material: key() })
+///     .streams(2)
 ///     .build()
-///     .migrate("127.0.0.1:7700".parse()?, &mut guest)
-///     .await?;
+///     .migrate(addr, &mut guest)
+///     .await
+///     .unwrap();
+/// assert!(matches!(report.mode, Mode::Encrypted(_)));
 /// println!("{}", report.summary());
-/// # Ok(()) }
+///
+/// let (received, destination) = receiver.await.unwrap().unwrap();
+/// assert_eq!(destination.snapshot(), guest.snapshot()); // the source stays paused
+/// assert_eq!(received.vm_name, "web-1");
+/// # });
 /// ```
 #[derive(Debug)]
 pub struct Sender {
@@ -345,6 +370,8 @@ impl Sender {
         if self.streams == 0 || self.streams > vmotion_proto::message::MAX_STREAMS {
             return Err(MigrateError::Options("streams must be 1 to 256".into()));
         }
+        // Pre-flight: one migration of a VM at a time, from this process.
+        let _in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
         let memory = source.memory();
         let (migration_id, material, destination, service) = match self.key {
             KeySource::Service {
@@ -438,6 +465,7 @@ impl Sender {
         let (from_rx_tx, mut from_rx) = mpsc::channel(4);
         tokio::spawn(control_reader(control_r, control.opener, from_rx_tx));
 
+        let setup = started.elapsed();
         let dirty_tracking = matches!(source.dirty_tracking(), DirtyTracking::Supported(_));
         let t0 = Instant::now();
         let now = || t0.elapsed();
@@ -647,6 +675,7 @@ impl Sender {
                 bytes_total,
                 max_epoch,
                 started.elapsed(),
+                setup,
             )),
             _ => Err(first_error.unwrap_or_else(|| {
                 MigrateError::Aborted(

@@ -80,7 +80,7 @@ fn policy() -> ConvergencePolicy {
 }
 
 async fn encrypted(streams: u16) {
-    let sender = Sender::builder("vm-enc")
+    let sender = Sender::builder(&format!("vm-enc-{streams}"))
         .policy(VmPolicy {
             encryption: EncryptionPolicy::Required,
             vm_encrypted: false,
@@ -233,4 +233,44 @@ async fn preflight_refuses_a_sink_without_room() {
         other => panic!("{:?}", other.err()),
     }
     assert!(rx.await.unwrap().is_err());
+}
+
+/// Pre-flight: a second migration of a VM already in flight is refused at once, before a
+/// connection is made; the first one completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_migration_of_the_same_vm_is_refused() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rx = tokio::spawn(async move {
+        Receiver::new(ReceiverKeys::None)
+            .receive(&listener, |h| {
+                Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size)))
+            })
+            .await
+            .map(|_| ())
+    });
+    let plain = || {
+        Sender::builder("vm-twice")
+            .policy(VmPolicy {
+                encryption: EncryptionPolicy::Disabled,
+                vm_encrypted: false,
+            })
+            .key(KeySource::None { migration_id: ID })
+            .build()
+    };
+    let mut first_guest = guest(4096, 1_000.0);
+    let mut second_guest = guest(64, 0.0);
+    let first = plain().migrate(addr, &mut first_guest);
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        plain().migrate(addr, &mut second_guest).await
+    };
+    let (first, second) = tokio::join!(first, second);
+    assert!(
+        matches!(second, Err(MigrateError::AlreadyInFlight(ref vm)) if vm == "vm-twice"),
+        "{:?}",
+        second.err()
+    );
+    assert!(first.is_ok(), "{:?}", first.err());
+    rx.await.unwrap().unwrap();
 }

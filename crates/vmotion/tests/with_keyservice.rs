@@ -130,7 +130,7 @@ async fn migrate(
             .await
     });
     let mut source = guest();
-    let sent = Sender::builder("vm-ks")
+    let sent = Sender::builder(&format!("vm-ks-{policy:?}-{streams}"))
         .policy(VmPolicy {
             encryption: policy,
             vm_encrypted: false,
@@ -237,7 +237,7 @@ async fn required_policy_refused_for_an_unregistered_destination() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut source = guest();
-    let r = Sender::builder("vm-ks")
+    let r = Sender::builder("vm-ks-refused")
         .policy(VmPolicy {
             encryption: EncryptionPolicy::Required,
             vm_encrypted: false,
