@@ -274,3 +274,83 @@ async fn a_second_migration_of_the_same_vm_is_refused() {
     assert!(first.is_ok(), "{:?}", first.err());
     rx.await.unwrap().unwrap();
 }
+
+/// A memory file has no dirty log: it migrates cold (paused first, one pass) into a memory
+/// file at the destination, byte for byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_file_migrates_cold() {
+    use vmotion_mover::GuestMemory;
+    use vmotion_mover::memfile::MemoryFile;
+    let dir = tempfile::tempdir().unwrap();
+    let mut src = MemoryFile::create(&dir.path().join("src.mem"), 2048, 4096).unwrap();
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 256) as u8).collect();
+    for p in (0..2048).step_by(3) {
+        src.write_pages(p, &page).unwrap();
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dst_path = dir.path().join("dst.mem");
+    let rx = tokio::spawn(async move {
+        Receiver::new(ReceiverKeys::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .receive(&listener, move |h| {
+            MemoryFile::create(&dst_path, h.guest_pages, u64::from(h.page_size))
+                .map_err(|e| e.to_string())
+        })
+        .await
+    });
+    let report = Sender::builder("vm-file")
+        .key(KeySource::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .streams(2)
+        .build()
+        .migrate(addr, &mut src)
+        .await
+        .unwrap();
+    assert!(
+        report.engine.iterations.is_empty(),
+        "no pre-copy iteration without a dirty log"
+    );
+    assert!(report.engine.final_pass.is_some());
+    rx.await.unwrap().unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("src.mem")).unwrap(),
+        std::fs::read(dir.path().join("dst.mem")).unwrap()
+    );
+}
+
+/// The bandwidth cap holds: 8 MiB of random pages at 20 MB/s cannot take less than about
+/// 0.4 s (a lower bound only — a slow machine makes it longer, never shorter).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bandwidth_cap_holds() {
+    let source = SyntheticGuest::start(SyntheticConfig {
+        pages: 2048,
+        zero_fraction: 0.0,
+        ..SyntheticConfig::default()
+    });
+    let sender = Sender::builder("vm-capped")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Disabled,
+            vm_encrypted: false,
+        })
+        .key(KeySource::None { migration_id: ID })
+        .streams(2)
+        .max_bandwidth(Some(20_000_000))
+        .build();
+    let started = std::time::Instant::now();
+    let run = run(sender, Receiver::new(ReceiverKeys::None), source).await;
+    let elapsed = started.elapsed();
+    let report = run.sender.as_ref().expect("committed");
+    assert!(report.bytes_sent >= 2048 * 4096);
+    let floor = Duration::from_secs_f64(report.bytes_sent as f64 / 20_000_000.0 * 0.95);
+    assert!(
+        elapsed >= floor,
+        "{elapsed:?} for {} bytes at 20 MB/s",
+        report.bytes_sent
+    );
+    assert_same_memory(&run);
+}
