@@ -260,6 +260,9 @@ impl Receiver {
         // Data connections: each binds itself with its first frame.
         let memory = sink.memory();
         let mut tasks = Vec::new();
+        // A stream that fails reports here at once, so the receiver aborts the migration
+        // then rather than at Complete.
+        let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<(AbortCode, String)>(4);
         while tasks.len() < usize::from(negotiated.streams) {
             let (tcp, peer) = tokio::time::timeout(self.timeout, listener.accept())
                 .await
@@ -267,17 +270,25 @@ impl Receiver {
                     MigrateError::Aborted("the data connections did not arrive".into())
                 })??;
             let _ = tcp.set_nodelay(true);
-            match bind_stream(tcp, &mut session).await {
-                Ok((r, opener)) => {
+            match tokio::time::timeout(self.timeout, bind_stream(tcp, &mut session)).await {
+                Ok(Ok((r, opener))) => {
                     let memory = memory.clone();
-                    tasks.push(tokio::spawn(receive_stream(
-                        r,
-                        opener,
-                        memory,
-                        hello.guest_pages,
-                    )));
+                    let fail_tx = fail_tx.clone();
+                    let guest_pages = hello.guest_pages;
+                    tasks.push(tokio::spawn(async move {
+                        let r = receive_stream(r, opener, memory, guest_pages).await;
+                        if let Err(e) = &r {
+                            let code = match e {
+                                MigrateError::Protocol(p) => p.abort_code(),
+                                _ => AbortCode::DestinationFailed,
+                            };
+                            let _ = fail_tx.send((code, e.to_string())).await;
+                        }
+                        r
+                    }));
                 }
-                Err(e) => {
+                Err(_) => tracing::warn!(%peer, "dropping a connection that sent no stream bind"),
+                Ok(Err(e)) => {
                     tracing::warn!(%peer, error = %e, "dropping a connection that did not bind")
                 }
             }
@@ -287,9 +298,19 @@ impl Receiver {
         let (mut opener, mut sealer) = (ctrl.opener, ctrl.sealer);
         let (mut control_r, mut control_w) = control.into_split();
         let mut device_state: Vec<u8> = Vec::new();
+        let max = opener.max_payload();
         let complete: Complete = loop {
-            let mut f = read_frame(&mut control_r, opener.max_payload())
-                .await?
+            let next = tokio::select! {
+                f = read_frame(&mut control_r, max) => f,
+                Some((code, message)) = fail_rx.recv() => {
+                    let abort = Abort { code, message: message.clone() }.encode();
+                    if let Ok(f) = sealer.seal(FrameType::Abort, abort) {
+                        let _ = write_frame(&mut control_w, &f).await;
+                    }
+                    return Err(MigrateError::Aborted(format!("a data stream failed: {message}")));
+                }
+            };
+            let mut f = next?
                 .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
             let h = opener.open(&mut f)?;
             match Message::decode(h.frame_type, &f.payload)? {

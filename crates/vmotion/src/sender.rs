@@ -19,9 +19,9 @@ use vmotion_proto::message::{
     Abort, Complete, DeviceStateChunk, IterationMarker, MarkerKind, PagesBuilder, StreamTotals,
 };
 use vmotion_proto::{
-    AbortCode, DestinationCapability, EpochLimits, FrameType, KeyMaterial, MigrationId, Sealer,
-    SenderConfig, SenderHandshake, SenderNext, SenderSession, VmPolicy, WireFrame,
-    handshake_random,
+    AbortCode, DestinationCapability, EpochLimits, FrameType, KeyMaterial, MigrationId,
+    PeerMisbehaved, Sealer, SenderConfig, SenderHandshake, SenderNext, SenderSession, VmPolicy,
+    WireFrame, handshake_random,
 };
 
 use crate::error::MigrateError;
@@ -341,7 +341,7 @@ async fn control_reader(
                         Err(e) => FromReceiver::Failed(e.into()),
                     },
                     other => FromReceiver::Failed(
-                        vmotion_proto::PeerMisbehaved::UnexpectedFrame {
+                        PeerMisbehaved::UnexpectedFrame {
                             state: "migrating (sender)",
                             frame_type: other,
                         }
@@ -488,7 +488,31 @@ impl Sender {
         let chunk_pages = self.chunk_pages;
         let n_streams = self.streams;
 
-        while let Some(action) = engine.poll_action() {
+        loop {
+            // The receiver may end the migration at any time (an Abort, a lost control
+            // connection): notice it between steps, not only when waiting for Ready.
+            if let Ok(msg) = from_rx.try_recv() {
+                let e = match msg {
+                    FromReceiver::Abort(a) => MigrateError::PeerAborted {
+                        code: a.code,
+                        message: a.message,
+                    },
+                    FromReceiver::Failed(e) => e,
+                    FromReceiver::Ready => MigrateError::Protocol(
+                        PeerMisbehaved::UnexpectedFrame {
+                            state: "migrating (sender), before Complete",
+                            frame_type: FrameType::Ready,
+                        }
+                        .into(),
+                    ),
+                };
+                tracing::warn!(error = %e, "the receiver ended the migration");
+                engine.handle_failure(now(), e.to_string());
+                first_error.get_or_insert(e);
+            }
+            let Some(action) = engine.poll_action() else {
+                break;
+            };
             let step: Result<(), MigrateError> = async {
                 match action {
                     Action::StartDirtyLog => {
@@ -657,7 +681,18 @@ impl Sender {
                 Ok(())
             }
             .await;
-            if let Err(e) = step {
+            if let Err(mut e) = step {
+                // A broken connection usually means the receiver aborted: prefer its
+                // reason, if it arrives promptly, to "broken pipe".
+                if matches!(e, MigrateError::Io(_))
+                    && let Ok(Some(FromReceiver::Abort(a))) =
+                        tokio::time::timeout(Duration::from_millis(500), from_rx.recv()).await
+                {
+                    e = MigrateError::PeerAborted {
+                        code: a.code,
+                        message: a.message,
+                    };
+                }
                 tracing::warn!(error = %e, "migration step failed");
                 engine.handle_failure(now(), e.to_string());
                 first_error.get_or_insert(e);

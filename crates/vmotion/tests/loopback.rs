@@ -354,3 +354,79 @@ async fn bandwidth_cap_holds() {
     );
     assert_same_memory(&run);
 }
+
+/// A destination whose memory fails mid-pre-copy aborts at once; the sender learns why
+/// and its VM never stopped running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_destination_aborts_and_the_source_keeps_running() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use vmotion_mover::{GuestMemory, MoverError, VmControl};
+
+    struct Failing {
+        inner: vmotion_mover::synthetic::SyntheticMemory,
+        left: AtomicI64,
+    }
+    impl GuestMemory for Failing {
+        fn page_size(&self) -> u64 {
+            self.inner.page_size()
+        }
+        fn page_count(&self) -> u64 {
+            self.inner.page_count()
+        }
+        fn read_pages(&self, first: u64, out: &mut [u8]) -> Result<(), MoverError> {
+            self.inner.read_pages(first, out)
+        }
+        fn write_pages(&self, first: u64, data: &[u8]) -> Result<(), MoverError> {
+            if self.left.fetch_sub(1, Ordering::Relaxed) <= 0 {
+                return Err(MoverError::Io(std::io::Error::other("disk full")));
+            }
+            self.inner.write_pages(first, data)
+        }
+    }
+    struct FailingSink(SyntheticGuest, Arc<Failing>);
+    impl vmotion::Sink for FailingSink {
+        fn memory(&self) -> Arc<dyn GuestMemory> {
+            self.1.clone()
+        }
+        fn control(&mut self) -> &mut dyn VmControl {
+            &mut self.0
+        }
+    }
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let rx = tokio::spawn(async move {
+        Receiver::new(ReceiverKeys::None)
+            .receive(&listener, |h| {
+                let g = SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size));
+                let m = Arc::new(Failing {
+                    inner: g.memory_handle(),
+                    left: AtomicI64::new(1000),
+                });
+                Ok(FailingSink(g, m))
+            })
+            .await
+            .map(|_| ())
+    });
+    let mut source = guest(8192, 5_000.0);
+    let r = Sender::builder("vm-doomed")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Disabled,
+            vm_encrypted: false,
+        })
+        .key(KeySource::None { migration_id: ID })
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    match &r {
+        Err(MigrateError::PeerAborted { message, .. }) => {
+            assert!(message.contains("disk full"), "{message}")
+        }
+        other => panic!("{:?}", other.as_ref().err()),
+    }
+    assert!(rx.await.unwrap().is_err());
+    let w = source.writes();
+    std::thread::sleep(Duration::from_millis(30));
+    assert!(source.writes() > w, "the source VM is running");
+}
