@@ -115,6 +115,9 @@ pub enum Limit {
     Iterations,
     /// `max_total_time`.
     TotalTime,
+    /// Nothing is left dirty, yet the device state alone does not fit `max_downtime`:
+    /// more iterations cannot help.
+    Unimprovable,
 }
 
 /// The decision after an iteration.
@@ -167,11 +170,16 @@ pub fn judge(
         .dirty_after
         .saturating_mul(page_size)
         .saturating_add(device_state_bytes);
-    let expected_downtime = transfer_time(remaining, last.bandwidth());
+    // The most recent iteration that moved anything measured the link; an iteration that
+    // sent nothing measured nothing.
+    let bandwidth = history.iter().rev().find_map(IterationStats::bandwidth);
+    let expected_downtime = transfer_time(remaining, bandwidth);
     if expected_downtime <= policy.max_downtime {
         return Verdict::StopAndCopy { expected_downtime };
     }
-    let limit = if last.iteration >= policy.max_iterations {
+    let limit = if last.dirty_after == 0 {
+        Some(Limit::Unimprovable)
+    } else if last.iteration >= policy.max_iterations {
         Some(Limit::Iterations)
     } else if elapsed >= policy.max_total_time {
         Some(Limit::TotalTime)
@@ -188,8 +196,9 @@ pub fn judge(
     // Did this iteration shrink what is left to send enough? It sent `pages` (what the
     // previous one left dirty) and left `dirty_after`.
     let ac = &policy.auto_converge;
-    let too_slow = u128::from(last.dirty_after) * 100
-        >= u128::from(last.pages) * u128::from(ac.trigger_percent);
+    let too_slow = last.pages > 0
+        && u128::from(last.dirty_after) * 100
+            >= u128::from(last.pages) * u128::from(ac.trigger_percent);
     let throttle_percent = if ac.enabled && too_slow {
         if throttle_percent == 0 {
             ac.initial_percent.min(ac.max_percent)
@@ -315,6 +324,50 @@ mod tests {
                 limit: Limit::TotalTime,
                 force: true,
                 ..
+            }
+        ));
+    }
+
+    /// An idle guest: nothing dirty, so more iterations cannot shrink the downtime; it is
+    /// never throttled, and an iteration that sent nothing does not erase the bandwidth.
+    #[test]
+    fn idle_guest_is_not_throttled_and_not_iterated_forever() {
+        let p = ConvergencePolicy {
+            max_downtime: Duration::from_millis(1),
+            ..ConvergencePolicy::default()
+        };
+        // Device state of 1 MB at 40.96 MB/s: 24 ms > 1 ms, and nothing dirty.
+        assert!(matches!(
+            judge(&p, 4096, 1_000_000, &[it(0, 0, 100)], 0, Duration::ZERO),
+            Verdict::LimitReached {
+                limit: Limit::Unimprovable,
+                force: false,
+                ..
+            }
+        ));
+        // An empty iteration after a measured one keeps the measured bandwidth.
+        let empty = IterationStats {
+            iteration: 1,
+            pages: 0,
+            bytes: 0,
+            duration: Duration::ZERO,
+            dirty_after: 3,
+            throttle_percent: 0,
+        };
+        let roomy = ConvergencePolicy::default();
+        assert!(matches!(
+            judge(&roomy, 4096, 0, &[it(0, 5, 100), empty], 0, Duration::ZERO),
+            Verdict::StopAndCopy { .. }
+        ));
+        // And an iteration that sent nothing is no reason to throttle.
+        let empty = IterationStats {
+            dirty_after: 5000,
+            ..empty
+        };
+        assert!(matches!(
+            judge(&p, 4096, 0, &[it(0, 5000, 100), empty], 0, Duration::ZERO),
+            Verdict::Continue {
+                throttle_percent: 0
             }
         ));
     }

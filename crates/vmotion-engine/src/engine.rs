@@ -304,6 +304,20 @@ impl SenderEngine {
         now: Duration,
         dirty: &DirtyBitmap,
     ) -> Result<(), UnexpectedInput> {
+        if dirty.pages() != self.config.guest_pages
+            && matches!(self.phase, Phase::Fetching(_) | Phase::FinalFetch)
+        {
+            // A short bitmap would silently drop dirty pages: refuse to go on.
+            self.abort(
+                now,
+                AbortReason::Failure(format!(
+                    "the dirty log covers {} pages; the guest has {}",
+                    dirty.pages(),
+                    self.config.guest_pages
+                )),
+            );
+            return Ok(());
+        }
         match self.phase {
             Phase::Fetching(n) => {
                 let last = self
@@ -465,6 +479,18 @@ impl SenderEngine {
         }
     }
 
+    /// When the switchover must be over (`Ready` received), once the VM is paused.
+    pub fn switchover_deadline(&self) -> Option<Duration> {
+        let waiting = matches!(
+            self.phase,
+            Phase::FinalFetch | Phase::FinalSend | Phase::DeviceState | Phase::AwaitReady
+        );
+        waiting
+            .then_some(self.paused_at)
+            .flatten()
+            .map(|p| p + self.config.switchover_timeout)
+    }
+
     /// Checks timers: the switchover timeout runs from the pause to `Ready`.
     pub fn handle_tick(&mut self, now: Duration) {
         let waiting = matches!(
@@ -490,20 +516,27 @@ impl SenderEngine {
     }
 
     fn abort(&mut self, now: Duration, reason: AbortReason) {
-        // Anything queued for the migration is void now.
+        // Anything queued for the migration is void now. The VM comes first: resume it
+        // before telling anyone (a stuck network write must not keep it paused), and also
+        // after a failed pause, which may have stopped it partway. Resuming before the
+        // destination hears Abort is safe: it resumes only on Commit or a recorded
+        // "committed", neither of which can happen once the engine is done.
+        let pausing = self.phase == Phase::Pausing;
         self.actions.clear();
-        self.actions.push_back(Action::SendAbort(reason.clone()));
-        if self.throttle != 0 {
-            self.throttle = 0;
-            self.actions.push_back(Action::SetThrottle(0));
-        }
-        if self.dirty_log_started {
-            self.actions.push_back(Action::StopDirtyLog);
-        }
         if let Some(paused_at) = self.paused_at {
             self.downtime.total = now.saturating_sub(paused_at);
             self.report.downtime = Some(self.downtime);
             self.actions.push_back(Action::Resume);
+        } else if pausing {
+            self.actions.push_back(Action::Resume);
+        }
+        if self.throttle != 0 {
+            self.throttle = 0;
+            self.actions.push_back(Action::SetThrottle(0));
+        }
+        self.actions.push_back(Action::SendAbort(reason.clone()));
+        if self.dirty_log_started {
+            self.actions.push_back(Action::StopDirtyLog);
         }
         self.actions
             .push_back(Action::RecordOutcome(Outcome::Aborted));

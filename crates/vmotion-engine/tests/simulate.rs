@@ -488,3 +488,76 @@ fn inputs_out_of_order_are_refused() {
     assert_eq!(err.input, "Ready");
     assert!(e.handle_paused(Duration::ZERO).is_err());
 }
+
+/// A dirty log of the wrong size would drop pages silently: the engine aborts instead.
+#[test]
+fn a_dirty_log_of_the_wrong_size_aborts() {
+    let mut e = SenderEngine::new(config(128, ConvergencePolicy::default()), Duration::ZERO);
+    while let Some(a) = e.poll_action() {
+        match a {
+            Action::SendPages { .. } => e
+                .handle_pages_sent(Duration::from_millis(1), 128, 128 * PAGE)
+                .unwrap(),
+            Action::FetchDirtyLog => {
+                e.handle_dirty_log(Duration::from_millis(2), &DirtyBitmap::new(64))
+                    .unwrap();
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(e.outcome(), Some(Outcome::Aborted));
+    assert!(
+        matches!(e.report().abort_reason, Some(AbortReason::Failure(ref m)) if m.contains("64 pages"))
+    );
+}
+
+/// After the pause, an abort puts Resume first: a blocked network write cannot keep the VM
+/// stopped.
+#[test]
+fn abort_after_the_pause_resumes_before_anything_else() {
+    let pages = 1024;
+    let mut sim = Sim::new(pages, 100.0, 100.0 * MB);
+    sim.ready_arrives = false;
+    let mut e = SenderEngine::new(config(pages, ConvergencePolicy::default()), sim.now);
+    while let Some(a) = e.poll_action() {
+        let complete = a == Action::SendComplete;
+        match a {
+            Action::SendPages { ranges, .. } => {
+                let n: u64 = ranges.iter().map(|r| r.len).sum();
+                sim.transfer(n * PAGE);
+                e.handle_pages_sent(sim.now, n, n * PAGE).unwrap();
+            }
+            Action::FetchDirtyLog => {
+                let d = sim.guest.take_dirty();
+                e.handle_dirty_log(sim.now, &d).unwrap();
+            }
+            Action::StartDirtyLog => sim.guest.logging = true,
+            Action::Pause => e.handle_paused(sim.now).unwrap(),
+            Action::SendDeviceState => e.handle_device_state_sent(sim.now, 10).unwrap(),
+            _ => {}
+        }
+        if complete {
+            assert!(e.switchover_deadline().is_some());
+            e.handle_failure(sim.now, "stall");
+            break;
+        }
+    }
+    assert_eq!(e.poll_action(), Some(Action::Resume));
+    assert!(e.switchover_deadline().is_none());
+}
+
+/// A pause that fails partway is followed by a best-effort resume.
+#[test]
+fn a_failed_pause_is_followed_by_resume() {
+    let mut e = SenderEngine::new(
+        EngineConfig {
+            dirty_tracking: false,
+            ..config(64, ConvergencePolicy::default())
+        },
+        Duration::ZERO,
+    );
+    assert_eq!(e.poll_action(), Some(Action::Pause));
+    e.handle_failure(Duration::ZERO, "pause failed");
+    assert_eq!(e.poll_action(), Some(Action::Resume));
+}
