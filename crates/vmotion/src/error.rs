@@ -36,6 +36,13 @@ pub enum MigrateError {
     /// sent and the VM is untouched).
     #[error("a migration of VM {0} is already in flight")]
     AlreadyInFlight(String),
+    /// The outcome could be neither recorded nor read back: the VM is left **paused** at
+    /// the source, and stays claimed in this process. Settle it at the key service first.
+    #[error("outcome unknown, the VM is left paused at the source: {0}")]
+    OutcomeUnknown(String),
+    /// The migration aborted but the VM could not be resumed at the source.
+    #[error("aborted, and resuming the VM at the source failed: {0}")]
+    ResumeFailed(String),
     /// The builder was given an impossible combination.
     #[error("invalid options: {0}")]
     Options(String),

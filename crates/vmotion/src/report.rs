@@ -37,6 +37,10 @@ pub struct MigrationReport {
     pub total_time: Duration,
     /// The phases.
     pub phases: Phases,
+    /// `Commit` reached the socket. When false the migration is still committed (the
+    /// record decides), but the destination learns it only by asking the key service —
+    /// without one, an orchestrator must tell it.
+    pub commit_delivered: bool,
 }
 
 impl MigrationReport {
@@ -51,6 +55,7 @@ impl MigrationReport {
         max_epoch: u32,
         total_time: Duration,
         setup: Duration,
+        commit_delivered: bool,
     ) -> Self {
         let switchover = engine.downtime.map(|d| d.total).unwrap_or_default();
         let phases = Phases {
@@ -60,6 +65,7 @@ impl MigrationReport {
         };
         Self {
             phases,
+            commit_delivered,
             migration_id,
             vm_name: vm_name.to_owned(),
             mode,

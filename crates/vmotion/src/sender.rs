@@ -194,6 +194,39 @@ impl SenderBuilder {
     }
 }
 
+/// Connecting and each handshake read must finish within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An `Abort` is best effort: never wait longer than this to deliver one.
+const ABORT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Aborts the stream tasks when the migration ends, whichever way: none keeps a socket
+/// or the guest memory after `migrate` returns.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Keeps an error, letting the ones about the VM's state win: the caller must learn
+/// that the VM is paused or failed to resume, whatever else went wrong.
+fn keep(first: &mut Option<MigrateError>, e: MigrateError) {
+    let critical = matches!(
+        e,
+        MigrateError::OutcomeUnknown(_) | MigrateError::ResumeFailed(_)
+    );
+    let have_critical = matches!(
+        first,
+        Some(MigrateError::OutcomeUnknown(_) | MigrateError::ResumeFailed(_))
+    );
+    if first.is_none() || (critical && !have_critical) {
+        *first = Some(e);
+    }
+}
+
 /// Work for one data stream.
 enum Job {
     Pages {
@@ -370,8 +403,13 @@ impl Sender {
         if self.streams == 0 || self.streams > vmotion_proto::message::MAX_STREAMS {
             return Err(MigrateError::Options("streams must be 1 to 256".into()));
         }
+        if self.max_bandwidth == Some(0) {
+            return Err(MigrateError::Options(
+                "a bandwidth cap must be above 0".into(),
+            ));
+        }
         // Pre-flight: one migration of a VM at a time, from this process.
-        let _in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
+        let in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
         let memory = source.memory();
         let (migration_id, material, destination, service) = match self.key {
             KeySource::Service {
@@ -438,32 +476,61 @@ impl Sender {
         let negotiated = session.0.negotiated().clone();
         tracing::info!(migration = %migration_id, mode = ?negotiated.mode, streams = self.streams, "handshake done");
 
-        // Data connections.
-        let page_size = memory.page_size() as usize;
-        let max_payload = (negotiated.max_payload as usize).min(self.batch_bytes + 64 * 1024);
-        let mut streams = Vec::new();
-        for s in 1..=self.streams {
-            let (bind, channel) = session.0.open_data_stream(s)?;
-            let tcp = TcpStream::connect(addr).await?;
-            let _ = tcp.set_nodelay(true);
-            let (_r, mut w) = tcp.into_split();
-            write_frame(&mut w, &bind).await?;
-            let (tx, rx) = mpsc::channel(2);
-            let cfg = StreamConfig {
-                page_size,
-                max_payload,
-                bytes_per_second: self
-                    .max_bandwidth
-                    .map(|b| b as f64 / f64::from(self.streams)),
-            };
-            tokio::spawn(stream_task(w, channel.sealer, memory.clone(), rx, cfg));
-            streams.push(tx);
-        }
         let control = session.0.take_control()?;
         let (control_r, mut control_w) = session.1.into_split();
         let mut sealer = control.sealer;
+
+        // Data connections. A failure here still tells the receiver and the key service.
+        let page_size = memory.page_size() as usize;
+        let max_payload = (negotiated.max_payload as usize).min(self.batch_bytes + 64 * 1024);
+        let mut streams = Vec::new();
+        let mut tasks = Tasks(Vec::new());
+        let opened: Result<(), MigrateError> = async {
+            for s in 1..=self.streams {
+                let (bind, channel) = session.0.open_data_stream(s)?;
+                let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+                    .await
+                    .map_err(|_| {
+                        MigrateError::Aborted("connecting a data stream timed out".into())
+                    })??;
+                let _ = tcp.set_nodelay(true);
+                let (_r, mut w) = tcp.into_split();
+                write_frame(&mut w, &bind).await?;
+                let (tx, rx) = mpsc::channel(2);
+                let cfg = StreamConfig {
+                    page_size,
+                    max_payload,
+                    bytes_per_second: self
+                        .max_bandwidth
+                        .map(|b| b as f64 / f64::from(self.streams)),
+                };
+                tasks.0.push(tokio::spawn(stream_task(
+                    w,
+                    channel.sealer,
+                    memory.clone(),
+                    rx,
+                    cfg,
+                )));
+                streams.push(tx);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = opened {
+            let (code, message) = (AbortCode::SourceFailed, e.to_string());
+            if let Ok(f) = sealer.seal(FrameType::Abort, Abort { code, message }.encode()) {
+                let _ =
+                    tokio::time::timeout(ABORT_SEND_TIMEOUT, write_frame(&mut control_w, &f)).await;
+            }
+            record_aborted(&service).await;
+            return Err(e);
+        }
         let (from_rx_tx, mut from_rx) = mpsc::channel(4);
-        tokio::spawn(control_reader(control_r, control.opener, from_rx_tx));
+        tasks.0.push(tokio::spawn(control_reader(
+            control_r,
+            control.opener,
+            from_rx_tx,
+        )));
 
         let setup = started.elapsed();
         let dirty_tracking = matches!(source.dirty_tracking(), DirtyTracking::Supported(_));
@@ -485,13 +552,17 @@ impl Sender {
         let mut bytes_total = 0u64;
         let mut device_state_len = 0u64;
         let mut max_epoch = 0u32;
+        let mut ready_seen = false;
+        let mut commit_delivered = false;
         let chunk_pages = self.chunk_pages;
         let n_streams = self.streams;
 
         loop {
             // The receiver may end the migration at any time (an Abort, a lost control
             // connection): notice it between steps, not only when waiting for Ready.
-            if let Ok(msg) = from_rx.try_recv() {
+            if let Ok(msg) = from_rx.try_recv()
+                && !ready_seen
+            {
                 let e = match msg {
                     FromReceiver::Abort(a) => MigrateError::PeerAborted {
                         code: a.code,
@@ -508,12 +579,14 @@ impl Sender {
                 };
                 tracing::warn!(error = %e, "the receiver ended the migration");
                 engine.handle_failure(now(), e.to_string());
-                first_error.get_or_insert(e);
+                keep(&mut first_error, e);
             }
             let Some(action) = engine.poll_action() else {
                 break;
             };
-            let step: Result<(), MigrateError> = async {
+            // Once the VM is paused every step runs against the switchover deadline.
+            let deadline = engine.switchover_deadline();
+            let step = async {
                 match action {
                     Action::StartDirtyLog => {
                         if let DirtyTracking::Supported(log) = source.dirty_tracking() {
@@ -534,7 +607,9 @@ impl Sender {
                             .handle_dirty_log(now(), &dirty)
                             .map_err(|e| MigrateError::Options(e.to_string()))?;
                     }
-                    Action::SendPages { iteration, ranges, .. } => {
+                    Action::SendPages {
+                        iteration, ranges, ..
+                    } => {
                         let marker = IterationMarker {
                             iteration,
                             kind: MarkerKind::Start,
@@ -560,9 +635,9 @@ impl Sender {
                         }
                         let (mut pages, mut bytes) = (0, 0);
                         for w in waits {
-                            let (p, b) = w
-                                .await
-                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))??;
+                            let (p, b) = w.await.map_err(|_| {
+                                MigrateError::Aborted("a data stream ended".into())
+                            })??;
                             pages += p;
                             bytes += b;
                         }
@@ -586,7 +661,10 @@ impl Sender {
                             .handle_paused(now())
                             .map_err(|e| MigrateError::Options(e.to_string()))?;
                     }
-                    Action::Resume => source.control().resume()?,
+                    Action::Resume => source
+                        .control()
+                        .resume()
+                        .map_err(|e| MigrateError::ResumeFailed(e.to_string()))?,
                     Action::SendDeviceState => {
                         let state = source.control().save_device_state()?;
                         let chunk = sealer.max_payload() as usize - 16;
@@ -618,9 +696,9 @@ impl Sender {
                             tx.send(Job::End { done })
                                 .await
                                 .map_err(|_| MigrateError::Aborted("a data stream ended".into()))?;
-                            let (t, epoch) = wait
-                                .await
-                                .map_err(|_| MigrateError::Aborted("a data stream ended".into()))??;
+                            let (t, epoch) = wait.await.map_err(|_| {
+                                MigrateError::Aborted("a data stream ended".into())
+                            })??;
                             max_epoch = max_epoch.max(epoch);
                             totals.push(t);
                         }
@@ -633,23 +711,25 @@ impl Sender {
                         };
                         let f = sealer.seal(FrameType::Complete, complete.encode()?)?;
                         write_frame(&mut control_w, &f).await?;
-                        let deadline = self.switchover_timeout;
-                        match tokio::time::timeout(deadline, from_rx.recv()).await {
-                            Ok(Some(FromReceiver::Ready)) => engine
-                                .handle_ready(now())
-                                .map_err(|e| MigrateError::Options(e.to_string()))?,
-                            Ok(Some(FromReceiver::Abort(a))) => {
+                        // The outer switchover deadline bounds this wait.
+                        match from_rx.recv().await {
+                            Some(FromReceiver::Ready) => {
+                                ready_seen = true;
+                                engine
+                                    .handle_ready(now())
+                                    .map_err(|e| MigrateError::Options(e.to_string()))?;
+                            }
+                            Some(FromReceiver::Abort(a)) => {
                                 return Err(MigrateError::PeerAborted {
                                     code: a.code,
                                     message: a.message,
                                 });
                             }
-                            Ok(Some(FromReceiver::Failed(e))) => return Err(e),
-                            Ok(None) => {
-                                return Err(MigrateError::Aborted("the control connection closed".into()));
-                            }
-                            Err(_) => {
-                                engine.handle_tick(now() + deadline);
+                            Some(FromReceiver::Failed(e)) => return Err(e),
+                            None => {
+                                return Err(MigrateError::Aborted(
+                                    "the control connection closed".into(),
+                                ));
                             }
                         }
                     }
@@ -667,20 +747,50 @@ impl Sender {
                         let f = sealer.seal(FrameType::Commit, Vec::new())?;
                         // The commit point has passed: a lost Commit is the destination's to
                         // resolve with the key service, never a reason to resume here.
-                        if let Err(e) = write_frame(&mut control_w, &f).await {
-                            tracing::warn!(error = %e, "Commit not delivered; the destination asks the key service");
+                        match tokio::time::timeout(
+                            ABORT_SEND_TIMEOUT * 5,
+                            write_frame(&mut control_w, &f),
+                        )
+                        .await
+                        {
+                            Ok(Ok(())) => commit_delivered = true,
+                            _ => tracing::warn!(
+                                "Commit not delivered; the destination must ask the key service"
+                            ),
                         }
                     }
                     Action::SendAbort(reason) => {
                         let (code, message) = abort_message(&reason);
-                        if let Ok(f) = sealer.seal(FrameType::Abort, Abort { code, message }.encode()) {
-                            let _ = write_frame(&mut control_w, &f).await;
+                        if let Ok(f) =
+                            sealer.seal(FrameType::Abort, Abort { code, message }.encode())
+                        {
+                            let _ = tokio::time::timeout(
+                                ABORT_SEND_TIMEOUT,
+                                write_frame(&mut control_w, &f),
+                            )
+                            .await;
                         }
                     }
                 }
                 Ok(())
-            }
-            .await;
+            };
+            let step: Result<(), MigrateError> = match deadline {
+                None => step.await,
+                Some(d) => {
+                    match tokio::time::timeout_at(tokio::time::Instant::from_std(t0 + d), step)
+                        .await
+                    {
+                        Ok(r) => r,
+                        Err(_) => {
+                            engine.handle_tick(now());
+                            Err(MigrateError::Aborted(format!(
+                                "the switchover did not finish within {:?} of the pause",
+                                self.switchover_timeout
+                            )))
+                        }
+                    }
+                }
+            };
             if let Err(mut e) = step {
                 // A broken connection usually means the receiver aborted: prefer its
                 // reason, if it arrives promptly, to "broken pipe".
@@ -695,7 +805,7 @@ impl Sender {
                 }
                 tracing::warn!(error = %e, "migration step failed");
                 engine.handle_failure(now(), e.to_string());
-                first_error.get_or_insert(e);
+                keep(&mut first_error, e);
             }
         }
         let _ = control_w.shutdown().await;
@@ -711,14 +821,22 @@ impl Sender {
                 max_epoch,
                 started.elapsed(),
                 setup,
+                commit_delivered,
             )),
-            _ => Err(first_error.unwrap_or_else(|| {
-                MigrateError::Aborted(
-                    report
-                        .abort_reason
-                        .map_or_else(|| "aborted".to_owned(), |r| format!("{r:?}")),
-                )
-            })),
+            _ => {
+                if matches!(first_error, Some(MigrateError::OutcomeUnknown(_))) {
+                    // The VM stays paused and claimed: no second migration of it may start
+                    // until the operator has settled the outcome (and restarted).
+                    std::mem::forget(in_flight);
+                }
+                Err(first_error.unwrap_or_else(|| {
+                    MigrateError::Aborted(
+                        report
+                            .abort_reason
+                            .map_or_else(|| "aborted".to_owned(), |r| format!("{r:?}")),
+                    )
+                }))
+            }
         }
     }
 }
@@ -729,11 +847,15 @@ async fn handshake(
     expect_ack: vmotion_proto::ExpectHelloAck,
     hello: WireFrame,
 ) -> Result<(SenderSession, TcpStream), MigrateError> {
-    let mut tcp = TcpStream::connect(addr).await?;
+    let timed_out = || MigrateError::Aborted("the receiver did not answer the handshake".into());
+    let mut tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| timed_out())??;
     let _ = tcp.set_nodelay(true);
     write_frame(&mut tcp, &hello).await?;
-    let ack = read_frame(&mut tcp, 4096)
-        .await?
+    let ack = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tcp, 4096))
+        .await
+        .map_err(|_| timed_out())??
         .ok_or_else(|| MigrateError::Aborted("the receiver closed the connection".into()))?;
     let next = match expect_ack.handle(ack) {
         Ok(n) => n,
@@ -747,9 +869,12 @@ async fn handshake(
     match next {
         SenderNext::Established(s) => Ok((s, tcp)),
         SenderNext::ExpectKeyConfirm(state) => {
-            let kc = read_frame(&mut tcp, 4096).await?.ok_or_else(|| {
-                MigrateError::Aborted("the receiver closed the connection".into())
-            })?;
+            let kc = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tcp, 4096))
+                .await
+                .map_err(|_| timed_out())??
+                .ok_or_else(|| {
+                    MigrateError::Aborted("the receiver closed the connection".into())
+                })?;
             match state.handle(kc) {
                 Ok((s, my_kc)) => {
                     write_frame(&mut tcp, &my_kc).await?;
@@ -766,29 +891,37 @@ async fn handshake(
     }
 }
 
-/// Records `committed`. `Ok(false)` only when the service definitely did not record it;
-/// when the answer is lost, the outcome is read back (a few tries) before deciding, and
-/// if it stays unknown the error leaves the VM paused rather than risk running it twice.
+/// Records `committed`: `Ok(true)` once it is on record, `Ok(false)` only when it
+/// definitely is not (recorded as aborted, or refused). A lost answer, a timeout or an
+/// outcome still being written is *unknown*: the record is retried (it is idempotent) and
+/// read back; if it stays unknown the VM is left paused — resuming could run it twice.
 async fn record_committed(c: &KeyServiceClient, id: MigrationId) -> Result<bool, MigrateError> {
-    match c.record_outcome(id, RecordedOutcome::Committed).await {
-        Ok(r) => return Ok(r.outcome == Some(RecordedOutcome::Committed)),
-        Err(e)
-            if e.code().is_some()
-                && e.code() != Some(vmotion_keyservice::api::ErrorCode::Unavailable) =>
-        {
-            return Ok(false);
+    use vmotion_keyservice::api::ErrorCode;
+    for attempt in 1..=6u32 {
+        match c.record_outcome(id, RecordedOutcome::Committed).await {
+            Ok(r) if r.outcome == Some(RecordedOutcome::Committed) => return Ok(true),
+            Ok(_) => {}
+            Err(e) => match e.code() {
+                Some(ErrorCode::Conflict) => return Ok(false), // on record as aborted
+                Some(ErrorCode::Forbidden | ErrorCode::NotFound | ErrorCode::BadRequest) => {
+                    return Ok(false);
+                }
+                _ => tracing::warn!(error = %e, attempt, "outcome record unanswered"),
+            },
         }
-        Err(e) => tracing::warn!(error = %e, "outcome record unanswered; reading it back"),
-    }
-    for _ in 0..5 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
         if let Ok(r) = c.outcome(id).await {
-            return Ok(r.outcome == Some(RecordedOutcome::Committed));
+            match r.outcome {
+                Some(RecordedOutcome::Committed) => return Ok(true),
+                Some(RecordedOutcome::Aborted) => return Ok(false),
+                None => {}
+            }
         }
+        tokio::time::sleep(Duration::from_millis(250) * attempt).await;
     }
-    Err(MigrateError::Aborted(format!(
-        "the outcome of migration {id} could not be recorded or read back; the VM is left \
-         paused at the source: resolve with `GET /v1/migrations/{id}/outcome` before resuming"
+    Err(MigrateError::OutcomeUnknown(format!(
+        "the outcome of migration {id} could be neither recorded nor read back; the VM is \
+         left PAUSED at the source. Read `GET /v1/migrations/{id}/outcome` at the key service: \
+         resume the source only if it says aborted (or nothing after the key service is back)"
     )))
 }
 
