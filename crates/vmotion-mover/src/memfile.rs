@@ -47,7 +47,10 @@ impl MemoryFile {
             .create(true)
             .truncate(true)
             .open(path)?;
-        file.set_len(pages * page_size)?;
+        let len = pages
+            .checked_mul(page_size)
+            .ok_or(MoverError::State("the guest's size overflows"))?;
+        file.set_len(len)?;
         Ok(Self {
             file: Arc::new(file),
             page_size,

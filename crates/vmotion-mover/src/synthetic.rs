@@ -8,7 +8,10 @@
 //! fetch-and-clear never loses a write: either the sender reads the new data after the
 //! clear, or the bit survives into the next fetch.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicBool, AtomicU8, AtomicU64,
+    Ordering::{Acquire, Relaxed, Release},
+};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -118,7 +121,10 @@ impl SyntheticGuest {
             "page size must be a power of two"
         );
         let words_per_page = (config.page_size / 8) as usize;
-        let total = words_per_page * config.pages as usize;
+        let total = usize::try_from(config.pages)
+            .ok()
+            .and_then(|p| p.checked_mul(words_per_page))
+            .expect("the guest's size fits in memory");
         let mut words = Vec::with_capacity(total);
         for page in 0..config.pages {
             let h = mix(config.seed ^ page);
@@ -148,7 +154,8 @@ impl SyntheticGuest {
     /// A running guest: seeded memory and `writers` threads dirtying it.
     pub fn start(config: SyntheticConfig) -> Self {
         let shared = Self::build(&config, true);
-        let writers = if config.dirty_rate > 0.0 {
+        // No page, no writer (a writer would have nothing to write).
+        let writers = if config.dirty_rate > 0.0 && config.pages > 0 {
             config.writers.max(1)
         } else {
             0
@@ -229,8 +236,11 @@ impl Drop for SyntheticGuest {
 /// One writer: writes pages at `rate` per second, marks them dirty after writing, parks
 /// while paused, and gives up `throttle` percent of its time.
 fn writer(shared: &Shared, rate: f64, pattern: Pattern, mut rng: u64) {
-    let started = Instant::now();
-    let mut done = 0u64;
+    // Pacing is a token bucket: writes accrue at the (throttled) rate as time passes, up
+    // to 10 ms worth, so a throttle change or a pause acts from then on, never backwards
+    // (no catch-up burst after a pause, no retroactive silence after a throttle step).
+    let mut last = Instant::now();
+    let mut budget = 0.0f64;
     let mut seq = 0u64;
     while !shared.stop.load(Relaxed) {
         // Park while paused; the pauser waits until every writer is parked.
@@ -243,16 +253,22 @@ fn writer(shared: &Shared, rate: f64, pattern: Pattern, mut rng: u64) {
                     p = shared.pause_cv.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
                 p.parked -= 1;
+                last = Instant::now();
             }
         }
-        // Pace: the number of writes due by now, less the throttle's share.
         let throttle = f64::from(shared.throttle.load(Relaxed).min(99)) / 100.0;
-        let due = (started.elapsed().as_secs_f64() * rate * (1.0 - throttle)) as u64;
-        if done >= due {
+        let now = Instant::now();
+        let rate_now = rate * (1.0 - throttle);
+        budget =
+            (budget + now.duration_since(last).as_secs_f64() * rate_now).min(rate_now * 0.01 + 1.0);
+        last = now;
+        if budget < 1.0 {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        for _ in 0..(due - done).min(256) {
+        let writes = (budget as u64).min(256);
+        budget -= writes as f64;
+        for _ in 0..writes {
             rng = mix(rng);
             let page = match pattern {
                 Pattern::Uniform => rng % shared.pages,
@@ -264,11 +280,11 @@ fn writer(shared: &Shared, rate: f64, pattern: Pattern, mut rng: u64) {
             // A write changes the first word and one more: enough to make the page differ.
             shared.words[base].store(rng | 1, Relaxed);
             shared.words[base + (rng as usize % shared.words_per_page)].store(seq, Relaxed);
-            if shared.logging.load(Relaxed) {
-                shared.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Relaxed);
-            }
+            // Release: whoever sees the bit (Acquire, in fetch_and_clear) sees the write.
+            // Always set, logging or not (start() clears the bits), so there is no window
+            // between a check and the write.
+            shared.dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Release);
             shared.writes.fetch_add(1, Relaxed);
-            done += 1;
         }
     }
 }
@@ -357,7 +373,7 @@ impl DirtyLog for SyntheticGuest {
             .shared
             .dirty
             .iter()
-            .map(|w| w.swap(0, Relaxed))
+            .map(|w| w.swap(0, Acquire))
             .collect();
         // Writers only mark pages below `pages`, so the words always fit.
         DirtyBitmap::from_words(words, self.shared.pages)

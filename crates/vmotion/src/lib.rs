@@ -23,7 +23,7 @@ mod sender;
 mod wire;
 
 pub use error::MigrateError;
-pub use receiver::{ReceiveReport, Receiver, ReceiverKeys, Sink};
+pub use receiver::{ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 pub use report::MigrationReport;
 pub use report::Phases;
 pub use sender::{KeySource, Sender, SenderBuilder};

@@ -57,6 +57,67 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// Device state length.
     pub device_state_len: u64,
+    /// How it ended here.
+    pub outcome: ReceiveOutcome,
+}
+
+/// How a migration ended at the destination, when it did not abort.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReceiveOutcome {
+    /// Committed, and the VM runs here.
+    Committed,
+    /// Committed, but resuming the VM here failed (the reason): it is paused in the sink,
+    /// which must not be discarded — it is the only copy that may run.
+    CommittedNotResumed(String),
+    /// `Ready` was sent but neither `Commit` nor `Abort` arrived, and the key service gave
+    /// no answer (or there is none): the sink is returned **paused**. It must be kept until
+    /// the outcome is settled — resumed if the source recorded "committed", discarded if
+    /// not.
+    Unknown,
+}
+
+/// Aborts the stream tasks when `receive` returns, whichever way: no task keeps writing
+/// into the sink after an error.
+struct StreamTasks(Vec<tokio::task::JoinHandle<Result<StreamStats, MigrateError>>>);
+
+impl Drop for StreamTasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Which pages arrived at least once: checked before `Ready`, so a sender that skipped a
+/// page cannot get a commit.
+struct Received {
+    words: Vec<std::sync::atomic::AtomicU64>,
+    pages: u64,
+}
+
+impl Received {
+    fn new(pages: u64) -> Self {
+        Self {
+            words: (0..pages.div_ceil(64))
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect(),
+            pages,
+        }
+    }
+
+    fn mark(&self, page: u64) {
+        self.words[(page / 64) as usize]
+            .fetch_or(1 << (page % 64), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn missing(&self) -> u64 {
+        let have: u64 = self
+            .words
+            .iter()
+            .map(|w| u64::from(w.load(std::sync::atomic::Ordering::Relaxed).count_ones()))
+            .sum();
+        self.pages - have
+    }
 }
 
 /// Builds and runs the destination side of one migration.
@@ -137,9 +198,24 @@ impl Receiver {
         self
     }
 
-    /// How long to wait for each step of the peer (data connections, Complete, Commit).
+    /// How long to wait for each step of the peer (handshake, data connections, the end
+    /// of the streams after Complete, Commit).
     pub fn timeout(mut self, t: Duration) -> Self {
         self.timeout = t;
+        self
+    }
+
+    /// Most data streams a sender may open (each costs one receive buffer of the
+    /// negotiated maximum payload).
+    pub fn max_streams(mut self, n: u16) -> Self {
+        self.config.max_streams = n;
+        self
+    }
+
+    /// Largest frame payload accepted (at least 64 KiB + 64 bytes, at most 2 MiB): the
+    /// size of each stream's receive buffer.
+    pub fn max_payload(mut self, bytes: u32) -> Self {
+        self.config.max_payload = bytes;
         self
     }
 
@@ -154,8 +230,11 @@ impl Receiver {
     ) -> Result<(ReceiveReport, S), MigrateError> {
         let (mut control, _) = listener.accept().await?;
         let _ = control.set_nodelay(true);
-        let hello = read_frame(&mut control, 4096)
-            .await?
+        let timed_out =
+            || MigrateError::Aborted("the sender went silent during the handshake".into());
+        let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
+            .await
+            .map_err(|_| timed_out())??
             .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
         let random =
             handshake_random().map_err(|_| MigrateError::Options("no OS randomness".into()))?;
@@ -240,9 +319,12 @@ impl Receiver {
             ReceiverNext::Refused(r) => return Err(MigrateError::Refused(r)),
             ReceiverNext::Established(s) => s,
             ReceiverNext::ExpectKeyConfirm(state) => {
-                let kc = read_frame(&mut control, 4096).await?.ok_or_else(|| {
-                    MigrateError::Aborted("the sender closed the connection".into())
-                })?;
+                let kc = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
+                    .await
+                    .map_err(|_| timed_out())??
+                    .ok_or_else(|| {
+                        MigrateError::Aborted("the sender closed the connection".into())
+                    })?;
                 match state.handle(kc) {
                     Ok(s) => s,
                     Err(f) => {
@@ -259,24 +341,32 @@ impl Receiver {
 
         // Data connections: each binds itself with its first frame.
         let memory = sink.memory();
-        let mut tasks = Vec::new();
+        let mut tasks = StreamTasks(Vec::new());
+        let received_pages = Arc::new(Received::new(hello.guest_pages));
         // A stream that fails reports here at once, so the receiver aborts the migration
         // then rather than at Complete.
         let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<(AbortCode, String)>(4);
-        while tasks.len() < usize::from(negotiated.streams) {
-            let (tcp, peer) = tokio::time::timeout(self.timeout, listener.accept())
+        // All data connections must bind within one deadline; strangers that connect in
+        // the meantime are dropped after a short wait, and only a few are tolerated.
+        let bind_deadline = tokio::time::Instant::now() + self.timeout;
+        let mut strangers = 0;
+        while tasks.0.len() < usize::from(negotiated.streams) {
+            let (tcp, peer) = tokio::time::timeout_at(bind_deadline, listener.accept())
                 .await
                 .map_err(|_| {
                     MigrateError::Aborted("the data connections did not arrive".into())
                 })??;
             let _ = tcp.set_nodelay(true);
-            match tokio::time::timeout(self.timeout, bind_stream(tcp, &mut session)).await {
+            let per_bind = bind_deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
+            match tokio::time::timeout_at(per_bind, bind_stream(tcp, &mut session)).await {
                 Ok(Ok((r, opener))) => {
                     let memory = memory.clone();
                     let fail_tx = fail_tx.clone();
                     let guest_pages = hello.guest_pages;
-                    tasks.push(tokio::spawn(async move {
-                        let r = receive_stream(r, opener, memory, guest_pages).await;
+                    let received_pages = received_pages.clone();
+                    tasks.0.push(tokio::spawn(async move {
+                        let r =
+                            receive_stream(r, opener, memory, guest_pages, &received_pages).await;
                         if let Err(e) = &r {
                             let code = match e {
                                 MigrateError::Protocol(p) => p.abort_code(),
@@ -287,9 +377,22 @@ impl Receiver {
                         r
                     }));
                 }
-                Err(_) => tracing::warn!(%peer, "dropping a connection that sent no stream bind"),
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "dropping a connection that did not bind")
+                other => {
+                    strangers += 1;
+                    match other {
+                        Err(_) => {
+                            tracing::warn!(%peer, "dropping a connection that sent no stream bind")
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "dropping a connection that did not bind")
+                        }
+                        Ok(Ok(_)) => unreachable!(),
+                    }
+                    if strangers > 16 {
+                        return Err(MigrateError::Aborted(
+                            "too many connections that did not bind".into(),
+                        ));
+                    }
                 }
             }
         }
@@ -336,13 +439,13 @@ impl Receiver {
         // Verify everything before Ready: every stream ended with the totals Complete
         // claims, and the device state is whole.
         let verified: Result<(u64, u64), MigrateError> = async {
-            if complete.streams.len() != tasks.len() {
+            if complete.streams.len() != tasks.0.len() {
                 return Err(MigrateError::Aborted(
                     "Complete names another number of streams".into(),
                 ));
             }
             let (mut pages, mut bytes) = (0, 0);
-            for (i, (task, claimed)) in tasks.into_iter().zip(&complete.streams).enumerate() {
+            for (i, (task, claimed)) in tasks.0.iter_mut().zip(&complete.streams).enumerate() {
                 let stats = tokio::time::timeout(self.timeout, task)
                     .await
                     .map_err(|_| MigrateError::Aborted("a data stream did not end".into()))?
@@ -363,6 +466,12 @@ impl Receiver {
                 }
                 pages += stats.pages;
                 bytes += stats.bytes;
+            }
+            let missing = received_pages.missing();
+            if missing > 0 {
+                return Err(MigrateError::Aborted(format!(
+                    "{missing} pages of the guest never arrived"
+                )));
             }
             if pages != complete.pages || device_state.len() as u64 != complete.device_state_len {
                 return Err(MigrateError::Aborted(
@@ -415,15 +524,24 @@ impl Receiver {
             _ => None,
         };
         let committed = match decided {
-            Some(c) => c,
+            Some(c) => Some(c),
             None => self.outcome_from_service(migration_id).await,
         };
-        if !committed {
-            return Err(MigrateError::Aborted(
-                "the source kept the VM; the received guest is discarded".into(),
-            ));
-        }
-        sink.control().resume()?;
+        let outcome = match committed {
+            Some(false) => {
+                return Err(MigrateError::Aborted(
+                    "the source kept the VM; the received guest is discarded".into(),
+                ));
+            }
+            None => {
+                tracing::warn!(migration = %migration_id, "outcome unknown: the received VM stays paused");
+                ReceiveOutcome::Unknown
+            }
+            Some(true) => match sink.control().resume() {
+                Ok(()) => ReceiveOutcome::Committed,
+                Err(e) => ReceiveOutcome::CommittedNotResumed(e.to_string()),
+            },
+        };
         Ok((
             ReceiveReport {
                 migration_id,
@@ -432,28 +550,29 @@ impl Receiver {
                 pages,
                 bytes,
                 device_state_len: device_state.len() as u64,
+                outcome,
             },
             sink,
         ))
     }
 
     /// After `Ready`, with no `Commit` or `Abort` heard: the key service's record decides.
-    /// Without a key service (or an answer), the VM is not resumed here.
-    async fn outcome_from_service(&self, id: MigrationId) -> bool {
+    /// `None` when there is no key service or it gives no answer.
+    async fn outcome_from_service(&self, id: MigrationId) -> Option<bool> {
         let ReceiverKeys::Service(c) = &self.keys else {
-            return false;
+            return None;
         };
         for _ in 0..10 {
             if let Ok(r) = c.outcome(id).await {
                 match r.outcome {
-                    Some(RecordedOutcome::Committed) => return true,
-                    Some(RecordedOutcome::Aborted) => return false,
+                    Some(RecordedOutcome::Committed) => return Some(true),
+                    Some(RecordedOutcome::Aborted) => return Some(false),
                     None => {}
                 }
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
-        false
+        None
     }
 }
 
@@ -489,6 +608,7 @@ async fn receive_stream(
     mut opener: Opener,
     memory: Arc<dyn GuestMemory>,
     guest_pages: u64,
+    received: &Received,
 ) -> Result<StreamStats, MigrateError> {
     let mut buf = AlignedBuf::page_aligned(opener.max_payload() as usize);
     let zero = vec![0u8; memory.page_size() as usize];
@@ -517,12 +637,14 @@ async fn receive_stream(
                         .into());
                     }
                     memory.write_pages(e.index, e.data.unwrap_or(&zero))?;
+                    received.mark(e.index);
                 }
                 stats.pages += view.len() as u64;
                 stats.frames += 1;
                 stats.bytes += u64::from(h.payload_len);
             }
-            FrameType::EndOfStream => {}
+            // The opener checked its totals; nothing may follow it.
+            FrameType::EndOfStream => break,
             other => {
                 return Err(PeerMisbehaved::UnexpectedFrame {
                     state: "receiving pages",

@@ -39,6 +39,26 @@ pub(crate) async fn write_frame<W: AsyncWrite + Unpin>(
     write_parts(w, &f.header, &f.payload, &f.trailer).await
 }
 
+/// Reads a header. `false` on a clean end of stream (no byte of a header read); an end in
+/// the middle of a header is an error, not a clean end.
+async fn read_header<R: AsyncRead + Unpin>(
+    r: &mut R,
+    header: &mut [u8; HEADER_LEN],
+) -> Result<bool, MigrateError> {
+    let mut got = 0;
+    while got < HEADER_LEN {
+        let n = r.read(&mut header[got..]).await?;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(MigrateError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
 /// Reads one frame's bytes (unopened), its payload bounded by `max_payload`. `Ok(None)`
 /// on a clean end of stream before a header.
 pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
@@ -46,10 +66,8 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
     max_payload: u32,
 ) -> Result<Option<WireFrame>, MigrateError> {
     let mut header = [0u8; HEADER_LEN];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(MigrateError::Io(e)),
+    if !read_header(r, &mut header).await? {
+        return Ok(None);
     }
     let h = Header::decode(&header, max_payload)?;
     let mut payload = vec![0u8; h.payload_len as usize];
@@ -71,10 +89,8 @@ pub(crate) async fn read_open<R: AsyncRead + Unpin>(
     buf: &mut AlignedBuf,
 ) -> Result<Option<Header>, MigrateError> {
     let mut header = [0u8; HEADER_LEN];
-    match r.read_exact(&mut header).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(MigrateError::Io(e)),
+    if !read_header(r, &mut header).await? {
+        return Ok(None);
     }
     let h = opener.decode_header(&header)?;
     let payload = buf.resize(h.payload_len as usize);

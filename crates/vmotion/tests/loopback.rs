@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use vmotion::{KeySource, MigrateError, Receiver, ReceiverKeys, Sender};
+use vmotion::{KeySource, MigrateError, ReceiveOutcome, Receiver, ReceiverKeys, Sender};
 use vmotion_engine::ConvergencePolicy;
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
 use vmotion_proto::{
@@ -62,7 +62,8 @@ async fn run(sender: Sender, receiver: Receiver, mut source: SyntheticGuest) -> 
 }
 
 fn assert_same_memory(run: &Run) {
-    let (_, dst) = run.receiver.as_ref().expect("received");
+    let (report, dst) = run.receiver.as_ref().expect("received");
+    assert_eq!(report.outcome, ReceiveOutcome::Committed);
     let (a, b) = (run.source.snapshot(), dst.snapshot());
     let differing = a
         .chunks(4096)

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use vmotion::{KeySource, MigrateError, Receiver, ReceiverKeys, Sender};
+use vmotion::{KeySource, MigrateError, ReceiveOutcome, Receiver, ReceiverKeys, Sender};
 use vmotion_engine::ConvergencePolicy;
 use vmotion_keyservice::api::{Outcome, RegisterRequest};
 use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
@@ -179,6 +179,7 @@ async fn encrypted_via_key_service(streams: u16) {
     assert!(matches!(report.mode, Mode::Encrypted(_)));
     let (rr, dst) = received.expect("received");
     assert!(matches!(rr.mode, Mode::Encrypted(_)));
+    assert_eq!(rr.outcome, ReceiveOutcome::Committed);
     assert!(
         same_memory(&source, &dst),
         "destination memory differs from the source at pause"
