@@ -210,6 +210,22 @@ fn confirm_mac(schedule: &KeySchedule, th: &[u8; 32], direction: Direction) -> [
     mac(&schedule.confirm_key(th, direction), &[th])
 }
 
+/// Opens the peer's `KeyConfirm` and checks its MAC (the peer's direction's confirm key
+/// over the transcript hash), in constant time.
+fn verify_confirm(
+    opener: &mut Opener,
+    mut frame: WireFrame,
+    (schedule, th, direction): (&KeySchedule, &[u8; 32], Direction),
+    state: &'static str,
+) -> Result<()> {
+    open_expected(opener, &mut frame, FrameType::KeyConfirm, state)?;
+    let theirs = KeyConfirm::decode(&frame.payload)?;
+    if !mac_eq(&theirs.mac, &confirm_mac(schedule, th, direction)) {
+        return Err(PeerMisbehaved::KeyConfirmationFailed.into());
+    }
+    Ok(())
+}
+
 /// Encodes an `Abort` frame for the handshake phase (checksum trailer on stream 0), for a
 /// driver that must refuse before a session exists (e.g. the key fetch failed).
 fn handshake_abort(sealer: &mut Sealer, code: AbortCode, message: &str) -> Result<WireFrame> {
@@ -549,19 +565,9 @@ impl SenderExpectKeyConfirm {
         Ok((SenderSession(core), kc))
     }
 
-    fn verify(&mut self, mut frame: WireFrame) -> Result<()> {
-        open_expected(
-            &mut self.opener,
-            &mut frame,
-            FrameType::KeyConfirm,
-            Self::STATE,
-        )?;
-        let theirs = KeyConfirm::decode(&frame.payload)?;
-        let expected = confirm_mac(&self.schedule, &self.th, Direction::ReceiverToSender);
-        if !mac_eq(&theirs.mac, &expected) {
-            return Err(PeerMisbehaved::KeyConfirmationFailed.into());
-        }
-        Ok(())
+    fn verify(&mut self, frame: WireFrame) -> Result<()> {
+        let peer = (&self.schedule, &self.th, Direction::ReceiverToSender);
+        verify_confirm(&mut self.opener, frame, peer, Self::STATE)
     }
 }
 
@@ -828,19 +834,9 @@ impl ReceiverExpectKeyConfirm {
         )))
     }
 
-    fn verify(&mut self, mut frame: WireFrame) -> Result<()> {
-        open_expected(
-            &mut self.opener,
-            &mut frame,
-            FrameType::KeyConfirm,
-            Self::STATE,
-        )?;
-        let theirs = KeyConfirm::decode(&frame.payload)?;
-        let expected = confirm_mac(&self.schedule, &self.th, Direction::SenderToReceiver);
-        if !mac_eq(&theirs.mac, &expected) {
-            return Err(PeerMisbehaved::KeyConfirmationFailed.into());
-        }
-        Ok(())
+    fn verify(&mut self, frame: WireFrame) -> Result<()> {
+        let peer = (&self.schedule, &self.th, Direction::SenderToReceiver);
+        verify_confirm(&mut self.opener, frame, peer, Self::STATE)
     }
 }
 
