@@ -265,3 +265,64 @@ async fn required_policy_refused_for_an_unregistered_destination() {
             .is_err()
     );
 }
+
+/// The key service dies mid-migration, so "committed" can be neither recorded nor read
+/// back. Neither side may guess: the source VM is left paused with OutcomeUnknown, and the
+/// destination, hearing no Commit and getting no answer, returns its copy paused
+/// (ReceiveOutcome::Unknown) instead of discarding it. No copy runs; none is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_outcome_leaves_both_copies_paused() {
+    let ks = KeyService::start();
+    register(&ks, true).await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let receiver =
+        Receiver::new(ReceiverKeys::Service(ks.client("dst"))).timeout(Duration::from_secs(2));
+    let rx = tokio::spawn(async move {
+        receiver
+            .receive(&listener, |h| {
+                Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size)))
+            })
+            .await
+    });
+    // 32 MiB at 20 MB/s: the switchover comes after about 1.7 s; the service dies at 0.5 s.
+    let pid = ks.child.id().to_string();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    });
+    let mut source = SyntheticGuest::start(SyntheticConfig {
+        pages: 8192,
+        zero_fraction: 0.0,
+        ..SyntheticConfig::default()
+    });
+    let sent = Sender::builder("vm-unknown")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Required,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Service {
+            client: ks.client("src"),
+            destination: "dst".into(),
+        })
+        .max_bandwidth(Some(20_000_000))
+        .switchover_timeout(Duration::from_secs(30))
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    assert!(
+        matches!(sent, Err(MigrateError::OutcomeUnknown(_))),
+        "{:?}",
+        sent.err()
+    );
+    let (report, dst) = rx.await.unwrap().expect("the destination keeps its copy");
+    assert_eq!(report.outcome, ReceiveOutcome::Unknown);
+    // Both paused: the source's writers stopped, the destination was never resumed.
+    let w = source.writes();
+    std::thread::sleep(Duration::from_millis(30));
+    assert_eq!(source.writes(), w, "the source stays paused");
+    assert!(
+        same_memory(&source, &dst),
+        "and the destination holds the same memory"
+    );
+}
