@@ -119,6 +119,56 @@ pub struct Sender {
     chunk_pages: u64,
     batch_bytes: usize,
     max_bandwidth: Option<u64>,
+    progress: Option<ProgressFn>,
+}
+
+/// Where a migration is, for progress displays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Pre-copy iterations, the VM running.
+    PreCopy,
+    /// The VM is paused; the last pages and the device state are going out.
+    StopAndCopy,
+    /// Waiting for Ready, recording the outcome.
+    Switchover,
+    /// Committed.
+    Done,
+}
+
+/// A progress report, sent after every step of the migration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Progress {
+    /// Where the migration is.
+    pub stage: Stage,
+    /// The current (or last) iteration; 0 is the full pass.
+    pub iteration: u32,
+    /// Bytes put on the data connections so far.
+    pub bytes_sent: u64,
+    /// Guest memory size in bytes.
+    pub guest_bytes: u64,
+    /// Bytes still to send: what the last dirty log reported (all memory before the
+    /// first pass ends).
+    pub remaining_bytes: u64,
+    /// Pages the guest dirtied per second during the last iteration.
+    pub dirty_rate_pages: f64,
+    /// Bytes per second the last iteration achieved.
+    pub throughput: f64,
+    /// The throttle in force, percent.
+    pub throttle_percent: u8,
+    /// Since the migration started.
+    pub elapsed: Duration,
+    /// Estimated time to the switchover, at the last measured throughput.
+    pub eta: Option<Duration>,
+}
+
+/// A progress callback.
+#[derive(Clone)]
+struct ProgressFn(Arc<dyn Fn(&Progress) + Send + Sync>);
+
+impl std::fmt::Debug for ProgressFn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProgressFn")
+    }
 }
 
 /// The [`Sender`] builder.
@@ -143,6 +193,7 @@ impl Sender {
             chunk_pages: 512,
             batch_bytes: 256 * 1024,
             max_bandwidth: None,
+            progress: None,
         })
     }
 }
@@ -188,6 +239,14 @@ impl SenderBuilder {
         self.0.max_bandwidth = bytes_per_second;
         self
     }
+    /// Calls `f` after every step with where the migration is (phase, iteration, bytes
+    /// sent and remaining, dirty rate, throughput, ETA). Keep it quick: it runs on the
+    /// migration's task.
+    pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
+        self.0.progress = Some(ProgressFn(Arc::new(f)));
+        self
+    }
+
     /// The sender.
     pub fn build(self) -> Sender {
         self.0
@@ -584,6 +643,20 @@ impl Sender {
             let Some(action) = engine.poll_action() else {
                 break;
             };
+            // Progress after each step that changes what a person would want to see: a
+            // pre-copy dirty log (what is left), the pause, the device state, the
+            // switchover, the commit.
+            let stage = match &action {
+                Action::FetchDirtyLog if engine.switchover_deadline().is_none() => {
+                    Some(Stage::PreCopy)
+                }
+                Action::Pause | Action::SendDeviceState => Some(Stage::StopAndCopy),
+                Action::SendComplete | Action::RecordOutcome(Outcome::Committed) => {
+                    Some(Stage::Switchover)
+                }
+                Action::SendCommit => Some(Stage::Done),
+                _ => None,
+            };
             // Once the VM is paused every step runs against the switchover deadline.
             let deadline = engine.switchover_deadline();
             let step = async {
@@ -791,6 +864,36 @@ impl Sender {
                     }
                 }
             };
+            if let (Ok(()), Some(stage), Some(progress)) = (&step, stage, &self.progress) {
+                let r = engine.report();
+                let last = r.iterations.last();
+                let guest_bytes = memory.page_count() * memory.page_size();
+                let remaining_bytes = match last {
+                    Some(it) if it.dirty_after > 0 || r.iterations.len() > 1 => {
+                        it.dirty_after * memory.page_size()
+                    }
+                    Some(_) => 0,
+                    None => guest_bytes.saturating_sub(bytes_total),
+                };
+                let throughput = last.and_then(|it| it.bandwidth()).unwrap_or(0.0);
+                (progress.0)(&Progress {
+                    stage,
+                    iteration: u32::try_from(r.iterations.len()).unwrap_or(u32::MAX),
+                    bytes_sent: bytes_total,
+                    guest_bytes,
+                    remaining_bytes: if stage == Stage::Done {
+                        0
+                    } else {
+                        remaining_bytes
+                    },
+                    dirty_rate_pages: last.and_then(|it| it.dirty_rate()).unwrap_or(0.0),
+                    throughput,
+                    throttle_percent: engine.throttle_percent(),
+                    elapsed: started.elapsed(),
+                    eta: (throughput > 0.0)
+                        .then(|| Duration::from_secs_f64(remaining_bytes as f64 / throughput)),
+                });
+            }
             if let Err(mut e) = step {
                 // A broken connection usually means the receiver aborted: prefer its
                 // reason, if it arrives promptly, to "broken pipe".

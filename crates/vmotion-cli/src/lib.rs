@@ -1,0 +1,83 @@
+//! Shared pieces of vmotion's command-line tools: the progress display.
+
+#![forbid(unsafe_code)]
+
+use std::io::{IsTerminal, Write};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use vmotion::{Progress, Stage};
+
+/// Renders [`Progress`] reports: one line rewritten in place on a terminal, a plain log
+/// line per stage change or every two seconds otherwise.
+#[derive(Debug)]
+pub struct ProgressDisplay {
+    tty: bool,
+    last: Mutex<(Option<Stage>, u32, Instant)>,
+}
+
+impl Default for ProgressDisplay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn mb(bytes: impl Into<f64>) -> f64 {
+    bytes.into() / 1e6
+}
+
+impl ProgressDisplay {
+    /// A display on standard error.
+    pub fn new() -> Self {
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            last: Mutex::new((None, u32::MAX, Instant::now())),
+        }
+    }
+
+    /// One line describing `p`.
+    pub fn line(p: &Progress) -> String {
+        let stage = match p.stage {
+            Stage::PreCopy => "pre-copy",
+            Stage::StopAndCopy => "stop-and-copy",
+            Stage::Switchover => "switchover",
+            Stage::Done => "done",
+        };
+        let eta = p
+            .eta
+            .map_or_else(|| "-".to_owned(), |d| format!("{:.1}s", d.as_secs_f64()));
+        format!(
+            "{stage:<13} iter {:>2}  sent {:>8.1} MB  remaining {:>7.1} MB  dirty {:>7.0} pages/s  {:>7.1} MB/s  throttle {:>2}%  eta {eta}  [{:.1}s]",
+            p.iteration,
+            mb(p.bytes_sent as f64),
+            mb(p.remaining_bytes as f64),
+            p.dirty_rate_pages,
+            mb(p.throughput),
+            p.throttle_percent,
+            p.elapsed.as_secs_f64(),
+        )
+    }
+
+    /// Shows a report.
+    pub fn show(&self, p: &Progress) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let changed = last.0 != Some(p.stage) || last.1 != p.iteration;
+        let mut err = std::io::stderr().lock();
+        if self.tty {
+            let _ = write!(err, "\r\x1b[2K{}", Self::line(p));
+            if p.stage == Stage::Done {
+                let _ = writeln!(err);
+            }
+        } else if changed && (last.2.elapsed() >= Duration::from_secs(2) || last.0 != Some(p.stage))
+        {
+            let _ = writeln!(err, "{}", Self::line(p));
+            last.2 = Instant::now();
+        }
+        let _ = err.flush();
+        last.0 = Some(p.stage);
+        last.1 = p.iteration;
+    }
+}
