@@ -13,7 +13,7 @@ use vmotion_proto::message::{
 };
 use vmotion_proto::{
     AbortCode, AlignedBuf, FrameType, KeyMaterial, MigrationId, Mode, Opener, PeerMisbehaved,
-    ReceiverConfig, ReceiverHandshake, ReceiverNext, ReceiverSession, handshake_random,
+    ReceiverConfig, ReceiverHandshake, ReceiverNext, ReceiverSession, WireFrame, handshake_random,
 };
 
 use crate::error::MigrateError;
@@ -230,12 +230,153 @@ impl Receiver {
     ) -> Result<(ReceiveReport, S), MigrateError> {
         let (mut control, _) = listener.accept().await?;
         let _ = control.set_nodelay(true);
-        let timed_out =
-            || MigrateError::Aborted("the sender went silent during the handshake".into());
         let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
             .await
-            .map_err(|_| timed_out())??
+            .map_err(|_| {
+                MigrateError::Aborted("the sender went silent during the handshake".into())
+            })??
             .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        self.migrate_in(control, hello, DataSource::Listener(listener), make_sink)
+            .await
+    }
+
+    /// Serves migrations until `shutdown` completes: several at once on one listener,
+    /// each connection routed by its first frame — a `Hello` starts a migration, a
+    /// `StreamBind` joins the migration it names, anything else is dropped. `make_sink`
+    /// builds each migration's sink (or refuses it); `done` gets every migration's result.
+    /// At shutdown, migrations still in progress are dropped, never marked done; a
+    /// sender then aborts and keeps its VM.
+    pub async fn serve<S, F, D>(
+        self: Arc<Self>,
+        listener: TcpListener,
+        make_sink: F,
+        done: D,
+        shutdown: impl Future<Output = ()>,
+    ) where
+        S: Sink + 'static,
+        F: Fn(&Hello) -> Result<S, String> + Send + Sync + 'static,
+        D: Fn(Result<(ReceiveReport, S), MigrateError>) + Send + Sync + 'static,
+    {
+        let routes: Routes = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let make_sink = Arc::new(make_sink);
+        let done = Arc::new(done);
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (tcp, peer) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                // Reap finished migrations so the set does not grow.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (this, routes, make_sink, done) = (
+                self.clone(),
+                routes.clone(),
+                make_sink.clone(),
+                done.clone(),
+            );
+            tasks.spawn(async move {
+                this.route(
+                    tcp,
+                    peer,
+                    routes,
+                    move |h| (make_sink)(h),
+                    move |r| (done)(r),
+                )
+                .await;
+            });
+        }
+        // Dropping the set aborts every migration still in progress.
+        tasks.abort_all();
+    }
+
+    /// Classifies one connection by its first frame.
+    async fn route<S: Sink>(
+        &self,
+        mut tcp: TcpStream,
+        peer: std::net::SocketAddr,
+        routes: Routes,
+        make_sink: impl FnOnce(&Hello) -> Result<S, String>,
+        done: impl FnOnce(Result<(ReceiveReport, S), MigrateError>),
+    ) {
+        let first =
+            match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut tcp, 4096)).await {
+                Ok(Ok(Some(f))) => f,
+                _ => {
+                    tracing::warn!(%peer, "dropping a connection without a first frame");
+                    return;
+                }
+            };
+        match FrameType::from_u8(first.header[3]) {
+            Some(FrameType::Hello) => {
+                let Ok(h) = Hello::decode(&first.payload) else {
+                    tracing::warn!(%peer, "dropping a malformed Hello");
+                    return;
+                };
+                let id = h.migration_id;
+                let (tx, rx) = tokio::sync::mpsc::channel(8);
+                {
+                    let mut r = routes
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if r.contains_key(&id) {
+                        tracing::warn!(%peer, migration = %id, "a migration with this id is already in progress");
+                        return;
+                    }
+                    r.insert(id, tx);
+                }
+                let result = self
+                    .migrate_in(tcp, first, DataSource::Routed(rx), make_sink)
+                    .await;
+                routes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&id);
+                done(result);
+            }
+            Some(FrameType::StreamBind) => {
+                let Ok(bind) = ReceiverSession::peek_stream_bind(&first) else {
+                    tracing::warn!(%peer, "dropping a malformed stream bind");
+                    return;
+                };
+                let tx = routes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .get(&bind.migration_id)
+                    .cloned();
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.send((tcp, first, peer)).await;
+                    }
+                    None => {
+                        tracing::warn!(%peer, migration = %bind.migration_id, "dropping a stream bind for no migration in progress")
+                    }
+                }
+            }
+            _ => {
+                tracing::warn!(%peer, "dropping a connection that starts with neither Hello nor StreamBind")
+            }
+        }
+    }
+
+    /// One migration, its control connection accepted and its `Hello` read.
+    async fn migrate_in<S: Sink>(
+        &self,
+        mut control: TcpStream,
+        hello: WireFrame,
+        mut data: DataSource<'_>,
+        make_sink: impl FnOnce(&Hello) -> Result<S, String>,
+    ) -> Result<(ReceiveReport, S), MigrateError> {
+        let timed_out =
+            || MigrateError::Aborted("the sender went silent during the handshake".into());
         let random =
             handshake_random().map_err(|_| MigrateError::Options("no OS randomness".into()))?;
         let received = match ReceiverHandshake::start(self.config.clone(), random).handle(hello) {
@@ -351,14 +492,9 @@ impl Receiver {
         let bind_deadline = tokio::time::Instant::now() + self.timeout;
         let mut strangers = 0;
         while tasks.0.len() < usize::from(negotiated.streams) {
-            let (tcp, peer) = tokio::time::timeout_at(bind_deadline, listener.accept())
-                .await
-                .map_err(|_| {
-                    MigrateError::Aborted("the data connections did not arrive".into())
-                })??;
-            let _ = tcp.set_nodelay(true);
+            let (tcp, first, peer) = data.next(bind_deadline).await?;
             let per_bind = bind_deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
-            match tokio::time::timeout_at(per_bind, bind_stream(tcp, &mut session)).await {
+            match tokio::time::timeout_at(per_bind, bind_stream(tcp, first, &mut session)).await {
                 Ok(Ok((r, opener))) => {
                     let memory = memory.clone();
                     let fail_tx = fail_tx.clone();
@@ -576,13 +712,60 @@ impl Receiver {
     }
 }
 
+/// The routing table of [`Receiver::serve`]: migration id → where its data connections go.
+type Routes = Arc<
+    std::sync::Mutex<
+        std::collections::HashMap<
+            MigrationId,
+            tokio::sync::mpsc::Sender<(TcpStream, WireFrame, std::net::SocketAddr)>,
+        >,
+    >,
+>;
+
+/// Where a migration's data connections come from.
+enum DataSource<'a> {
+    /// Accepted from the listener (one migration per `receive`).
+    Listener(&'a TcpListener),
+    /// Routed here by [`Receiver::serve`], their first frame already read.
+    Routed(tokio::sync::mpsc::Receiver<(TcpStream, WireFrame, std::net::SocketAddr)>),
+}
+
+impl DataSource<'_> {
+    async fn next(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<(TcpStream, Option<WireFrame>, std::net::SocketAddr), MigrateError> {
+        let late = || MigrateError::Aborted("the data connections did not arrive".into());
+        match self {
+            Self::Listener(l) => {
+                let (tcp, peer) = tokio::time::timeout_at(deadline, l.accept())
+                    .await
+                    .map_err(|_| late())??;
+                let _ = tcp.set_nodelay(true);
+                Ok((tcp, None, peer))
+            }
+            Self::Routed(rx) => {
+                let (tcp, first, peer) = tokio::time::timeout_at(deadline, rx.recv())
+                    .await
+                    .map_err(|_| late())?
+                    .ok_or_else(late)?;
+                Ok((tcp, Some(first), peer))
+            }
+        }
+    }
+}
+
 async fn bind_stream(
     mut tcp: TcpStream,
+    first: Option<WireFrame>,
     session: &mut ReceiverSession,
 ) -> Result<(OwnedReadHalf, Opener), MigrateError> {
-    let bind = read_frame(&mut tcp, 4096)
-        .await?
-        .ok_or_else(|| MigrateError::Aborted("closed before binding".into()))?;
+    let bind = match first {
+        Some(f) => f,
+        None => read_frame(&mut tcp, 4096)
+            .await?
+            .ok_or_else(|| MigrateError::Aborted("closed before binding".into()))?,
+    };
     let (_stream, channel) = session.accept_data_stream(bind)?;
     let (r, _w) = tcp.into_split();
     Ok((r, channel.opener))

@@ -431,3 +431,89 @@ async fn a_failing_destination_aborts_and_the_source_keeps_running() {
     std::thread::sleep(Duration::from_millis(30));
     assert!(source.writes() > w, "the source VM is running");
 }
+
+/// One listener, several migrations at once: `serve` routes each data connection to its
+/// migration by the id in its bind; a stranger that connects with garbage is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_takes_several_migrations_at_once() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::AsyncWriteExt;
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    type Arrived = Vec<(String, Vec<u8>, ReceiveOutcome)>;
+    let results: Arc<Mutex<Arrived>> = Arc::default();
+    let seen = results.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let receiver = Arc::new(Receiver::new(ReceiverKeys::Direct {
+        migration_id: ID,
+        material: key(),
+    }));
+    let server = tokio::spawn(receiver.serve(
+        listener,
+        |h| Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size))),
+        move |r| {
+            let (report, sink) = r.expect("received");
+            seen.lock()
+                .unwrap()
+                .push((report.vm_name.clone(), sink.snapshot(), report.outcome));
+        },
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    // A stranger first.
+    let mut junk = tokio::net::TcpStream::connect(addr).await.unwrap();
+    junk.write_all(&[0xde; 64]).await.unwrap();
+
+    let migrate = |name: &'static str, id: MigrationId| async move {
+        let mut g = guest(4096, 10_000.0);
+        let key_source = if id == ID {
+            KeySource::Direct {
+                migration_id: id,
+                material: key(),
+            }
+        } else {
+            KeySource::None { migration_id: id }
+        };
+        let policy = if id == ID {
+            EncryptionPolicy::Required
+        } else {
+            EncryptionPolicy::Disabled
+        };
+        let report = Sender::builder(name)
+            .policy(VmPolicy {
+                encryption: policy,
+                vm_encrypted: false,
+            })
+            .key(key_source)
+            .streams(2)
+            .build()
+            .migrate(addr, &mut g)
+            .await
+            .expect("committed");
+        (name, g.snapshot(), report)
+    };
+    let (a, b) = tokio::join!(
+        migrate("vm-a", ID),
+        migrate("vm-b", MigrationId([0x77; 16]))
+    );
+    assert!(matches!(a.2.mode, Mode::Encrypted(_)));
+    assert_eq!(b.2.mode, Mode::Plaintext(PlaintextReason::PolicyDisabled));
+    // Both arrived, each into its own sink, byte for byte.
+    for _ in 0..100 {
+        if results.lock().unwrap().len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let got = results.lock().unwrap().clone();
+    assert_eq!(got.len(), 2);
+    for (name, memory, _) in [&a, &b].map(|(n, m, r)| (*n, m.clone(), r.clone())) {
+        let (_, sink_memory, outcome) = got.iter().find(|(vm, _, _)| vm == name).unwrap();
+        assert_eq!(*outcome, ReceiveOutcome::Committed);
+        assert!(*sink_memory == memory, "{name} differs");
+    }
+    let _ = stop.send(());
+    server.await.unwrap();
+}
