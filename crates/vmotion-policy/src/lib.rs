@@ -237,6 +237,15 @@ fn parse_bandwidth(s: &str) -> Result<Bandwidth, String> {
     Ok(Bandwidth::BytesPerSecond(v as u64))
 }
 
+/// Parses a bandwidth as policy files write it (`"unlimited"`, `"800MB/s"`, `"1GiB/s"`):
+/// bytes per second, `None` for unlimited. For command-line flags that override a policy.
+pub fn parse_bandwidth_flag(s: &str) -> Result<Option<u64>, String> {
+    match parse_bandwidth(s)? {
+        Bandwidth::Unlimited => Ok(None),
+        Bandwidth::BytesPerSecond(b) => Ok(Some(b)),
+    }
+}
+
 fn bandwidth<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Bandwidth>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]

@@ -1,0 +1,232 @@
+//! `vmotion-recv`: the destination daemon. Listens for migrations, registers (and keeps
+//! refreshing) this host's capabilities with the key service, takes several migrations
+//! at once, writes each incoming guest to the chosen sink, and stops cleanly on SIGINT or
+//! SIGTERM (migrations in progress are dropped, never marked done).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use tokio::net::TcpListener;
+use vmotion::{Receiver, ReceiverKeys, Sink};
+use vmotion_keyservice::api::RegisterRequest;
+use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
+use vmotion_mover::memfile::MemoryFile;
+use vmotion_mover::synthetic::SyntheticGuest;
+use vmotion_mover::{GuestMemory, VmControl};
+
+/// vmotion's destination daemon.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// Address to listen on (port 0: any free port; the address is printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Key service URL (https://HOST:PORT). Without it this host cannot encrypt.
+    #[arg(long, requires_all = ["ca", "cert", "key"])]
+    keyservice: Option<String>,
+    /// CA certificate that signed the key service's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This host's client certificate (its identity is the certificate's DNS name).
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This host's private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// Refuse every migration that would be plaintext.
+    #[arg(long)]
+    require_encryption: bool,
+    /// Where incoming guests go.
+    #[arg(long, value_enum, default_value_t = SinkKind::Synthetic)]
+    sink: SinkKind,
+    /// Folder for memory files (with `--sink memfile`): one `VM.mem` per migration.
+    #[arg(long, default_value = "/dev/shm/vmotion")]
+    sink_dir: PathBuf,
+    /// Largest guest accepted, in MiB (pre-flight: larger guests are refused).
+    #[arg(long, default_value_t = 65536)]
+    max_guest_mib: u64,
+    /// Most data streams per migration.
+    #[arg(long, default_value_t = 16)]
+    max_streams: u16,
+    /// How often to refresh the registration, in seconds.
+    #[arg(long, default_value_t = 20)]
+    refresh_secs: u64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum SinkKind {
+    /// In memory (a paused synthetic guest), for tests and demos.
+    Synthetic,
+    /// A memory file per guest in `--sink-dir`.
+    Memfile,
+}
+
+enum AnySink {
+    Synthetic(SyntheticGuest),
+    File(MemoryFile),
+}
+
+impl Sink for AnySink {
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        match self {
+            Self::Synthetic(g) => Sink::memory(g),
+            Self::File(f) => Sink::memory(f),
+        }
+    }
+    fn control(&mut self) -> &mut dyn VmControl {
+        match self {
+            Self::Synthetic(g) => g,
+            Self::File(f) => f,
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let client = match (&args.keyservice, &args.ca, &args.cert, &args.key) {
+        (Some(url), Some(ca), Some(cert), Some(key)) => Some(Arc::new(
+            KeyServiceClient::new(
+                url,
+                &ClientIdentity {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                },
+            )
+            .context("key service client")?,
+        )),
+        _ => None,
+    };
+    let keys = match &client {
+        Some(c) => {
+            let record = c
+                .register(&RegisterRequest {
+                    can_encrypt: true,
+                    protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
+                    ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+                })
+                .await
+                .context("registering with the key service")?;
+            tracing::info!(host = %record.host, "registered with the key service; this host encrypts");
+            ReceiverKeys::Service(c.clone())
+        }
+        None => {
+            tracing::warn!("no key service: this host cannot encrypt (plaintext migrations only)");
+            ReceiverKeys::None
+        }
+    };
+    // Keep the registration alive.
+    if let Some(c) = client.clone() {
+        let every = Duration::from_secs(args.refresh_secs.max(1));
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let r = c
+                    .register(&RegisterRequest {
+                        can_encrypt: true,
+                        protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
+                        ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "registration refresh failed");
+                }
+            }
+        });
+    }
+    let receiver = Arc::new(
+        Receiver::new(keys)
+            .require_encryption(args.require_encryption)
+            .max_streams(args.max_streams),
+    );
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    println!("listening on {}", listener.local_addr()?);
+    let (sink_kind, sink_dir, max_bytes) =
+        (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
+    if sink_kind == SinkKind::Memfile {
+        std::fs::create_dir_all(&sink_dir)
+            .with_context(|| format!("creating {}", sink_dir.display()))?;
+    }
+    receiver
+        .serve(
+            listener,
+            move |hello| {
+                let bytes = hello.guest_pages.saturating_mul(u64::from(hello.page_size));
+                if bytes > max_bytes {
+                    return Err(format!(
+                        "the guest needs {} MiB; this host accepts at most {} MiB",
+                        bytes >> 20,
+                        max_bytes >> 20
+                    ));
+                }
+                match sink_kind {
+                    SinkKind::Synthetic => Ok(AnySink::Synthetic(SyntheticGuest::blank(
+                        hello.guest_pages,
+                        u64::from(hello.page_size),
+                    ))),
+                    SinkKind::Memfile => MemoryFile::create(
+                        &sink_dir.join(format!("{}.mem", hello.vm_name)),
+                        hello.guest_pages,
+                        u64::from(hello.page_size),
+                    )
+                    .map(AnySink::File)
+                    .map_err(|e| e.to_string()),
+                }
+            },
+            |result| match result {
+                Ok((report, _sink)) => tracing::info!(
+                    migration = %report.migration_id,
+                    vm = %report.vm_name,
+                    mode = ?report.mode,
+                    outcome = ?report.outcome,
+                    pages = report.pages,
+                    "migration received"
+                ),
+                Err(e) => tracing::warn!(error = %e, "migration not received"),
+            },
+            shutdown_signal(),
+        )
+        .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmotion-recv: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmotion-recv: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! `vmotion-send`: migrates one VM to a destination, as its policy file says.
+//!
+//! Exit codes (also in docs/cli.md):
+//!
+//! | code | meaning | where the VM is |
+//! |---|---|---|
+//! | 0 | committed | running at the destination |
+//! | 1 | could not start (key service, sources, I/O before the migration) | untouched at the source |
+//! | 2 | bad usage or a bad policy file | untouched at the source |
+//! | 3 | refused by policy or negotiation, before a page was sent | running at the source |
+//! | 4 | aborted | running at the source |
+//! | 5 | outcome unknown, or the resume failed | **paused** at the source: settle it first |
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use serde_json::json;
+use vmotion::{KeySource, MigrateError, MigrationReport, Sender};
+use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
+use vmotion_mover::Source;
+use vmotion_mover::memfile::MemoryFile;
+use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
+use vmotion_proto::{MigrationId, Mode};
+
+/// Migrates one VM to a vmotion-recv, as the VM's policy file says.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Args {
+    /// The VM: its policy is `POLICY_DIR/VM.toml` over `POLICY_DIR/defaults.toml`.
+    #[arg(long)]
+    vm: String,
+    /// The destination's vmotion-recv address.
+    #[arg(long)]
+    to: SocketAddr,
+    /// Folder of policy files.
+    #[arg(long, default_value = "policy")]
+    policy_dir: PathBuf,
+    /// Key service URL (https://HOST:PORT). Without it the migration can only be plaintext.
+    #[arg(long, requires_all = ["ca", "cert", "key", "destination"])]
+    keyservice: Option<String>,
+    /// CA certificate that signed the key service's certificate.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// This host's client certificate.
+    #[arg(long)]
+    cert: Option<PathBuf>,
+    /// This host's private key.
+    #[arg(long)]
+    key: Option<PathBuf>,
+    /// The destination host's identity at the key service.
+    #[arg(long)]
+    destination: Option<String>,
+    /// Data connections (overrides the policy's `streams`).
+    #[arg(long)]
+    streams: Option<u16>,
+    /// Bandwidth cap, e.g. "500MB/s" or "unlimited" (overrides `max_bandwidth`).
+    #[arg(long)]
+    max_bandwidth: Option<String>,
+    /// Longest acceptable pause in ms (overrides `max_downtime_ms`).
+    #[arg(long)]
+    max_downtime: Option<u64>,
+    /// Source: a synthetic guest of this many MiB.
+    #[arg(long, conflicts_with = "memfile")]
+    synthetic_mib: Option<u64>,
+    /// Pages per second the synthetic guest writes.
+    #[arg(long, default_value_t = 0.0)]
+    dirty_rate: f64,
+    /// Which pages it writes: uniform, sequential, or hot:N (the first N pages).
+    #[arg(long, default_value = "uniform")]
+    pattern: String,
+    /// Source: guest memory in this file (cold migration: no dirty log).
+    #[arg(long)]
+    memfile: Option<PathBuf>,
+    /// Print the report as JSON on stdout (progress still goes to stderr).
+    #[arg(long)]
+    json: bool,
+}
+
+fn pattern(s: &str) -> Result<Pattern, String> {
+    match s {
+        "uniform" => Ok(Pattern::Uniform),
+        "sequential" => Ok(Pattern::Sequential),
+        _ => s
+            .strip_prefix("hot:")
+            .and_then(|n| n.parse().ok())
+            .map(|pages| Pattern::HotSet { pages })
+            .ok_or_else(|| format!("`{s}` is not a pattern (uniform, sequential, hot:N)")),
+    }
+}
+
+/// Exit codes.
+const COMMITTED: u8 = 0;
+const NOT_STARTED: u8 = 1;
+const USAGE: u8 = 2;
+const REFUSED: u8 = 3;
+const ABORTED: u8 = 4;
+const UNKNOWN: u8 = 5;
+
+fn exit_code(e: &MigrateError) -> u8 {
+    match e {
+        MigrateError::Refused(_) | MigrateError::AlreadyInFlight(_) => REFUSED,
+        MigrateError::OutcomeUnknown(_) | MigrateError::ResumeFailed(_) => UNKNOWN,
+        MigrateError::KeyService(_) => NOT_STARTED,
+        MigrateError::Options(_) => USAGE,
+        _ => ABORTED,
+    }
+}
+
+fn report_json(r: &MigrationReport) -> serde_json::Value {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let (mode, reason) = match r.mode {
+        Mode::Encrypted(_) => ("encrypted", None),
+        Mode::Plaintext(reason) => ("plaintext", Some(reason.to_string())),
+    };
+    json!({
+        "outcome": "committed",
+        "migration_id": r.migration_id.to_string(),
+        "vm": r.vm_name,
+        "mode": mode,
+        "plaintext_reason": reason,
+        "streams": r.streams,
+        "bytes_sent": r.bytes_sent,
+        "total_ms": ms(r.total_time),
+        "throughput_bytes_per_sec": r.throughput(),
+        "phases_ms": { "setup": ms(r.phases.setup), "precopy": ms(r.phases.precopy), "switchover": ms(r.phases.switchover) },
+        "downtime_ms": r.engine.downtime.map(|d| json!({
+            "total": ms(d.total), "final_pages": ms(d.final_pages), "device_state": ms(d.device_state),
+            "ready_wait": ms(d.ready_wait), "outcome_record": ms(d.outcome_record),
+        })),
+        "expected_downtime_ms": r.engine.expected_downtime.map(ms),
+        "iterations": r.engine.iterations.iter().map(|it| json!({
+            "iteration": it.iteration, "pages": it.pages, "bytes": it.bytes, "ms": ms(it.duration),
+            "dirty_after": it.dirty_after, "dirty_rate_pages_per_sec": it.dirty_rate(), "throttle_percent": it.throttle_percent,
+        })).collect::<Vec<_>>(),
+        "max_throttle_percent": r.engine.max_throttle_percent,
+        "key_epochs": r.epochs,
+        "commit_delivered": r.commit_delivered,
+    })
+}
+
+async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
+    let policy =
+        vmotion_policy::load(&args.policy_dir, &args.vm).map_err(|e| (USAGE, e.to_string()))?;
+    let max_bandwidth = match &args.max_bandwidth {
+        Some(s) => vmotion_policy::parse_bandwidth_flag(s)
+            .map_err(|e| (USAGE, format!("--max-bandwidth: {e}")))?,
+        None => policy.max_bandwidth,
+    };
+    let mut convergence = policy.convergence;
+    if let Some(ms) = args.max_downtime {
+        if ms == 0 {
+            return Err((USAGE, "--max-downtime must be above 0".into()));
+        }
+        convergence.max_downtime = Duration::from_millis(ms);
+    }
+    let key = match (
+        &args.keyservice,
+        &args.ca,
+        &args.cert,
+        &args.key,
+        &args.destination,
+    ) {
+        (Some(url), Some(ca), Some(cert), Some(key), Some(destination)) => KeySource::Service {
+            client: Arc::new(
+                KeyServiceClient::new(
+                    url,
+                    &ClientIdentity {
+                        ca: ca.clone(),
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                )
+                .map_err(|e| (NOT_STARTED, e.to_string()))?,
+            ),
+            destination: destination.clone(),
+        },
+        _ => {
+            let mut id = [0u8; 16];
+            let r = vmotion_proto::handshake_random()
+                .map_err(|_| (NOT_STARTED, "no OS randomness".to_owned()))?;
+            id.copy_from_slice(&r[..16]);
+            KeySource::None {
+                migration_id: MigrationId(id),
+            }
+        }
+    };
+    let mut source: Box<dyn Source> = match (&args.synthetic_mib, &args.memfile) {
+        (Some(mib), None) => Box::new(SyntheticGuest::start(SyntheticConfig {
+            pages: mib * 256,
+            dirty_rate: args.dirty_rate,
+            pattern: pattern(&args.pattern).map_err(|e| (USAGE, e))?,
+            writers: 2,
+            ..SyntheticConfig::default()
+        })),
+        (None, Some(path)) => Box::new(
+            MemoryFile::open(path, 4096)
+                .map_err(|e| (NOT_STARTED, format!("{}: {e}", path.display())))?,
+        ),
+        _ => {
+            return Err((
+                USAGE,
+                "name a source: --synthetic-mib N or --memfile PATH".into(),
+            ));
+        }
+    };
+    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
+    let shown = display.clone();
+    Sender::builder(&args.vm)
+        .policy(policy.vm_policy)
+        .key(key)
+        .streams(args.streams.unwrap_or(policy.streams))
+        .convergence(convergence)
+        .switchover_timeout(policy.switchover_timeout)
+        .max_bandwidth(max_bandwidth)
+        .on_progress(move |p| shown.show(p))
+        .build()
+        .migrate(args.to, &mut *source)
+        .await
+        .map_err(|e| (exit_code(&e), e.to_string()))
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let args = Args::parse();
+    let json = args.json;
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmotion-send: cannot start the runtime: {e}");
+            return ExitCode::from(NOT_STARTED);
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(report) => {
+            if json {
+                println!("{}", report_json(&report));
+            } else {
+                println!("{}", report.summary());
+                if let Mode::Plaintext(reason) = report.mode
+                    && reason.is_downgrade()
+                {
+                    eprintln!("vmotion-send: warning: migrated in PLAINTEXT: {reason}");
+                }
+            }
+            ExitCode::from(COMMITTED)
+        }
+        Err((code, message)) => {
+            let what = match code {
+                REFUSED => "refused, the VM keeps running at the source",
+                ABORTED => "aborted, the VM keeps running at the source",
+                UNKNOWN => "OUTCOME UNKNOWN, the VM is PAUSED at the source",
+                USAGE => "bad usage or policy, nothing was sent",
+                _ => "could not start, the VM is untouched",
+            };
+            if json {
+                println!(
+                    "{}",
+                    json!({ "outcome": what, "error": message, "exit_code": code })
+                );
+            }
+            eprintln!("vmotion-send: {what}: {message}");
+            ExitCode::from(code)
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! End to end with the real binaries on loopback: a real key service process, vmotion-recv
+//! daemons, vmotion-send runs — the policy matrix of the design brief (§3), a downgrade
+//! attempt by a proxy that rewrites the handshake, and bad policy files and flags, each
+//! with its documented exit code and message.
+//!
+//! The key service binary must be built (`scripts/test.sh` builds every workspace binary).
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+const SEND: &str = env!("CARGO_BIN_EXE_vmotion-send");
+const RECV: &str = env!("CARGO_BIN_EXE_vmotion-recv");
+
+fn keyservice_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("vmotion-keyservice");
+    assert!(
+        bin.exists(),
+        "{} missing: `cargo build -p vmotion-keyservice` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_listening(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"))
+        .to_owned();
+    (Proc(child), addr)
+}
+
+struct World {
+    dir: tempfile::TempDir,
+    _ks: Proc,
+    ks_url: String,
+}
+
+impl World {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = keyservice_bin();
+        let out = Command::new(&ks)
+            .args(["pki", "init", "--out"])
+            .arg(dir.path())
+            .args(["--hosts", "src,dst,plain"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let cfg = dir.path().join("keyservice.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("127.0.0.1:7443", "127.0.0.1:0");
+        std::fs::write(&cfg, text).unwrap();
+        let (proc_, addr) =
+            spawn_listening(Command::new(&ks).args(["serve", "--config"]).arg(&cfg));
+        std::fs::create_dir(dir.path().join("policy")).unwrap();
+        Self {
+            ks_url: format!("https://{addr}"),
+            _ks: proc_,
+            dir,
+        }
+    }
+
+    fn p(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    fn identity(&self, host: &str) -> Vec<String> {
+        vec![
+            "--keyservice".into(),
+            self.ks_url.clone(),
+            "--ca".into(),
+            self.p("ca.pem").display().to_string(),
+            "--cert".into(),
+            self.p(&format!("hosts/{host}.pem")).display().to_string(),
+            "--key".into(),
+            self.p(&format!("hosts/{host}-key.pem"))
+                .display()
+                .to_string(),
+        ]
+    }
+
+    /// A receiver: with the key service as `host` (it registers as able to encrypt), or
+    /// without one.
+    fn recv(&self, host: Option<&str>, extra: &[&str]) -> (Proc, String) {
+        let mut cmd = Command::new(RECV);
+        cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
+        if let Some(h) = host {
+            cmd.args(self.identity(h));
+        }
+        spawn_listening(&mut cmd)
+    }
+
+    fn policy(&self, vm: &str, text: &str) {
+        std::fs::write(self.p(&format!("policy/{vm}.toml")), text).unwrap();
+    }
+
+    fn send(&self, vm: &str, to: &str, with_keys: bool, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(SEND);
+        cmd.args(["--vm", vm, "--to", to, "--policy-dir"])
+            .arg(self.p("policy"))
+            .args(["--synthetic-mib", "8", "--dirty-rate", "5000"])
+            .args(extra);
+        if with_keys {
+            cmd.args(self.identity("src"))
+                .args(["--destination", "dst"]);
+        }
+        cmd.output().unwrap()
+    }
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn expect(o: &Output, code: i32, needles: &[&str]) {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(code), "{t}");
+    for n in needles {
+        assert!(t.contains(n), "{n:?} missing:\n{t}");
+    }
+}
+
+/// The policy matrix: disabled / opportunistic / required against a destination that
+/// encrypts, one that is not registered, and a receiver that requires encryption.
+#[test]
+fn policy_matrix_with_the_real_binaries() {
+    let w = World::new();
+    let (_enc, enc_addr) = w.recv(Some("dst"), &[]);
+    let (_unreg, unreg_addr) = w.recv(None, &[]);
+    let (_strict, strict_addr) = w.recv(Some("dst"), &["--require-encryption"]);
+    w.policy("req", "encryption = \"required\"\n");
+    w.policy("opp", "encryption = \"opportunistic\"\n");
+    w.policy("off", "encryption = \"disabled\"\n");
+    w.policy("vault", "encryption = \"disabled\"\nencrypted = true\n");
+
+    // Destination registered and able to encrypt.
+    expect(
+        &w.send("req", &enc_addr, true, &[]),
+        0,
+        &["committed, encrypted (AES-256-GCM)"],
+    );
+    expect(
+        &w.send("opp", &enc_addr, true, &[]),
+        0,
+        &["committed, encrypted"],
+    );
+    expect(
+        &w.send("off", &enc_addr, true, &[]),
+        0,
+        &["PLAINTEXT: the VM's policy disables encryption"],
+    );
+    expect(
+        &w.send("vault", &enc_addr, true, &[]),
+        0,
+        &["committed, encrypted"],
+    );
+
+    // Destination not registered with the key service ("dst" is registered, but the
+    // migration names "plain", which never registered).
+    let plain = |vm: &str| {
+        let mut cmd = Command::new(SEND);
+        cmd.args(["--vm", vm, "--to", &unreg_addr, "--policy-dir"])
+            .arg(w.p("policy"))
+            .args(["--synthetic-mib", "8"])
+            .args(w.identity("src"))
+            .args(["--destination", "plain"]);
+        cmd.output().unwrap()
+    };
+    expect(
+        &plain("req"),
+        3,
+        &[
+            "refused",
+            "requires encryption",
+            "destination cannot encrypt",
+        ],
+    );
+    expect(&plain("vault"), 3, &["refused"]);
+    let o = plain("opp");
+    expect(&o, 0, &["PLAINTEXT", "not registered", "warning"]);
+    expect(
+        &plain("off"),
+        0,
+        &["PLAINTEXT: the VM's policy disables encryption"],
+    );
+
+    // A receiver that requires encryption refuses plaintext, whatever the VM allows.
+    expect(
+        &w.send("off", &strict_addr, true, &[]),
+        3,
+        &["refused", "receiving host requires encryption"],
+    );
+    expect(&w.send("req", &strict_addr, true, &[]), 0, &["encrypted"]);
+
+    // --json for machines.
+    let o = w.send("req", &enc_addr, true, &["--json"]);
+    expect(&o, 0, &[]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["outcome"], "committed");
+    assert_eq!(v["mode"], "encrypted");
+    assert!(v["downtime_ms"]["total"].as_f64().unwrap() > 0.0);
+    assert!(!v["iterations"].as_array().unwrap().is_empty());
+}
+
+/// A proxy between sender and receiver rewrites the HelloAck to say the destination
+/// cannot encrypt; the key service's registry says it can: refused as a downgrade.
+#[test]
+fn a_rewritten_handshake_is_refused_as_a_downgrade() {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use vmotion_proto::message::HelloAck;
+    use vmotion_proto::testing::{checksum_frame, header_of};
+    use vmotion_proto::{Decision, FrameSplitter, PlaintextReason};
+
+    let w = World::new();
+    let (_enc, enc_addr) = w.recv(Some("dst"), &[]);
+    w.policy("opp", "encryption = \"opportunistic\"\n");
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = proxy.local_addr().unwrap().to_string();
+    let upstream = enc_addr;
+    std::thread::spawn(move || {
+        // Only the control connection matters: the sender refuses before opening others.
+        let (mut client, _) = proxy.accept().unwrap();
+        let mut server = TcpStream::connect(&upstream).unwrap();
+        let mut c2 = client.try_clone().unwrap();
+        let mut s2 = server.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut c2, &mut s2);
+        });
+        // Receiver → sender: rewrite the first frame (the HelloAck), pass the rest.
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let n = server.read(&mut chunk).unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            if let Ok(Some((frame, used))) = FrameSplitter::new(4096).split(&buf) {
+                let h = header_of(&frame);
+                let mut ack = HelloAck::decode(&frame.payload).unwrap();
+                ack.can_encrypt = false;
+                ack.cipher = None;
+                ack.decision = Decision::Plaintext(PlaintextReason::DestinationCannotEncrypt);
+                let forged =
+                    checksum_frame(h.version, h.stream, h.sequence, h.frame_type, ack.encode())
+                        .unwrap();
+                let _ = client.write_all(&forged.to_bytes());
+                let _ = client.write_all(&buf[used..]);
+                break;
+            }
+        }
+        let _ = std::io::copy(&mut server, &mut client);
+    });
+    expect(
+        &w.send("opp", &proxy_addr, true, &[]),
+        3,
+        &["refused", "downgrade detected"],
+    );
+}
+
+#[test]
+fn bad_policy_files_and_flags_are_refused_with_their_message() {
+    let w = World::new();
+    let (_r, addr) = w.recv(None, &[]);
+    w.policy("typo", "encryption = \"disabled\"\nstreamz = 2\n");
+    expect(
+        &w.send("typo", &addr, false, &[]),
+        2,
+        &["typo.toml:2", "streamz", "nothing was sent"],
+    );
+    w.policy("bad", "encryption = \"sometimes\"\n");
+    expect(
+        &w.send("bad", &addr, false, &[]),
+        2,
+        &["bad.toml:1", "sometimes"],
+    );
+    expect(
+        &w.send("ghost", &addr, false, &[]),
+        2,
+        &["no policy file for VM `ghost`"],
+    );
+    w.policy("ok", "encryption = \"disabled\"\n");
+    expect(
+        &w.send("ok", &addr, false, &["--max-bandwidth", "fast"]),
+        2,
+        &["--max-bandwidth", "fast"],
+    );
+    expect(
+        &w.send("ok", &addr, false, &["--pattern", "zigzag"]),
+        2,
+        &["zigzag"],
+    );
+    expect(
+        &w.send("ok", &addr, false, &["--streams", "0"]),
+        2,
+        &["streams"],
+    );
+    expect(
+        &w.send("ok", &addr, false, &["--no-such-flag"]),
+        2,
+        &["--no-such-flag"],
+    );
+    let o = Command::new(SEND)
+        .args(["--vm", "ok", "--to", &addr, "--policy-dir"])
+        .arg(w.p("policy"))
+        .output()
+        .unwrap();
+    expect(&o, 2, &["--synthetic-mib N or --memfile PATH"]);
+    // And after all that, a good run still works against the same receiver.
+    expect(&w.send("ok", &addr, false, &[]), 0, &["committed"]);
+}
