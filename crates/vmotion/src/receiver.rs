@@ -78,11 +78,18 @@ pub enum ReceiveOutcome {
 
 /// Aborts the stream tasks when `receive` returns, whichever way: no task keeps writing
 /// into the sink after an error.
-struct StreamTasks(Vec<tokio::task::JoinHandle<Result<StreamStats, MigrateError>>>);
+/// Kept with their stream id: connections bind in any order (routed ones especially),
+/// while `Complete` lists totals by stream id.
+struct StreamTasks(
+    Vec<(
+        u16,
+        tokio::task::JoinHandle<Result<StreamStats, MigrateError>>,
+    )>,
+);
 
 impl Drop for StreamTasks {
     fn drop(&mut self) {
-        for t in &self.0 {
+        for (_, t) in &self.0 {
             t.abort();
         }
     }
@@ -496,22 +503,26 @@ impl Receiver {
             let per_bind = bind_deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
             match tokio::time::timeout_at(per_bind, bind_stream(tcp, first, &mut session)).await {
                 Ok(Ok((r, opener))) => {
+                    let stream_id = opener.stream();
                     let memory = memory.clone();
                     let fail_tx = fail_tx.clone();
                     let guest_pages = hello.guest_pages;
                     let received_pages = received_pages.clone();
-                    tasks.0.push(tokio::spawn(async move {
-                        let r =
-                            receive_stream(r, opener, memory, guest_pages, &received_pages).await;
-                        if let Err(e) = &r {
-                            let code = match e {
-                                MigrateError::Protocol(p) => p.abort_code(),
-                                _ => AbortCode::DestinationFailed,
-                            };
-                            let _ = fail_tx.send((code, e.to_string())).await;
-                        }
-                        r
-                    }));
+                    tasks.0.push((
+                        stream_id,
+                        tokio::spawn(async move {
+                            let r = receive_stream(r, opener, memory, guest_pages, &received_pages)
+                                .await;
+                            if let Err(e) = &r {
+                                let code = match e {
+                                    MigrateError::Protocol(p) => p.abort_code(),
+                                    _ => AbortCode::DestinationFailed,
+                                };
+                                let _ = fail_tx.send((code, e.to_string())).await;
+                            }
+                            r
+                        }),
+                    ));
                 }
                 other => {
                     strangers += 1;
@@ -581,7 +592,10 @@ impl Receiver {
                 ));
             }
             let (mut pages, mut bytes) = (0, 0);
-            for (i, (task, claimed)) in tasks.0.iter_mut().zip(&complete.streams).enumerate() {
+            tasks.0.sort_by_key(|(id, _)| *id);
+            for (i, ((id, task), claimed)) in tasks.0.iter_mut().zip(&complete.streams).enumerate()
+            {
+                debug_assert_eq!(usize::from(*id), i + 1, "streams 1..=n, each bound once");
                 let stats = tokio::time::timeout(self.timeout, task)
                     .await
                     .map_err(|_| MigrateError::Aborted("a data stream did not end".into()))?
