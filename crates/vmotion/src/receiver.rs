@@ -169,7 +169,11 @@ pub struct Receiver {
     config: ReceiverConfig,
     keys: ReceiverKeys,
     timeout: Duration,
+    on_resumed: Option<ResumedHook>,
 }
+
+/// Called once a committed VM runs here (network announcements, the orchestrator...).
+type ResumedHook = Arc<dyn Fn(&ReceiveReport) + Send + Sync>;
 
 impl std::fmt::Debug for Receiver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -196,7 +200,16 @@ impl Receiver {
             config,
             keys,
             timeout: Duration::from_secs(30),
+            on_resumed: None,
         }
+    }
+
+    /// A post-resume hook: called right after a committed VM is resumed here — the place
+    /// for the network announcements of a vMotion's last step (`vmotion-announce`), which
+    /// a mover may replace with its own. Keep it quick or hand the work to a thread.
+    pub fn on_resumed(mut self, f: impl Fn(&ReceiveReport) + Send + Sync + 'static) -> Self {
+        self.on_resumed = Some(Arc::new(f));
+        self
     }
 
     /// Refuse every migration that would be plaintext.
@@ -688,7 +701,20 @@ impl Receiver {
                 ReceiveOutcome::Unknown
             }
             Some(true) => match sink.control().resume() {
-                Ok(()) => ReceiveOutcome::Committed,
+                Ok(()) => {
+                    if let Some(hook) = &self.on_resumed {
+                        hook(&ReceiveReport {
+                            migration_id,
+                            vm_name: hello.vm_name.clone(),
+                            mode: negotiated.mode,
+                            pages,
+                            bytes,
+                            device_state_len: device_state.len() as u64,
+                            outcome: ReceiveOutcome::Committed,
+                        });
+                    }
+                    ReceiveOutcome::Committed
+                }
                 Err(e) => ReceiveOutcome::CommittedNotResumed(e.to_string()),
             },
         };

@@ -56,6 +56,13 @@ struct Args {
     /// How often to refresh the registration, in seconds.
     #[arg(long, default_value_t = 20)]
     refresh_secs: u64,
+    /// After a VM resumes here, announce its MAC addresses (RARP) and IPv4 addresses
+    /// (gratuitous ARP) on this interface, from its policy file's `macs` and `ips`.
+    #[arg(long, requires = "policy_dir")]
+    announce_interface: Option<String>,
+    /// Policy files, for the addresses to announce.
+    #[arg(long)]
+    policy_dir: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -147,11 +154,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         });
     }
-    let receiver = Arc::new(
-        Receiver::new(keys)
-            .require_encryption(args.require_encryption)
-            .max_streams(args.max_streams),
-    );
+    let mut receiver = Receiver::new(keys)
+        .require_encryption(args.require_encryption)
+        .max_streams(args.max_streams);
+    if let (Some(interface), Some(dir)) = (args.announce_interface.clone(), args.policy_dir.clone())
+    {
+        receiver = receiver.on_resumed(move |report| {
+            let policy = match vmotion_policy::load(&dir, &report.vm_name) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(migration = %report.migration_id, error = %e, "no addresses to announce");
+                    return;
+                }
+            };
+            if policy.macs.is_empty() {
+                return;
+            }
+            let what = vmotion_announce::Announcement {
+                ips: policy.ips.iter().map(|ip| (policy.macs[0], *ip)).collect(),
+                macs: policy.macs,
+            };
+            let (interface, id) = (interface.clone(), report.migration_id);
+            std::thread::spawn(move || {
+                match vmotion_announce::announce(&interface, &what, vmotion_announce::Schedule::default()) {
+                    Ok(n) => tracing::info!(migration = %id, frames = n, %interface, "announced"),
+                    Err(e) => tracing::warn!(migration = %id, error = %e, "announcement failed"),
+                }
+            });
+        });
+    }
+    let receiver = Arc::new(receiver);
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
