@@ -338,6 +338,16 @@ fn bad_policy_files_and_flags_are_refused_with_their_message() {
         .output()
         .unwrap();
     expect(&o, 2, &["--synthetic-mib N or --memfile PATH"]);
-    // And after all that, a good run still works against the same receiver.
-    expect(&w.send("ok", &addr, false, &[]), 0, &["committed"]);
+    expect(
+        &w.send("ok", &addr, false, &["--dscp", "64"]),
+        2,
+        &["--dscp"],
+    );
+    // And after all that, a good run still works against the same receiver, here from a
+    // dedicated local address with EF-marked packets.
+    expect(
+        &w.send("ok", &addr, false, &["--bind", "127.0.0.2", "--dscp", "46"]),
+        0,
+        &["committed"],
+    );
 }

@@ -26,7 +26,7 @@ pub use error::MigrateError;
 pub use receiver::{ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 pub use report::MigrationReport;
 pub use report::Phases;
-pub use sender::{KeySource, Progress, Sender, SenderBuilder, Stage};
+pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
 
 /// The VMs this process is migrating out, or taking in: a second migration of the same
 /// VM in the same direction is refused before it starts. (Out and in are kept apart: a

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::net::{TcpListener, TcpStream};
+use tracing::Instrument as _;
 use vmotion_keyservice::KeyServiceClient;
 use vmotion_keyservice::api::Outcome as RecordedOutcome;
 use vmotion_mover::{GuestMemory, VmControl};
@@ -410,6 +411,8 @@ impl Receiver {
         };
         let hello = received.hello().clone();
         let migration_id = hello.migration_id;
+        let span = tracing::info_span!("migration", id = %migration_id, vm = %hello.vm_name);
+        async move {
         let _in_flight = match crate::InFlight::claim(&crate::INCOMING, &hello.vm_name) {
             Ok(g) => g,
             Err(e) => {
@@ -730,6 +733,9 @@ impl Receiver {
             },
             sink,
         ))
+        }
+        .instrument(span)
+        .await
     }
 
     /// After `Ready`, with no `Commit` or `Abort` heard: the key service's record decides.

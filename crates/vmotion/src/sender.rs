@@ -8,6 +8,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument as _;
 use vmotion_engine::{
     AbortReason, Action, ConvergencePolicy, EngineConfig, Outcome, PageRange, SenderEngine,
     bitmap::{split_at_chunks, stream_for},
@@ -120,6 +121,38 @@ pub struct Sender {
     batch_bytes: usize,
     max_bandwidth: Option<u64>,
     progress: Option<ProgressFn>,
+    net: NetOptions,
+}
+
+/// How the sender's connections go out: from which local address, with which DSCP mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetOptions {
+    /// Local address to send from (a dedicated migration network's address).
+    pub bind: Option<std::net::IpAddr>,
+    /// DSCP code point (0 to 63) marked on every migration packet, so the network can
+    /// give migration traffic its own class (e.g. 10 = AF11, 46 = EF).
+    pub dscp: Option<u8>,
+}
+
+/// Connects to `addr` as `net` says.
+pub(crate) async fn connect(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpStream> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    if let Some(dscp) = net.dscp {
+        let tos = u32::from(dscp.min(63)) << 2;
+        match addr {
+            SocketAddr::V4(_) => socket.set_tos_v4(tos)?,
+            SocketAddr::V6(_) => socket.set_tclass_v6(tos)?,
+        }
+    }
+    if let Some(ip) = net.bind {
+        socket.bind(SocketAddr::new(ip, 0))?;
+    }
+    let tcp = socket.connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 /// Where a migration is, for progress displays.
@@ -194,6 +227,7 @@ impl Sender {
             batch_bytes: 256 * 1024,
             max_bandwidth: None,
             progress: None,
+            net: NetOptions::default(),
         })
     }
 }
@@ -244,6 +278,12 @@ impl SenderBuilder {
     /// migration's task.
     pub fn on_progress(mut self, f: impl Fn(&Progress) + Send + Sync + 'static) -> Self {
         self.0.progress = Some(ProgressFn(Arc::new(f)));
+        self
+    }
+
+    /// The local address and DSCP mark of every migration connection.
+    pub fn network(mut self, net: NetOptions) -> Self {
+        self.0.net = net;
         self
     }
 
@@ -495,6 +535,9 @@ impl Sender {
                 None,
             ),
         };
+        // Every log line from here on carries the migration id.
+        let span = tracing::info_span!("migration", id = %migration_id, vm = %self.vm_name);
+        async move {
         let record_aborted = async |service: &Option<Arc<KeyServiceClient>>| {
             if let Some(c) = service {
                 let _ = c
@@ -525,7 +568,7 @@ impl Sender {
                 return Err(e.into());
             }
         };
-        let mut session = match handshake(addr, expect_ack, hello).await {
+        let mut session = match handshake(addr, self.net, expect_ack, hello).await {
             Ok(s) => s,
             Err(e) => {
                 record_aborted(&service).await;
@@ -547,7 +590,7 @@ impl Sender {
         let opened: Result<(), MigrateError> = async {
             for s in 1..=self.streams {
                 let (bind, channel) = session.0.open_data_stream(s)?;
-                let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+                let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(addr, self.net))
                     .await
                     .map_err(|_| {
                         MigrateError::Aborted("connecting a data stream timed out".into())
@@ -941,17 +984,21 @@ impl Sender {
                 }))
             }
         }
+        }
+        .instrument(span)
+        .await
     }
 }
 
 /// The handshake on a fresh control connection.
 async fn handshake(
     addr: SocketAddr,
+    net: NetOptions,
     expect_ack: vmotion_proto::ExpectHelloAck,
     hello: WireFrame,
 ) -> Result<(SenderSession, TcpStream), MigrateError> {
     let timed_out = || MigrateError::Aborted("the receiver did not answer the handshake".into());
-    let mut tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(addr))
+    let mut tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(addr, net))
         .await
         .map_err(|_| timed_out())??;
     let _ = tcp.set_nodelay(true);
@@ -1043,5 +1090,33 @@ fn abort_message(reason: &AbortReason) -> (AbortCode, String) {
             "the outcome could not be recorded".into(),
         ),
         AbortReason::Failure(m) => (AbortCode::SourceFailed, m.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The connection leaves from the bound address with the DSCP mark in its TOS byte.
+    #[tokio::test]
+    async fn connections_carry_the_bind_address_and_dscp() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let net = NetOptions {
+            bind: Some("127.0.0.2".parse().unwrap()),
+            dscp: Some(46),
+        };
+        let tcp = connect(addr, net).await.unwrap();
+        assert_eq!(tcp.local_addr().unwrap().ip(), net.bind.unwrap());
+        let (_, peer) = listener.accept().await.unwrap();
+        assert_eq!(
+            peer.ip(),
+            net.bind.unwrap(),
+            "the receiver sees the migration address"
+        );
+        let tos = tokio::net::TcpSocket::from_std_stream(tcp.into_std().unwrap())
+            .tos_v4()
+            .unwrap();
+        assert_eq!(tos, 46 << 2, "EF marked");
     }
 }

@@ -78,6 +78,12 @@ struct Args {
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    /// Local address to send from (the migration network's address).
+    #[arg(long)]
+    bind: Option<std::net::IpAddr>,
+    /// DSCP code point (0-63) to mark migration traffic with, e.g. 10 (AF11) or 46 (EF).
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=63))]
+    dscp: Option<u8>,
 }
 
 fn pattern(s: &str) -> Result<Pattern, String> {
@@ -217,6 +223,10 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         .switchover_timeout(policy.switchover_timeout)
         .max_bandwidth(max_bandwidth)
         .on_progress(move |p| shown.show(p))
+        .network(vmotion::NetOptions {
+            bind: args.bind,
+            dscp: args.dscp,
+        })
         .build()
         .migrate(args.to, &mut *source)
         .await
