@@ -67,7 +67,7 @@ impl World {
         let out = Command::new(&ks)
             .args(["pki", "init", "--out"])
             .arg(dir.path())
-            .args(["--hosts", "src,dst,plain"])
+            .args(["--hosts", "src,dst,plain,weak"])
             .output()
             .unwrap();
         assert!(out.status.success());
@@ -215,6 +215,29 @@ fn policy_matrix_with_the_real_binaries() {
         &["PLAINTEXT: the VM's policy disables encryption"],
     );
 
+    // A destination registered as unable to encrypt.
+    let (_weak, weak_addr) = w.recv(Some("weak"), &["--no-encryption"]);
+    let weak = |vm: &str| {
+        let mut cmd = Command::new(SEND);
+        cmd.args(["--vm", vm, "--to", &weak_addr, "--policy-dir"])
+            .arg(w.p("policy"))
+            .args(["--synthetic-mib", "8"])
+            .args(w.identity("src"))
+            .args(["--destination", "weak"]);
+        cmd.output().unwrap()
+    };
+    expect(
+        &weak("opp"),
+        0,
+        &["PLAINTEXT", "the destination cannot encrypt", "warning"],
+    );
+    expect(&weak("req"), 3, &["refused", "requires encryption"]);
+    expect(
+        &weak("off"),
+        0,
+        &["PLAINTEXT: the VM's policy disables encryption"],
+    );
+
     // A receiver that requires encryption refuses plaintext, whatever the VM allows.
     expect(
         &w.send("off", &strict_addr, true, &[]),
@@ -349,5 +372,50 @@ fn bad_policy_files_and_flags_are_refused_with_their_message() {
         &w.send("ok", &addr, false, &["--bind", "127.0.0.2", "--dscp", "46"]),
         0,
         &["committed"],
+    );
+}
+
+/// SIGTERM in the middle of a migration: the daemon exits cleanly, the sender aborts with
+/// its VM running at the source, and the half-received guest is not marked done (only
+/// a committed guest becomes VM.mem).
+#[test]
+fn sigterm_mid_migration_leaves_nothing_marked_done() {
+    let w = World::new();
+    let sinks = w.p("sinks");
+    let mut cmd = Command::new(RECV);
+    cmd.args(["--listen", "127.0.0.1:0", "--sink", "memfile", "--sink-dir"])
+        .arg(&sinks);
+    let (mut recv, addr) = spawn_listening(&mut cmd);
+    w.policy(
+        "slow",
+        "encryption = \"disabled\"\nmax_bandwidth = \"4MB/s\"\n",
+    );
+    w.policy("fast", "encryption = \"disabled\"\n");
+
+    // A committed guest is VM.mem, and nothing is left incoming.
+    expect(&w.send("fast", &addr, false, &[]), 0, &["committed"]);
+    assert!(sinks.join("fast.mem").exists());
+    assert!(
+        !std::fs::read(sinks.join("fast.state")).unwrap().is_empty(),
+        "the device state is kept beside it"
+    );
+    assert!(!sinks.join("fast.mem.incoming").exists());
+
+    let pid = recv.0.id().to_string();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    });
+    // 8 MiB at 4 MB/s: about 2 s, so the daemon stops halfway.
+    let o = w.send("slow", &addr, false, &[]);
+    killer.join().unwrap();
+    expect(&o, 4, &["aborted, the VM keeps running at the source"]);
+    assert!(
+        recv.0.wait().unwrap().success(),
+        "the daemon exits cleanly on SIGTERM"
+    );
+    assert!(
+        !sinks.join("slow.mem").exists(),
+        "a half-received guest is never marked done"
     );
 }

@@ -15,6 +15,8 @@ pub struct MemoryFile {
     file: Arc<File>,
     page_size: u64,
     pages: u64,
+    /// A device state loaded into this file as a sink (kept for whoever runs the VM).
+    device_state: Vec<u8>,
 }
 
 impl MemoryFile {
@@ -34,6 +36,7 @@ impl MemoryFile {
             file: Arc::new(file),
             page_size,
             pages: len / page_size,
+            device_state: Vec::new(),
         })
     }
 
@@ -55,7 +58,15 @@ impl MemoryFile {
             file: Arc::new(file),
             page_size,
             pages,
+            device_state: Vec::new(),
         })
+    }
+}
+
+impl MemoryFile {
+    /// The device state loaded into this file as a sink (empty if none).
+    pub fn device_state(&self) -> &[u8] {
+        &self.device_state
     }
 }
 
@@ -80,8 +91,8 @@ impl GuestMemory for MemoryFile {
 }
 
 impl VmControl for MemoryFile {
-    // A file runs nothing: pausing, resuming and throttling have nothing to stop, and it
-    // has no device state beyond its contents. These are real answers, not defaults.
+    // A file runs nothing: pausing, resuming and throttling have nothing to stop, and its
+    // own device state is empty. These are real answers, not defaults.
     fn pause(&mut self) -> Result<(), MoverError> {
         Ok(())
     }
@@ -99,13 +110,10 @@ impl VmControl for MemoryFile {
     }
 
     fn load_device_state(&mut self, state: &[u8]) -> Result<(), MoverError> {
-        if state.is_empty() {
-            Ok(())
-        } else {
-            Err(MoverError::DeviceState(
-                "a memory file takes no device state".into(),
-            ))
-        }
+        // A file cannot run a VM: it keeps the state for the VMM that will
+        // ([`MemoryFile::device_state`]).
+        self.device_state = state.to_vec();
+        Ok(())
     }
 }
 

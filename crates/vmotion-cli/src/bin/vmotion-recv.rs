@@ -41,6 +41,10 @@ struct Args {
     /// Refuse every migration that would be plaintext.
     #[arg(long)]
     require_encryption: bool,
+    /// Register this host as unable to encrypt (and take plaintext migrations only), even
+    /// with a key service.
+    #[arg(long, conflicts_with = "require_encryption")]
+    no_encryption: bool,
     /// Where incoming guests go.
     #[arg(long, value_enum, default_value_t = SinkKind::Synthetic)]
     sink: SinkKind,
@@ -117,18 +121,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )),
         _ => None,
     };
+    let can_encrypt = !args.no_encryption;
     let keys = match &client {
         Some(c) => {
             let record = c
                 .register(&RegisterRequest {
-                    can_encrypt: true,
+                    can_encrypt,
                     protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
                     ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
                 })
                 .await
                 .context("registering with the key service")?;
-            tracing::info!(host = %record.host, "registered with the key service; this host encrypts");
-            ReceiverKeys::Service(c.clone())
+            tracing::info!(host = %record.host, can_encrypt, "registered with the key service");
+            if can_encrypt {
+                ReceiverKeys::Service(c.clone())
+            } else {
+                ReceiverKeys::None
+            }
         }
         None => {
             tracing::warn!("no key service: this host cannot encrypt (plaintext migrations only)");
@@ -143,7 +152,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 tokio::time::sleep(every).await;
                 let r = c
                     .register(&RegisterRequest {
-                        can_encrypt: true,
+                        can_encrypt,
                         protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
                         ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
                     })
@@ -190,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on {}", listener.local_addr()?);
     let (sink_kind, sink_dir, max_bytes) =
         (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
+    let done_dir = sink_dir.clone();
     if sink_kind == SinkKind::Memfile {
         std::fs::create_dir_all(&sink_dir)
             .with_context(|| format!("creating {}", sink_dir.display()))?;
@@ -206,13 +216,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         max_bytes >> 20
                     ));
                 }
+                // The name comes from the sender: it must not be able to name a path.
+                if !vmotion_policy::valid_vm_name(&hello.vm_name) {
+                    return Err(format!("`{}` is not an acceptable VM name here", hello.vm_name));
+                }
                 match sink_kind {
                     SinkKind::Synthetic => Ok(AnySink::Synthetic(SyntheticGuest::blank(
                         hello.guest_pages,
                         u64::from(hello.page_size),
                     ))),
+                    // Written as VM.mem.incoming; renamed to VM.mem only on commit, so a
+                    // half-received guest is never taken for a complete one.
                     SinkKind::Memfile => MemoryFile::create(
-                        &sink_dir.join(format!("{}.mem", hello.vm_name)),
+                        &sink_dir.join(format!("{}.mem.incoming", hello.vm_name)),
                         hello.guest_pages,
                         u64::from(hello.page_size),
                     )
@@ -220,15 +236,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .map_err(|e| e.to_string()),
                 }
             },
-            |result| match result {
-                Ok((report, _sink)) => tracing::info!(
-                    migration = %report.migration_id,
-                    vm = %report.vm_name,
-                    mode = ?report.mode,
-                    outcome = ?report.outcome,
-                    pages = report.pages,
-                    "migration received"
-                ),
+            move |result| match result {
+                Ok((report, sink)) => {
+                    if let AnySink::File(file) = &sink {
+                        let incoming = done_dir.join(format!("{}.mem.incoming", report.vm_name));
+                        if report.outcome == vmotion::ReceiveOutcome::Committed {
+                            let state = done_dir.join(format!("{}.state", report.vm_name));
+                            if let Err(e) = std::fs::write(&state, file.device_state()) {
+                                tracing::error!(error = %e, "cannot write {}", state.display());
+                            }
+                            let done = done_dir.join(format!("{}.mem", report.vm_name));
+                            if let Err(e) = std::fs::rename(&incoming, &done) {
+                                tracing::error!(error = %e, "cannot mark {} done", done.display());
+                            }
+                        } else {
+                            tracing::warn!(file = %incoming.display(), "kept as incoming: the outcome is not settled");
+                        }
+                    }
+                    tracing::info!(
+                        migration = %report.migration_id,
+                        vm = %report.vm_name,
+                        mode = ?report.mode,
+                        outcome = ?report.outcome,
+                        pages = report.pages,
+                        "migration received"
+                    );
+                }
                 Err(e) => tracing::warn!(error = %e, "migration not received"),
             },
             shutdown_signal(),
