@@ -419,3 +419,58 @@ fn sigterm_mid_migration_leaves_nothing_marked_done() {
         "a half-received guest is never marked done"
     );
 }
+
+/// A migration on one host over a Unix socket: encrypted with the key service's keys like
+/// any other, the socket file gone when the daemon stops, and TCP-only flags refused.
+#[test]
+fn a_unix_socket_carries_an_encrypted_migration() {
+    let w = World::new();
+    let sock = w.p("recv.sock");
+    let sinks = w.p("sinks");
+    let mut cmd = Command::new(RECV);
+    cmd.arg("--listen")
+        .arg(format!("unix:{}", sock.display()))
+        .args(["--sink", "memfile", "--sink-dir"])
+        .arg(&sinks)
+        .args(w.identity("dst"));
+    let (mut recv, addr) = spawn_listening(&mut cmd);
+    assert_eq!(addr, format!("unix:{}", sock.display()));
+    w.policy("local", "encryption = \"required\"\n");
+
+    expect(
+        &w.send("local", &addr, true, &["--streams", "2"]),
+        0,
+        &["committed, encrypted (AES-256-GCM)"],
+    );
+    assert_eq!(
+        std::fs::metadata(sinks.join("local.mem")).unwrap().len(),
+        8 << 20
+    );
+
+    // --bind and --dscp mean nothing on a Unix socket: a usage error, nothing sent.
+    expect(
+        &w.send("local", &addr, true, &["--dscp", "10"]),
+        2,
+        &["--bind and --dscp apply to TCP"],
+    );
+
+    // A second daemon cannot take over a live socket.
+    let second = Command::new(RECV)
+        .arg("--listen")
+        .arg(&addr)
+        .output()
+        .unwrap();
+    assert!(!second.status.success());
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("in use"),
+        "{}",
+        text(&second)
+    );
+
+    Command::new("kill")
+        .args(["-TERM", &recv.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(recv.0.wait().unwrap().success());
+    assert!(!sock.exists(), "the socket file is removed at exit");
+}

@@ -1,7 +1,8 @@
 //! # vmotion: encrypted live migration, the library
 //!
 //! [`Sender`] moves a VM from a [`vmotion_mover::Source`] to a [`Receiver`], which writes
-//! it into a [`Sink`]: one control connection plus N data connections over TCP, every
+//! it into a [`Sink`]: one control connection plus N data connections over TCP (or a Unix
+//! socket, for migrations on one host: see [`Endpoint`]), every
 //! frame sealed with per-migration keys (or checksummed, when policy and negotiation say
 //! plaintext), pages batched with zero pages as flags and pinned to streams by chunk, the
 //! pre-copy engine of `vmotion-engine` deciding iterations, throttling and the switchover,
@@ -11,8 +12,8 @@
 //! Keys come from the key service ([`KeySource::Service`], [`ReceiverKeys::Service`]) or
 //! are handed in by an orchestrator ([`KeySource::Direct`], [`ReceiverKeys::Direct`]).
 //!
-//! Status: the first version of the driver. Receivers take one migration per call; the
-//! CLI issue adds the daemon that serves several at once.
+//! [`Receiver::receive`] takes one migration; [`Receiver::serve`] takes several at once on
+//! one listener, routing each data connection to its migration by the id it binds with.
 
 #![forbid(unsafe_code)]
 
@@ -20,6 +21,7 @@ mod error;
 mod receiver;
 mod report;
 mod sender;
+mod transport;
 mod wire;
 
 pub use error::MigrateError;
@@ -27,6 +29,7 @@ pub use receiver::{ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 pub use report::MigrationReport;
 pub use report::Phases;
 pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
+pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
 
 /// The VMs this process is migrating out, or taking in: a second migration of the same
 /// VM in the same direction is refused before it starts. (Out and in are kept apart: a

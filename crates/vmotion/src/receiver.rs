@@ -3,8 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::tcp::OwnedReadHalf;
-use tokio::net::{TcpListener, TcpStream};
+use crate::transport::{Accept, Conn, Peer, ReadHalf};
 use tracing::Instrument as _;
 use vmotion_keyservice::KeyServiceClient;
 use vmotion_keyservice::api::Outcome as RecordedOutcome;
@@ -240,17 +239,17 @@ impl Receiver {
         self
     }
 
-    /// Receives one migration on `listener`: the control connection, then its data
+    /// Receives one migration on `listener` (a `TcpListener`, `UnixListener` or
+    /// [`Listener`](crate::Listener)): the control connection, then its data
     /// connections. `make_sink` sees the sender's `Hello` and builds the sink, or refuses
     /// (pre-flight: no room, unacceptable configuration) with a reason the sender gets.
     /// Returns the sink, resumed, once the VM is committed here.
     pub async fn receive<S: Sink>(
         &self,
-        listener: &TcpListener,
+        listener: &impl Accept,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
     ) -> Result<(ReceiveReport, S), MigrateError> {
-        let (mut control, _) = listener.accept().await?;
-        let _ = control.set_nodelay(true);
+        let (mut control, _) = listener.accept_conn().await?;
         let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
             .await
             .map_err(|_| {
@@ -269,7 +268,7 @@ impl Receiver {
     /// sender then aborts and keeps its VM.
     pub async fn serve<S, F, D>(
         self: Arc<Self>,
-        listener: TcpListener,
+        listener: impl Accept,
         make_sink: F,
         done: D,
         shutdown: impl Future<Output = ()>,
@@ -286,7 +285,7 @@ impl Receiver {
         loop {
             let (tcp, peer) = tokio::select! {
                 () = &mut shutdown => break,
-                accepted = listener.accept() => match accepted {
+                accepted = listener.accept_conn() => match accepted {
                     Ok(x) => x,
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -297,7 +296,6 @@ impl Receiver {
                 // Reap finished migrations so the set does not grow.
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
             };
-            let _ = tcp.set_nodelay(true);
             let (this, routes, make_sink, done) = (
                 self.clone(),
                 routes.clone(),
@@ -322,8 +320,8 @@ impl Receiver {
     /// Classifies one connection by its first frame.
     async fn route<S: Sink>(
         &self,
-        mut tcp: TcpStream,
-        peer: std::net::SocketAddr,
+        mut tcp: Conn,
+        peer: Peer,
         routes: Routes,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
         done: impl FnOnce(Result<(ReceiveReport, S), MigrateError>),
@@ -355,7 +353,12 @@ impl Receiver {
                     r.insert(id, tx);
                 }
                 let result = self
-                    .migrate_in(tcp, first, DataSource::Routed(rx), make_sink)
+                    .migrate_in(
+                        tcp,
+                        first,
+                        DataSource::<crate::Listener>::Routed(rx),
+                        make_sink,
+                    )
                     .await;
                 routes
                     .lock()
@@ -391,9 +394,9 @@ impl Receiver {
     /// One migration, its control connection accepted and its `Hello` read.
     async fn migrate_in<S: Sink>(
         &self,
-        mut control: TcpStream,
+        mut control: Conn,
         hello: WireFrame,
-        mut data: DataSource<'_>,
+        mut data: DataSource<'_, impl Accept>,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
     ) -> Result<(ReceiveReport, S), MigrateError> {
         let timed_out =
@@ -761,33 +764,29 @@ impl Receiver {
 /// The routing table of [`Receiver::serve`]: migration id → where its data connections go.
 type Routes = Arc<
     std::sync::Mutex<
-        std::collections::HashMap<
-            MigrationId,
-            tokio::sync::mpsc::Sender<(TcpStream, WireFrame, std::net::SocketAddr)>,
-        >,
+        std::collections::HashMap<MigrationId, tokio::sync::mpsc::Sender<(Conn, WireFrame, Peer)>>,
     >,
 >;
 
 /// Where a migration's data connections come from.
-enum DataSource<'a> {
+enum DataSource<'a, L> {
     /// Accepted from the listener (one migration per `receive`).
-    Listener(&'a TcpListener),
+    Listener(&'a L),
     /// Routed here by [`Receiver::serve`], their first frame already read.
-    Routed(tokio::sync::mpsc::Receiver<(TcpStream, WireFrame, std::net::SocketAddr)>),
+    Routed(tokio::sync::mpsc::Receiver<(Conn, WireFrame, Peer)>),
 }
 
-impl DataSource<'_> {
+impl<L: Accept> DataSource<'_, L> {
     async fn next(
         &mut self,
         deadline: tokio::time::Instant,
-    ) -> Result<(TcpStream, Option<WireFrame>, std::net::SocketAddr), MigrateError> {
+    ) -> Result<(Conn, Option<WireFrame>, Peer), MigrateError> {
         let late = || MigrateError::Aborted("the data connections did not arrive".into());
         match self {
             Self::Listener(l) => {
-                let (tcp, peer) = tokio::time::timeout_at(deadline, l.accept())
+                let (tcp, peer) = tokio::time::timeout_at(deadline, l.accept_conn())
                     .await
                     .map_err(|_| late())??;
-                let _ = tcp.set_nodelay(true);
                 Ok((tcp, None, peer))
             }
             Self::Routed(rx) => {
@@ -802,10 +801,10 @@ impl DataSource<'_> {
 }
 
 async fn bind_stream(
-    mut tcp: TcpStream,
+    mut tcp: Conn,
     first: Option<WireFrame>,
     session: &mut ReceiverSession,
-) -> Result<(OwnedReadHalf, Opener), MigrateError> {
+) -> Result<(ReadHalf, Opener), MigrateError> {
     let bind = match first {
         Some(f) => f,
         None => read_frame(&mut tcp, 4096)
@@ -833,7 +832,7 @@ fn add_chunk(state: &mut Vec<u8>, c: &DeviceStateChunk<'_>) -> Result<(), Migrat
 
 /// One data stream: opens frames and writes their pages into the sink.
 async fn receive_stream(
-    mut r: OwnedReadHalf,
+    mut r: ReadHalf,
     mut opener: Opener,
     memory: Arc<dyn GuestMemory>,
     guest_pages: u64,

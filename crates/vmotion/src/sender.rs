@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::transport::{Conn, Endpoint, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
 use vmotion_engine::{
@@ -134,8 +135,24 @@ pub struct NetOptions {
     pub dscp: Option<u8>,
 }
 
-/// Connects to `addr` as `net` says.
-pub(crate) async fn connect(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpStream> {
+/// Connects to `endpoint` as `net` says. A Unix socket has no local address or DSCP
+/// mark: asking for either with one is an error, not silently ignored.
+pub(crate) async fn connect(endpoint: &Endpoint, net: NetOptions) -> std::io::Result<Conn> {
+    match endpoint {
+        Endpoint::Tcp(addr) => connect_tcp(*addr, net).await.map(Conn::Tcp),
+        Endpoint::Unix(path) => {
+            if net.bind.is_some() || net.dscp.is_some() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "a bind address or DSCP mark applies to TCP, not to a Unix socket",
+                ));
+            }
+            tokio::net::UnixStream::connect(path).await.map(Conn::Unix)
+        }
+    }
+}
+
+async fn connect_tcp(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -347,7 +364,7 @@ struct StreamConfig {
 /// writes them, in the order the jobs come (so a page's later copy follows its earlier
 /// one on the same connection).
 async fn stream_task(
-    mut w: OwnedWriteHalf,
+    mut w: WriteHalf,
     mut sealer: Sealer,
     memory: Arc<dyn GuestMemory>,
     mut jobs: mpsc::Receiver<Job>,
@@ -394,7 +411,7 @@ async fn stream_task(
 
 #[allow(clippy::too_many_arguments)]
 async fn send_pages(
-    w: &mut OwnedWriteHalf,
+    w: &mut WriteHalf,
     sealer: &mut Sealer,
     memory: &dyn GuestMemory,
     builder: &mut PagesBuilder,
@@ -406,7 +423,7 @@ async fn send_pages(
     let mut pages = 0u64;
     let mut bytes = 0u64;
     async fn flush(
-        w: &mut OwnedWriteHalf,
+        w: &mut WriteHalf,
         sealer: &mut Sealer,
         builder: &mut PagesBuilder,
         cfg: &StreamConfig,
@@ -454,7 +471,7 @@ enum FromReceiver {
 }
 
 async fn control_reader(
-    mut r: OwnedReadHalf,
+    mut r: ReadHalf,
     mut opener: vmotion_proto::Opener,
     tx: mpsc::Sender<FromReceiver>,
 ) {
@@ -490,15 +507,17 @@ async fn control_reader(
 }
 
 impl Sender {
-    /// Migrates the VM in `source` to the receiver at `addr`. Returns the report when the
+    /// Migrates the VM in `source` to the receiver at `to` (a `SocketAddr`, or an
+    /// [`Endpoint`] for a Unix socket). Returns the report when the
     /// VM runs at the destination; on any error the VM runs at the source (the error says
     /// whether it was refused, aborted, or failed).
     pub async fn migrate(
         self,
-        addr: SocketAddr,
+        to: impl Into<Endpoint>,
         source: &mut dyn Source,
     ) -> Result<MigrationReport, MigrateError> {
         let started = Instant::now();
+        let to = to.into();
         if self.streams == 0 || self.streams > vmotion_proto::message::MAX_STREAMS {
             return Err(MigrateError::Options("streams must be 1 to 256".into()));
         }
@@ -568,7 +587,7 @@ impl Sender {
                 return Err(e.into());
             }
         };
-        let mut session = match handshake(addr, self.net, expect_ack, hello).await {
+        let mut session = match handshake(&to, self.net, expect_ack, hello).await {
             Ok(s) => s,
             Err(e) => {
                 record_aborted(&service).await;
@@ -590,13 +609,12 @@ impl Sender {
         let opened: Result<(), MigrateError> = async {
             for s in 1..=self.streams {
                 let (bind, channel) = session.0.open_data_stream(s)?;
-                let tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(addr, self.net))
+                let conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&to, self.net))
                     .await
                     .map_err(|_| {
                         MigrateError::Aborted("connecting a data stream timed out".into())
                     })??;
-                let _ = tcp.set_nodelay(true);
-                let (_r, mut w) = tcp.into_split();
+                let (_r, mut w) = conn.into_split();
                 write_frame(&mut w, &bind).await?;
                 let (tx, rx) = mpsc::channel(2);
                 let cfg = StreamConfig {
@@ -992,16 +1010,15 @@ impl Sender {
 
 /// The handshake on a fresh control connection.
 async fn handshake(
-    addr: SocketAddr,
+    to: &Endpoint,
     net: NetOptions,
     expect_ack: vmotion_proto::ExpectHelloAck,
     hello: WireFrame,
-) -> Result<(SenderSession, TcpStream), MigrateError> {
+) -> Result<(SenderSession, Conn), MigrateError> {
     let timed_out = || MigrateError::Aborted("the receiver did not answer the handshake".into());
-    let mut tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(addr, net))
+    let mut tcp = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(to, net))
         .await
         .map_err(|_| timed_out())??;
-    let _ = tcp.set_nodelay(true);
     write_frame(&mut tcp, &hello).await?;
     let ack = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_frame(&mut tcp, 4096))
         .await
@@ -1106,7 +1123,7 @@ mod tests {
             bind: Some("127.0.0.2".parse().unwrap()),
             dscp: Some(46),
         };
-        let tcp = connect(addr, net).await.unwrap();
+        let tcp = connect_tcp(addr, net).await.unwrap();
         assert_eq!(tcp.local_addr().unwrap().ip(), net.bind.unwrap());
         let (_, peer) = listener.accept().await.unwrap();
         assert_eq!(

@@ -3,7 +3,6 @@
 //! at once, writes each incoming guest to the chosen sink, and stops cleanly on SIGINT or
 //! SIGTERM (migrations in progress are dropped, never marked done).
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -11,8 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use tokio::net::TcpListener;
-use vmotion::{Receiver, ReceiverKeys, Sink};
+use vmotion::{Endpoint, Listener, Receiver, ReceiverKeys, Sink};
 use vmotion_keyservice::api::RegisterRequest;
 use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::memfile::MemoryFile;
@@ -23,9 +21,11 @@ use vmotion_mover::{GuestMemory, VmControl};
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
 struct Args {
-    /// Address to listen on (port 0: any free port; the address is printed on stdout).
+    /// Where to listen: HOST:PORT (port 0: any free port; the address is printed on
+    /// stdout), or unix:PATH for migrations on this host (the socket file is removed
+    /// at exit; a stale one from a crashed daemon is replaced).
     #[arg(long, default_value = "127.0.0.1:7700")]
-    listen: SocketAddr,
+    listen: Endpoint,
     /// Key service URL (https://HOST:PORT). Without it this host cannot encrypt.
     #[arg(long, requires_all = ["ca", "cert", "key"])]
     keyservice: Option<String>,
@@ -193,10 +193,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     let receiver = Arc::new(receiver);
-    let listener = TcpListener::bind(args.listen)
+    let listener = Listener::bind(&args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
-    println!("listening on {}", listener.local_addr()?);
+    println!("listening on {}", listener.local_endpoint()?);
     let (sink_kind, sink_dir, max_bytes) =
         (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
     let done_dir = sink_dir.clone();

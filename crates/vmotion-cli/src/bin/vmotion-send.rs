@@ -11,7 +11,6 @@
 //! | 4 | aborted | running at the source |
 //! | 5 | outcome unknown, or the resume failed | **paused** at the source: settle it first |
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -19,7 +18,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use vmotion::{KeySource, MigrateError, MigrationReport, Sender};
+use vmotion::{Endpoint, KeySource, MigrateError, MigrationReport, Sender};
 use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
@@ -33,9 +32,10 @@ struct Args {
     /// The VM: its policy is `POLICY_DIR/VM.toml` over `POLICY_DIR/defaults.toml`.
     #[arg(long)]
     vm: String,
-    /// The destination's vmotion-recv address.
+    /// The destination's vmotion-recv address: HOST:PORT, or unix:PATH for a receiver on
+    /// this host.
     #[arg(long)]
-    to: SocketAddr,
+    to: Endpoint,
     /// Folder of policy files.
     #[arg(long, default_value = "policy")]
     policy_dir: PathBuf,
@@ -149,6 +149,12 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
 }
 
 async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
+    if matches!(args.to, Endpoint::Unix(_)) && (args.bind.is_some() || args.dscp.is_some()) {
+        return Err((
+            USAGE,
+            "--bind and --dscp apply to TCP; --to names a Unix socket".into(),
+        ));
+    }
     let policy =
         vmotion_policy::load(&args.policy_dir, &args.vm).map_err(|e| (USAGE, e.to_string()))?;
     let max_bandwidth = match &args.max_bandwidth {
@@ -228,7 +234,7 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
             dscp: args.dscp,
         })
         .build()
-        .migrate(args.to, &mut *source)
+        .migrate(args.to.clone(), &mut *source)
         .await
         .map_err(|e| (exit_code(&e), e.to_string()))
 }
