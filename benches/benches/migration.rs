@@ -15,19 +15,10 @@
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use vmotion::{KeySource, MigrationReport, Receiver, ReceiverKeys, Sender};
+use vmotion::{MigrationReport, Receiver, Sender};
 use vmotion_engine::ConvergencePolicy;
 use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
-use vmotion_proto::{
-    EncryptionPolicy, KeyMaterial, MigrationId, MigrationKey, MigrationNonce, VmPolicy,
-};
-
-fn key() -> KeyMaterial {
-    KeyMaterial {
-        key: MigrationKey::from_bytes([7; 32]),
-        nonce: MigrationNonce([1; 8]),
-    }
-}
+use vmotion_proto::MigrationId;
 
 async fn once(pages: u64, encrypted: bool, streams: u16, run: u32) -> f64 {
     let config = SyntheticConfig {
@@ -53,14 +44,7 @@ async fn migrate(
     let id = MigrationId([run as u8; 16]);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let keys = if encrypted {
-        ReceiverKeys::Direct {
-            migration_id: id,
-            material: key(),
-        }
-    } else {
-        ReceiverKeys::None
-    };
+    let (keys, policy, key_source) = vmotion_benches::direct_keys(id, encrypted);
     let rx = tokio::spawn(async move {
         Receiver::new(keys)
             .receive(&listener, |h| {
@@ -70,25 +54,8 @@ async fn migrate(
             .map(|_| ())
     });
     let mut guest = SyntheticGuest::start(config);
-    let (policy, key_source) = if encrypted {
-        (
-            EncryptionPolicy::Required,
-            KeySource::Direct {
-                migration_id: id,
-                material: key(),
-            },
-        )
-    } else {
-        (
-            EncryptionPolicy::Disabled,
-            KeySource::None { migration_id: id },
-        )
-    };
     let mut builder = Sender::builder(&format!("bench-{run}"))
-        .policy(VmPolicy {
-            encryption: policy,
-            vm_encrypted: false,
-        })
+        .policy(policy)
         .key(key_source)
         .streams(streams);
     if let Some(d) = max_downtime {

@@ -1,2 +1,43 @@
 //! Benchmarks live in `benches/benches/`; results and the commands that reproduce them are
-//! in `docs/performance.md`.
+//! in `docs/performance.md`. This library holds what several of them share.
+
+use vmotion::{KeySource, ReceiverKeys};
+use vmotion_proto::{
+    EncryptionPolicy, KeyMaterial, MigrationId, MigrationKey, MigrationNonce, VmPolicy,
+};
+
+fn key() -> KeyMaterial {
+    KeyMaterial {
+        key: MigrationKey::from_bytes([7; 32]),
+        nonce: MigrationNonce([1; 8]),
+    }
+}
+
+/// The receiver's keys, the sender's policy and its key source for migration `id`: a
+/// fixed key handed to both sides (no key service in the measurement) when `encrypted`,
+/// else plaintext by policy.
+pub fn direct_keys(id: MigrationId, encrypted: bool) -> (ReceiverKeys, VmPolicy, KeySource) {
+    let policy = |encryption| VmPolicy {
+        encryption,
+        vm_encrypted: false,
+    };
+    if encrypted {
+        (
+            ReceiverKeys::Direct {
+                migration_id: id,
+                material: key(),
+            },
+            policy(EncryptionPolicy::Required),
+            KeySource::Direct {
+                migration_id: id,
+                material: key(),
+            },
+        )
+    } else {
+        (
+            ReceiverKeys::None,
+            policy(EncryptionPolicy::Disabled),
+            KeySource::None { migration_id: id },
+        )
+    }
+}

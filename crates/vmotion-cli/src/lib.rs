@@ -1,4 +1,5 @@
-//! Shared pieces of vmotion's command-line tools: the progress display.
+//! Shared pieces of vmotion's command-line tools: the progress display and the KVM
+//! micro-VM as a receiver's sink.
 
 #![forbid(unsafe_code)]
 
@@ -79,5 +80,34 @@ impl ProgressDisplay {
         let _ = err.flush();
         last.0 = Some(p.stage);
         last.1 = p.iteration;
+    }
+}
+
+/// A KVM micro-VM as a receiver's sink: built paused, resumed on `Commit`.
+#[derive(Debug)]
+pub struct KvmSink(pub vmotion_vmm::MicroVm);
+
+impl vmotion::Sink for KvmSink {
+    fn memory(&self) -> std::sync::Arc<dyn vmotion_mover::GuestMemory> {
+        std::sync::Arc::new(self.0.memory_handle())
+    }
+
+    fn control(&mut self) -> &mut dyn vmotion_mover::VmControl {
+        &mut self.0
+    }
+}
+
+/// A micro-VM's write pattern from the CLI's `--pattern` (uniform, sequential, hot:N).
+pub fn kvm_pattern(s: &str) -> Result<vmotion_vmm::Pattern, String> {
+    use vmotion_vmm::Pattern;
+    match s {
+        "uniform" => Ok(Pattern::Random),
+        "sequential" => Ok(Pattern::Sequential),
+        other => match other.strip_prefix("hot:").map(str::parse::<u64>) {
+            Some(Ok(pages)) if pages > 0 => Ok(Pattern::HotSet { pages }),
+            _ => Err(format!(
+                "--pattern: `{other}` is not uniform, sequential or hot:N (N pages above 0)"
+            )),
+        },
     }
 }

@@ -37,11 +37,13 @@ impl Drop for Proc {
 }
 
 fn spawn_listening(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    spawn_listening_logged(cmd, Stdio::null())
+}
+
+/// Starts a daemon with its stderr going to `stderr`; returns it and the address it
+/// printed.
+fn spawn_listening_logged(cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
@@ -360,7 +362,7 @@ fn bad_policy_files_and_flags_are_refused_with_their_message() {
         .arg(w.p("policy"))
         .output()
         .unwrap();
-    expect(&o, 2, &["--synthetic-mib N or --memfile PATH"]);
+    expect(&o, 2, &["--synthetic-mib N, --kvm-mib N or --memfile PATH"]);
     expect(
         &w.send("ok", &addr, false, &["--dscp", "64"]),
         2,
@@ -473,4 +475,45 @@ fn a_unix_socket_carries_an_encrypted_migration() {
         .unwrap();
     assert!(recv.0.wait().unwrap().success());
     assert!(!sock.exists(), "the socket file is removed at exit");
+}
+
+/// A running KVM micro-VM moves between the real binaries, encrypted, and runs at the
+/// destination daemon (skips, saying why, without /dev/kvm).
+#[test]
+fn a_kvm_micro_vm_migrates_between_the_binaries() {
+    if let Err(why) = vmotion_vmm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let w = World::new();
+    let log = w.p("recv.log");
+    let mut cmd = Command::new(RECV);
+    cmd.args(["--listen", "127.0.0.1:0", "--sink", "kvm"])
+        .args(w.identity("dst"))
+        .env("RUST_LOG", "info");
+    let (recv, addr) =
+        spawn_listening_logged(&mut cmd, std::fs::File::create(&log).unwrap().into());
+    w.policy("micro", "encryption = \"required\"\n");
+    let mut send = Command::new(SEND);
+    send.args(["--vm", "micro", "--to", &addr, "--policy-dir"])
+        .arg(w.p("policy"))
+        .args(["--kvm-mib", "128", "--dirty-rate", "20000"])
+        .args(w.identity("src"))
+        .args(["--destination", "dst"]);
+    expect(
+        &send.output().unwrap(),
+        0,
+        &["committed, encrypted (AES-256-GCM)"],
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap();
+        if text.contains("micro-VM running here") {
+            assert!(text.contains("alive=true"), "{text}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    drop(recv);
 }

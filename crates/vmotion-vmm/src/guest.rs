@@ -44,6 +44,20 @@ pub fn checksum(data_region: &[u8]) -> u32 {
         })
 }
 
+/// [`checksum`] of a whole guest's memory (from page 0), over the data region the
+/// program's parameters name.
+pub fn checksum_of_guest(memory: &[u8]) -> u32 {
+    let word = |at: usize| {
+        memory
+            .get(at..at + 4)
+            .map_or(0, |w| u32::from_le_bytes([w[0], w[1], w[2], w[3]]) as usize)
+    };
+    let (first, pages) = (word(param::FIRST_DATA_PAGE), word(param::DATA_PAGES));
+    let start = first * 4096;
+    let end = (start + pages * 4096).min(memory.len());
+    checksum(memory.get(start..end).unwrap_or(&[]))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

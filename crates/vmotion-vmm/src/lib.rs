@@ -108,6 +108,9 @@ pub struct MicroVmConfig {
     pub batch: u32,
     /// Seed of the page generator.
     pub seed: u32,
+    /// Fill the data region with pseudo-random bytes before boot (a guest whose memory
+    /// is in use, not mostly zero pages).
+    pub prefill: bool,
 }
 
 impl Default for MicroVmConfig {
@@ -118,6 +121,7 @@ impl Default for MicroVmConfig {
             pattern: Pattern::Random,
             batch: 64,
             seed: 1,
+            prefill: false,
         }
     }
 }
@@ -345,6 +349,22 @@ impl MicroVm {
         ram.write_u32(param::BATCH, config.batch);
         ram.write_u32(param::PATTERN, u32::from(sequential));
         ram.write_u32(param::COMMAND, 0);
+        if config.prefill {
+            let mut x = u64::from(config.seed) | 1 << 32;
+            let mut chunk = vec![0u8; 1 << 20];
+            let start = (FIRST_DATA_PAGE * PAGE_SIZE) as usize;
+            for at in (start..ram.len).step_by(chunk.len()) {
+                for w in chunk.chunks_exact_mut(8) {
+                    // xorshift64: fast, and no page comes out all zero.
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    w.copy_from_slice(&x.to_le_bytes());
+                }
+                let n = chunk.len().min(ram.len - at);
+                ram.write(at, &chunk[..n]);
+            }
+        }
 
         let mut sregs = vcpu.get_sregs().map_err(kvm("get_sregs"))?;
         sregs.cs = flat_segment(0x8, 0xb);
@@ -375,14 +395,13 @@ impl MicroVm {
 
     /// A destination micro-VM for a guest of `memory_bytes`: memory blank, the vCPU
     /// paused until device state is loaded and the VM resumed.
-    pub fn incoming(memory_bytes: u64, batch: u32) -> Result<Self, VmmError> {
+    pub fn incoming(memory_bytes: u64) -> Result<Self, VmmError> {
         if !memory_bytes.is_multiple_of(1 << 20) {
             return Err(VmmError::Config(
                 "guest memory must be a whole number of MiB".into(),
             ));
         }
         let (mut vm, vcpu) = Self::build(memory_bytes >> 20)?;
-        vm.shared.lock().batch = batch;
         vm.spawn(vcpu)?;
         Ok(vm)
     }
@@ -646,6 +665,10 @@ fn vcpu_thread(mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) {
                                     return fail(e.to_string());
                                 }
                                 c.rate = s.rate;
+                                // The batch is the guest's own parameter, in its memory.
+                                let mut b = [0u8; 4];
+                                ram.read(param::BATCH, &mut b);
+                                c.batch = u32::from_le_bytes(b).max(1);
                                 if c.checksum_on_resume {
                                     // The guest checks this word right after the heartbeat
                                     // it was paused at: before any write of its own.

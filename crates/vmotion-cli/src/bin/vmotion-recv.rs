@@ -75,11 +75,15 @@ enum SinkKind {
     Synthetic,
     /// A memory file per guest in `--sink-dir`.
     Memfile,
+    /// A KVM micro-VM per guest (`vmotion-send --kvm-mib`), running here after `Commit`
+    /// until the daemon stops.
+    Kvm,
 }
 
 enum AnySink {
     Synthetic(SyntheticGuest),
     File(MemoryFile),
+    Kvm(vmotion_cli::KvmSink),
 }
 
 impl Sink for AnySink {
@@ -87,12 +91,14 @@ impl Sink for AnySink {
         match self {
             Self::Synthetic(g) => Sink::memory(g),
             Self::File(f) => Sink::memory(f),
+            Self::Kvm(v) => v.memory(),
         }
     }
     fn control(&mut self) -> &mut dyn VmControl {
         match self {
             Self::Synthetic(g) => g,
             Self::File(f) => f,
+            Self::Kvm(v) => v.control(),
         }
     }
 }
@@ -200,6 +206,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (sink_kind, sink_dir, max_bytes) =
         (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
     let done_dir = sink_dir.clone();
+    let running: Arc<std::sync::Mutex<Vec<vmotion_cli::KvmSink>>> = Arc::default();
+    let keep = running.clone();
     if sink_kind == SinkKind::Memfile {
         std::fs::create_dir_all(&sink_dir)
             .with_context(|| format!("creating {}", sink_dir.display()))?;
@@ -234,6 +242,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     )
                     .map(AnySink::File)
                     .map_err(|e| e.to_string()),
+                    SinkKind::Kvm => {
+                        vmotion_vmm::MicroVm::incoming(bytes)
+                            .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
+                            .map_err(|e| e.to_string())
+                    }
                 }
             },
             move |result| match result {
@@ -261,6 +274,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         pages = report.pages,
                         "migration received"
                     );
+                    if let AnySink::Kvm(vm) = sink
+                        && report.outcome == vmotion::ReceiveOutcome::Committed
+                    {
+                        let alive = vm.0.wait_beats(1, Duration::from_secs(5));
+                        tracing::info!(
+                            vm = %report.vm_name,
+                            first_heartbeat = ?vm.0.first_heartbeat(),
+                            alive,
+                            "micro-VM running here"
+                        );
+                        // It runs until the daemon stops.
+                        keep.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(vm);
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "migration not received"),
             },

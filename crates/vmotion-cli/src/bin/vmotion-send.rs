@@ -64,9 +64,14 @@ struct Args {
     #[arg(long)]
     max_downtime: Option<u64>,
     /// Source: a synthetic guest of this many MiB.
-    #[arg(long, conflicts_with = "memfile")]
+    #[arg(long, conflicts_with_all = ["memfile", "kvm_mib"])]
     synthetic_mib: Option<u64>,
-    /// Pages per second the synthetic guest writes.
+    /// Source: a running KVM micro-VM of this many MiB (1 to 3072), booted here and
+    /// migrated live; its workload writes `--dirty-rate` pages/s in `--pattern`.
+    #[arg(long, conflicts_with = "memfile")]
+    kvm_mib: Option<u64>,
+    /// Pages per second the guest writes (0: an idle synthetic guest; an unpaced
+    /// micro-VM).
     #[arg(long, default_value_t = 0.0)]
     dirty_rate: f64,
     /// Which pages it writes: uniform, sequential, or hot:N (the first N pages).
@@ -201,6 +206,19 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         }
     };
     let mut source: Box<dyn Source> = match (&args.synthetic_mib, &args.memfile) {
+        _ if args.kvm_mib.is_some() => {
+            let vm = vmotion_vmm::MicroVm::start(vmotion_vmm::MicroVmConfig {
+                memory_mib: args.kvm_mib.unwrap_or_default(),
+                rate: args.dirty_rate,
+                pattern: vmotion_cli::kvm_pattern(&args.pattern).map_err(|e| (USAGE, e))?,
+                ..vmotion_vmm::MicroVmConfig::default()
+            })
+            .map_err(|e| match e {
+                vmotion_vmm::VmmError::Config(_) => (USAGE, e.to_string()),
+                _ => (NOT_STARTED, e.to_string()),
+            })?;
+            Box::new(vm)
+        }
         (Some(mib), None) => Box::new(SyntheticGuest::start(SyntheticConfig {
             pages: mib * 256,
             dirty_rate: args.dirty_rate,
@@ -215,7 +233,7 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         _ => {
             return Err((
                 USAGE,
-                "name a source: --synthetic-mib N or --memfile PATH".into(),
+                "name a source: --synthetic-mib N, --kvm-mib N or --memfile PATH".into(),
             ));
         }
     };
