@@ -267,6 +267,9 @@ struct Shared {
     beats: AtomicU64,
     first_beat: Mutex<Option<u32>>,
     checksums: Mutex<Vec<u32>>,
+    /// [`digest`] of all memory when the vCPU resumed from loaded state (with
+    /// `checksum_on_resume`): what the guest woke up with, every byte.
+    digest_at_resume: Mutex<Option<u64>>,
 }
 
 impl Shared {
@@ -447,6 +450,7 @@ impl MicroVm {
             heartbeat: AtomicU64::new(0),
             beats: AtomicU64::new(0),
             first_beat: Mutex::new(None),
+            digest_at_resume: Mutex::new(None),
             checksums: Mutex::new(Vec::new()),
         });
         Ok((
@@ -555,6 +559,22 @@ impl MicroVm {
         }
     }
 
+    /// A digest of every byte of guest memory now (on a paused VM: its memory at the
+    /// pause).
+    pub fn memory_digest(&self) -> u64 {
+        digest(&self.ram)
+    }
+
+    /// On a destination with [`MicroVm::checksum_on_resume`]: the digest of every byte of
+    /// memory the guest resumed with.
+    pub fn memory_digest_at_resume(&self) -> Option<u64> {
+        *self
+            .shared
+            .digest_at_resume
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The checksum the guest would compute of its data region now, computed here.
     pub fn host_checksum(&self) -> u32 {
         let pages = self.read_u32(param::DATA_PAGES);
@@ -589,6 +609,22 @@ impl Drop for MicroVm {
             let _ = t.join();
         }
     }
+}
+
+/// A digest of all of guest memory (FNV-style over 64-bit words, with the position mixed
+/// in): equal memories give equal digests, and a moved, lost or changed word changes it.
+fn digest(ram: &GuestRam) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    let mut chunk = vec![0u8; 1 << 20];
+    for at in (0..ram.len).step_by(chunk.len()) {
+        let n = chunk.len().min(ram.len - at);
+        ram.read(at, &mut chunk[..n]);
+        for w in chunk[..n].chunks_exact(8) {
+            let v = u64::from_le_bytes([w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]]);
+            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(5);
+        }
+    }
+    h
 }
 
 /// Sleeps `d` in short slices, returning early when the vCPU is asked to pause or stop.
@@ -670,6 +706,11 @@ fn vcpu_thread(mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) {
                                 ram.read(param::BATCH, &mut b);
                                 c.batch = u32::from_le_bytes(b).max(1);
                                 if c.checksum_on_resume {
+                                    *shared
+                                        .digest_at_resume
+                                        .lock()
+                                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                                        Some(digest(ram));
                                     // The guest checks this word right after the heartbeat
                                     // it was paused at: before any write of its own.
                                     ram.write_u32(param::COMMAND, 1);

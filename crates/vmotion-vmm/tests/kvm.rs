@@ -164,6 +164,7 @@ async fn migrate_running(cfg: MicroVmConfig, cap: Option<u64>) -> vmotion::Migra
     assert!(src.is_paused());
     let stopped_at = src.heartbeat();
     let at_pause = src.host_checksum();
+    let every_byte_at_pause = src.memory_digest();
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(
         src.heartbeat(),
@@ -191,6 +192,11 @@ async fn migrate_running(cfg: MicroVmConfig, cap: Option<u64>) -> vmotion::Migra
             )
         });
     assert_eq!(sum, at_pause, "the guest's own checksum of its memory");
+    assert_eq!(
+        dst.memory_digest_at_resume(),
+        Some(every_byte_at_pause),
+        "every byte of memory the guest resumed with is the source's at the pause"
+    );
     assert!(
         dst.wait_beats(3, Duration::from_secs(10)),
         "{:?}",
