@@ -577,17 +577,10 @@ impl MicroVm {
 
     /// The checksum the guest would compute of its data region now, computed here.
     pub fn host_checksum(&self) -> u32 {
-        let pages = self.read_u32(param::DATA_PAGES);
-        let mut region = vec![0u8; pages as usize * PAGE_SIZE as usize];
-        self.ram
-            .read((FIRST_DATA_PAGE * PAGE_SIZE) as usize, &mut region);
-        guest::checksum(&region)
-    }
-
-    fn read_u32(&self, addr: usize) -> u32 {
-        let mut b = [0u8; 4];
-        self.ram.read(addr, &mut b);
-        u32::from_le_bytes(b)
+        let mut memory = vec![0u8; self.ram.len];
+        self.ram.read(0, &mut memory);
+        // The region comes from the guest's own parameters: clamped to its memory.
+        guest::checksum_of_guest(&memory)
     }
 
     /// The memory, for the migration driver.

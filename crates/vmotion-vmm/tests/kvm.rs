@@ -118,7 +118,11 @@ fn key() -> KeyMaterial {
 
 /// Migrates a running micro-VM encrypted; checks the heartbeat continues exactly and the
 /// guest's own checksum of the memory it woke up with equals the source's at the pause.
-async fn migrate_running(cfg: MicroVmConfig, cap: Option<u64>) -> vmotion::MigrationReport {
+async fn migrate_running(
+    cfg: MicroVmConfig,
+    cap: Option<u64>,
+    max_downtime: Duration,
+) -> vmotion::MigrationReport {
     let mut src = MicroVm::start(cfg).unwrap();
     assert!(src.wait_beats(20, Duration::from_secs(10)));
     let id = MigrationId([0x33; 16]);
@@ -148,6 +152,10 @@ async fn migrate_running(cfg: MicroVmConfig, cap: Option<u64>) -> vmotion::Migra
         })
         .streams(2)
         .max_bandwidth(cap)
+        .convergence(vmotion_engine::ConvergencePolicy {
+            max_downtime,
+            ..Default::default()
+        })
         .build()
         .migrate(addr, &mut src)
         .await
@@ -227,6 +235,7 @@ async fn a_running_micro_vm_migrates_encrypted_and_continues() {
             prefill: true,
         },
         None,
+        Duration::from_millis(300),
     )
     .await;
     // The guest wrote during the full pass, and those pages went again.
@@ -240,8 +249,10 @@ async fn an_unpaced_guest_is_throttled_until_it_converges() {
     if !kvm_or_skip() {
         return;
     }
-    // The guest as fast as it goes over a 32 MiB hot set, the link capped at 50 MB/s:
-    // each pass leaves the hot set dirty again until the vCPU is throttled.
+    // The guest as fast as it goes over a 32 MiB hot set, the link capped at 50 MB/s and
+    // 100 ms of downtime allowed: each pass leaves the hot set dirty again (32 MiB take
+    // far more than 100 ms even at the link's short bursts above the cap) until the vCPU
+    // is throttled.
     let report = migrate_running(
         MicroVmConfig {
             memory_mib: 256,
@@ -252,6 +263,7 @@ async fn an_unpaced_guest_is_throttled_until_it_converges() {
             prefill: false,
         },
         Some(50_000_000),
+        Duration::from_millis(100),
     )
     .await;
     assert!(

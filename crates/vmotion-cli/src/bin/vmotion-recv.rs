@@ -206,7 +206,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (sink_kind, sink_dir, max_bytes) =
         (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
     let done_dir = sink_dir.clone();
-    let running: Arc<std::sync::Mutex<Vec<vmotion_cli::KvmSink>>> = Arc::default();
+    let running: Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>> = Arc::default();
     let keep = running.clone();
     if sink_kind == SinkKind::Memfile {
         std::fs::create_dir_all(&sink_dir)
@@ -277,17 +277,23 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     if let AnySink::Kvm(vm) = sink
                         && report.outcome == vmotion::ReceiveOutcome::Committed
                     {
-                        let alive = vm.0.wait_beats(1, Duration::from_secs(5));
-                        tracing::info!(
-                            vm = %report.vm_name,
-                            first_heartbeat = ?vm.0.first_heartbeat(),
-                            alive,
-                            "micro-VM running here"
-                        );
-                        // It runs until the daemon stops.
+                        // It runs until the daemon stops; whether it runs is logged from
+                        // a thread, not this async worker.
+                        let vm = Arc::new(vm);
                         keep.lock()
                             .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(vm);
+                            .push(vm.clone());
+                        let name = report.vm_name;
+                        std::thread::spawn(move || {
+                            let alive = vm.0.wait_beats(1, Duration::from_secs(5));
+                            tracing::info!(
+                                vm = %name,
+                                first_heartbeat = ?vm.0.first_heartbeat(),
+                                alive,
+                                failure = ?vm.0.failure(),
+                                "micro-VM running here"
+                            );
+                        });
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "migration not received"),
