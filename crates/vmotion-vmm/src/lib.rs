@@ -282,10 +282,12 @@ impl Shared {
 
 /// A KVM micro-VM with one vCPU running the built-in guest program.
 pub struct MicroVm {
-    ram: Arc<GuestRam>,
-    vm: VmFd,
-    shared: Arc<Shared>,
+    // Field order is drop order: the vCPU thread is joined in `Drop::drop`, then the VM
+    // goes before its memory is unmapped.
     thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
+    vm: VmFd,
+    ram: Arc<GuestRam>,
     _kvm: Kvm,
 }
 
@@ -416,12 +418,13 @@ impl MicroVm {
             )));
         }
         let kvm_ = Kvm::new().map_err(VmmError::NoKvm)?;
+        // Mapped before the VM exists, so on an early return it is unmapped after the VM.
+        let len = (memory_mib << 20) as usize;
+        let ram = Arc::new(GuestRam::new(len)?);
         let vm = kvm_.create_vm().map_err(kvm("create_vm"))?;
         // Needed on Intel before the first vCPU runs; above the guest's memory.
         vm.set_tss_address(0xfffb_d000)
             .map_err(kvm("set_tss_address"))?;
-        let len = (memory_mib << 20) as usize;
-        let ram = Arc::new(GuestRam::new(len)?);
         let region = kvm_userspace_memory_region {
             slot: 0,
             guest_phys_addr: 0,
@@ -430,8 +433,9 @@ impl MicroVm {
             flags: KVM_MEM_LOG_DIRTY_PAGES,
         };
         // SAFETY: the region is our live mapping of exactly `len` bytes, and it outlives
-        // the VM: `ram` is dropped after `vm` (field order) and the vCPU thread, which
-        // holds its own `Arc`, is joined in `Drop` before either goes.
+        // the VM: `MicroVm` drops `vm` before `ram` (field order), the vCPU thread, which
+        // holds its own `Arc`, is joined in `Drop` before either goes, and memory handles
+        // given out hold further `Arc`s, so the mapping is never unmapped under KVM.
         unsafe { vm.set_user_memory_region(region) }.map_err(kvm("set_user_memory_region"))?;
         let vcpu = vm.create_vcpu(0).map_err(kvm("create_vcpu"))?;
         let shared = Arc::new(Shared {
@@ -455,10 +459,10 @@ impl MicroVm {
         });
         Ok((
             Self {
-                ram,
-                vm,
-                shared,
                 thread: None,
+                shared,
+                vm,
+                ram,
                 _kvm: kvm_,
             },
             vcpu,
