@@ -371,8 +371,10 @@ async fn stream_task(
     cfg: StreamConfig,
 ) {
     let mut builder = PagesBuilder::new(cfg.page_size, cfg.max_payload);
-    let started = Instant::now();
-    let mut sent = 0u64;
+    let mut pacer = Pacer {
+        origin: Instant::now(),
+        sent: 0,
+    };
     while let Some(job) = jobs.recv().await {
         match job {
             Job::Pages { ranges, done } => {
@@ -383,8 +385,7 @@ async fn stream_task(
                     &mut builder,
                     &ranges,
                     &cfg,
-                    started,
-                    &mut sent,
+                    &mut pacer,
                 )
                 .await;
                 let _ = done.send(r);
@@ -409,6 +410,34 @@ async fn stream_task(
     }
 }
 
+/// Paces a stream to its share of the bandwidth cap.
+struct Pacer {
+    /// Where the schedule starts.
+    origin: Instant,
+    /// Bytes sent since `origin`.
+    sent: u64,
+}
+
+/// Idle time earns at most this much credit: a stream that waited (between iterations,
+/// or while zero pages cost nothing) may burst this long above the cap, no longer — else
+/// one fast pass would make the engine believe the link is faster than the cap.
+const PACING_BURST: Duration = Duration::from_millis(20);
+
+impl Pacer {
+    /// Counts `n` bytes sent and returns how long to wait to stay under `rate`.
+    fn after(&mut self, n: u64, rate: f64) -> Option<Duration> {
+        let schedule = |p: &Self| Duration::from_secs_f64(p.sent as f64 / rate);
+        let elapsed = self.origin.elapsed();
+        if elapsed.saturating_sub(schedule(self)) > PACING_BURST {
+            let now = Instant::now();
+            self.origin = now.checked_sub(PACING_BURST).unwrap_or(now);
+            self.sent = 0;
+        }
+        self.sent += n;
+        schedule(self).checked_sub(self.origin.elapsed())
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn send_pages(
     w: &mut WriteHalf,
@@ -417,8 +446,7 @@ async fn send_pages(
     builder: &mut PagesBuilder,
     ranges: &[PageRange],
     cfg: &StreamConfig,
-    started: Instant,
-    sent: &mut u64,
+    pacer: &mut Pacer,
 ) -> Result<(u64, u64), MigrateError> {
     let mut pages = 0u64;
     let mut bytes = 0u64;
@@ -427,8 +455,7 @@ async fn send_pages(
         sealer: &mut Sealer,
         builder: &mut PagesBuilder,
         cfg: &StreamConfig,
-        started: Instant,
-        sent: &mut u64,
+        pacer: &mut Pacer,
     ) -> Result<u64, MigrateError> {
         if builder.is_empty() {
             return Ok(0);
@@ -437,13 +464,8 @@ async fn send_pages(
         let (h, t) = sealer.seal_in_place(FrameType::Pages, payload)?;
         write_parts(w, &h, payload, &t).await?;
         let n = (payload.len() + 40) as u64;
-        *sent += n;
-        if let Some(rate) = cfg.bytes_per_second {
-            // Pace to the cap: never ahead of `rate` since the stream started.
-            let due = Duration::from_secs_f64(*sent as f64 / rate);
-            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                tokio::time::sleep(wait).await;
-            }
+        if let Some(wait) = cfg.bytes_per_second.and_then(|rate| pacer.after(n, rate)) {
+            tokio::time::sleep(wait).await;
         }
         Ok(n)
     }
@@ -454,12 +476,12 @@ async fn send_pages(
                 if added {
                     break;
                 }
-                bytes += flush(w, sealer, builder, cfg, started, sent).await?;
+                bytes += flush(w, sealer, builder, cfg, pacer).await?;
             }
             pages += 1;
         }
     }
-    bytes += flush(w, sealer, builder, cfg, started, sent).await?;
+    bytes += flush(w, sealer, builder, cfg, pacer).await?;
     Ok((pages, bytes))
 }
 
@@ -1113,6 +1135,27 @@ fn abort_message(reason: &AbortReason) -> (AbortCode, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream that sat idle gets a short burst, not the whole idle time as credit:
+    /// otherwise a pass after a quiet one runs far above the cap and the engine believes
+    /// the link is faster than it is.
+    #[test]
+    fn idle_time_earns_only_a_short_burst() {
+        let rate = 1_000_000.0; // 1 MB/s
+        let mut p = Pacer {
+            origin: Instant::now(),
+            sent: 0,
+        };
+        std::thread::sleep(Duration::from_millis(200));
+        // 100 ms worth at once after 200 ms idle: only PACING_BURST of it is free.
+        let wait = p.after(100_000, rate).expect("must wait");
+        assert!(
+            wait >= Duration::from_millis(60) && wait <= Duration::from_millis(81),
+            "{wait:?}"
+        );
+        // Ahead of the schedule nothing is reset: the next bytes wait too.
+        assert!(p.after(10_000, rate).is_some());
+    }
 
     /// The connection leaves from the bound address with the DSCP mark in its TOS byte.
     #[tokio::test]
