@@ -319,6 +319,11 @@ pub(crate) fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
+/// A workload rate the pacing arithmetic handles: 0 (unpaced) or 10^-3 to 10^12.
+pub(crate) fn valid_rate(rate: f64) -> bool {
+    rate == 0.0 || (1e-3..=1e12).contains(&rate)
+}
+
 /// Whether this machine can run the micro-VM; the reason when it cannot.
 pub fn kvm_available() -> Result<(), String> {
     Kvm::new()
@@ -335,8 +340,10 @@ impl MicroVm {
         if !(1..=65536).contains(&config.batch) {
             return Err(VmmError::Config("batch must be 1 to 65536".into()));
         }
-        if !(config.rate.is_finite() && config.rate >= 0.0) {
-            return Err(VmmError::Config("rate must be 0 or more".into()));
+        if !valid_rate(config.rate) {
+            return Err(VmmError::Config(
+                "rate must be 0 (unpaced) or 0.001 to 10^12 writes per second".into(),
+            ));
         }
         let data_pages = pages - FIRST_DATA_PAGE;
         let (written_pages, sequential) = match config.pattern {
@@ -484,7 +491,9 @@ impl MicroVm {
         if let Some(f) = &c.failed {
             return Err(VmmError::Vcpu(f.clone()));
         }
-        if c.saved.is_none() && c.load.is_none() {
+        // A paused vCPU runs on from its saved state or a loaded one; a running one
+        // simply keeps running.
+        if c.paused && c.saved.is_none() && c.load.is_none() {
             return Err(VmmError::Vcpu(
                 "no vCPU state to run from (load the device state first)".into(),
             ));
@@ -644,8 +653,13 @@ fn save_state(vcpu: &mut VcpuFd, rate: f64) -> Result<VcpuState, VmmError> {
     let r = vcpu.run().map(|_| ());
     vcpu.set_kvm_immediate_exit(0);
     match r {
-        Ok(()) => {}
         Err(e) if e.errno() == libc::EINTR => {}
+        // Any exit here means an instruction ran: the state would be mid-flight.
+        Ok(()) => {
+            return Err(VmmError::Vcpu(
+                "the vCPU exited while finishing its port I/O".into(),
+            ));
+        }
         Err(e) => return Err(kvm("run (immediate exit)")(e)),
     }
     Ok(VcpuState {
@@ -714,6 +728,8 @@ fn vcpu_thread(mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) {
                                 }
                             }
                             c.paused = false;
+                            // A later save must come from a later pause.
+                            c.saved = None;
                             writes = 0;
                             pace_from = Instant::now();
                         }
@@ -754,8 +770,11 @@ fn vcpu_thread(mut vcpu: VcpuFd, shared: &Shared, ram: &GuestRam) {
         }
         // Pacing: no more writes than `rate` per second since the last resume.
         if rate > 0.0 {
-            let due = pace_from + Duration::from_secs_f64(writes as f64 / rate);
             let now = Instant::now();
+            let due = Duration::try_from_secs_f64(writes as f64 / rate)
+                .ok()
+                .and_then(|d| pace_from.checked_add(d))
+                .unwrap_or(now);
             if due > now {
                 sleep_unless_called(shared, due - now);
             } else if now - due > Duration::from_millis(100) {
@@ -802,6 +821,9 @@ impl VmControl for MicroVm {
 
     fn save_device_state(&mut self) -> Result<Vec<u8>, MoverError> {
         let c = self.shared.lock();
+        if let Some(f) = &c.failed {
+            return Err(VmmError::Vcpu(f.clone()).into());
+        }
         if !c.paused {
             return Err(MoverError::State(
                 "the vCPU must be paused to save its state",

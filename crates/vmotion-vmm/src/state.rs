@@ -158,8 +158,16 @@ impl VcpuState {
         if !r.0.is_empty() {
             return Err(VmmError::DeviceState("trailing bytes".into()));
         }
-        if !(rate.is_finite() && rate >= 0.0) {
+        if !crate::valid_rate(rate) {
             return Err(VmmError::DeviceState("bad workload rate".into()));
+        }
+        // This VM runs one kind of guest: 32-bit, paging off, no pending interrupts.
+        // Anything else came from something other than a vmotion micro-VM.
+        if c[5] != 0 || c[0] & (1 << 31) != 0 || interrupt_bitmap != [0; 4] {
+            return Err(VmmError::DeviceState(
+                "not a 32-bit protected-mode micro-VM state (EFER, paging or a pending interrupt)"
+                    .into(),
+            ));
         }
         Ok(Self {
             regs,
@@ -223,5 +231,22 @@ mod tests {
         let mut other = bytes;
         other[7] ^= 1;
         assert!(VcpuState::decode(&other).is_err(), "another version");
+    }
+
+    #[test]
+    fn states_this_vm_cannot_run_are_refused() {
+        let mut paging = sample();
+        paging.sregs.cr0 |= 1 << 31;
+        let mut long = sample();
+        long.sregs.efer = 0x500;
+        let mut irq = sample();
+        irq.sregs.interrupt_bitmap[1] = 1;
+        let mut tiny = sample();
+        tiny.rate = 1e-300;
+        let mut nan = sample();
+        nan.rate = f64::NAN;
+        for s in [paging, long, irq, tiny, nan] {
+            assert!(VcpuState::decode(&s.encode()).is_err(), "{s:?}");
+        }
     }
 }
