@@ -319,6 +319,41 @@ pub(crate) fn flat_segment(selector: u16, type_: u8) -> kvm_segment {
     }
 }
 
+/// The signal that kicks the vCPU thread out of `KVM_RUN` (KVM returns EINTR).
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 3
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the do-nothing handler for [`kick_signal`] once per process.
+fn install_kick_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: a zeroed `sigaction` is a valid value to fill in; the handler does
+        // nothing, so it is async-signal-safe; no SA_RESTART, so KVM_RUN returns EINTR.
+        // The signal is a real-time one this crate uses for nothing else.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            sa.sa_flags = 0;
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+/// Interrupts the vCPU thread if it is inside `KVM_RUN`.
+fn kick(thread: &JoinHandle<()>) {
+    use std::os::unix::thread::JoinHandleExt;
+    if thread.is_finished() {
+        return;
+    }
+    // SAFETY: the thread has not been joined (we hold its handle), so its pthread_t is
+    // valid; the signal's handler is installed before the thread starts.
+    unsafe { libc::pthread_kill(thread.as_pthread_t(), kick_signal()) };
+}
+
 /// A workload rate the pacing arithmetic handles: 0 (unpaced) or 10^-3 to 10^12.
 pub(crate) fn valid_rate(rate: f64) -> bool {
     rate == 0.0 || (1e-3..=1e12).contains(&rate)
@@ -477,6 +512,7 @@ impl MicroVm {
     }
 
     fn spawn(&mut self, vcpu: VcpuFd) -> Result<(), VmmError> {
+        install_kick_handler();
         let (shared, ram) = (self.shared.clone(), self.ram.clone());
         let t = std::thread::Builder::new()
             .name("vcpu0".into())
@@ -612,6 +648,11 @@ impl Drop for MicroVm {
         self.shared.lock().want = Want::Stop;
         self.shared.cv.notify_all();
         if let Some(t) = self.thread.take() {
+            // A guest that never exits on its own would keep the thread in KVM_RUN.
+            while !t.is_finished() {
+                kick(&t);
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let _ = t.join();
         }
     }
@@ -791,16 +832,24 @@ impl VmControl for MicroVm {
         let mut c = self.shared.lock();
         c.want = Want::Pause;
         self.shared.cv.notify_all();
-        let end = Instant::now() + Duration::from_secs(10);
+        let asked = Instant::now();
+        let end = asked + Duration::from_secs(10);
         while !c.paused {
             let left = end.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(MoverError::State("the vCPU did not stop within 10 s"));
             }
+            // The guest exits on every heartbeat; one that has not within 50 ms is
+            // interrupted (KVM_RUN returns EINTR at an instruction boundary).
+            if asked.elapsed() > Duration::from_millis(50)
+                && let Some(t) = &self.thread
+            {
+                kick(t);
+            }
             c = self
                 .shared
                 .cv
-                .wait_timeout(c, left)
+                .wait_timeout(c, left.min(Duration::from_millis(10)))
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }

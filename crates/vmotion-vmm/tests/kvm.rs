@@ -272,3 +272,42 @@ async fn an_unpaced_guest_is_throttled_until_it_converges() {
         report.engine.iterations
     );
 }
+
+/// A guest that stops exiting (here: its program overwritten with `jmp $`) is still
+/// paused on request, and the VM is still torn down: the vCPU is kicked out of KVM_RUN.
+#[test]
+fn a_guest_that_never_exits_is_paused_and_dropped() {
+    if !kvm_or_skip() {
+        return;
+    }
+    let mut vm = MicroVm::start(MicroVmConfig {
+        memory_mib: 16,
+        rate: 0.0,
+        pattern: Pattern::Sequential,
+        batch: 16,
+        seed: 1,
+        prefill: false,
+    })
+    .unwrap();
+    assert!(vm.wait_beats(3, Duration::from_secs(10)));
+    // The loop's first instruction becomes `jmp $`: the guest spins there next time round.
+    let mut page = vec![0u8; 4096];
+    vm.memory_handle().read_pages(1, &mut page).unwrap();
+    page[..2].copy_from_slice(&[0xeb, 0xfe]);
+    vm.memory_handle().write_pages(1, &page).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let beats = vm.beats();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(vm.beats(), beats, "the guest spins without exits");
+    let started = std::time::Instant::now();
+    vm.pause().expect("paused by a kick");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    vm.resume().unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    let started = std::time::Instant::now();
+    drop(vm);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "dropped while spinning"
+    );
+}
