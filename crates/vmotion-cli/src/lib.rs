@@ -1,5 +1,5 @@
-//! Shared pieces of vmotion's command-line tools: the progress display and the KVM
-//! micro-VM as a receiver's sink.
+//! Shared pieces of vmotion's command-line tools: the key-service flags, the progress
+//! display and the KVM micro-VM as a receiver's sink.
 
 #![forbid(unsafe_code)]
 
@@ -109,5 +109,45 @@ pub fn kvm_pattern(s: &str) -> Result<vmotion_vmm::Pattern, String> {
                 "--pattern: `{other}` is not uniform, sequential or hot:N (N pages above 0)"
             )),
         },
+    }
+}
+
+/// The key-service flags `vmotion-send` and `vmotion-recv` share.
+#[derive(Debug, clap::Args)]
+pub struct KeyServiceArgs {
+    /// Key service URL (https://HOST:PORT). Without it there are no keys: this host's
+    /// migrations can only be plaintext.
+    #[arg(long, requires_all = ["ca", "cert", "key"])]
+    pub keyservice: Option<String>,
+    /// CA certificate that signed the key service's certificate.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// This host's client certificate (its identity is the certificate's DNS name).
+    #[arg(long)]
+    pub cert: Option<std::path::PathBuf>,
+    /// This host's private key.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl KeyServiceArgs {
+    /// A client for the key service, or `None` without `--keyservice`.
+    pub fn client(
+        &self,
+    ) -> Result<Option<vmotion_keyservice::KeyServiceClient>, vmotion_keyservice::ClientError> {
+        match (&self.keyservice, &self.ca, &self.cert, &self.key) {
+            (Some(url), Some(ca), Some(cert), Some(key)) => {
+                vmotion_keyservice::KeyServiceClient::new(
+                    url,
+                    &vmotion_keyservice::ClientIdentity {
+                        ca: ca.clone(),
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                )
+                .map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 }

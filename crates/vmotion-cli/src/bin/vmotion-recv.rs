@@ -12,7 +12,6 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, Receiver, ReceiverKeys, Sink};
 use vmotion_keyservice::api::RegisterRequest;
-use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
@@ -26,18 +25,8 @@ struct Args {
     /// at exit; a stale one from a crashed daemon is replaced).
     #[arg(long, default_value = "127.0.0.1:7700")]
     listen: Endpoint,
-    /// Key service URL (https://HOST:PORT). Without it this host cannot encrypt.
-    #[arg(long, requires_all = ["ca", "cert", "key"])]
-    keyservice: Option<String>,
-    /// CA certificate that signed the key service's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// This host's client certificate (its identity is the certificate's DNS name).
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// This host's private key.
-    #[arg(long)]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    keyservice: vmotion_cli::KeyServiceArgs,
     /// Refuse every migration that would be plaintext.
     #[arg(long)]
     require_encryption: bool,
@@ -113,20 +102,11 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let client = match (&args.keyservice, &args.ca, &args.cert, &args.key) {
-        (Some(url), Some(ca), Some(cert), Some(key)) => Some(Arc::new(
-            KeyServiceClient::new(
-                url,
-                &ClientIdentity {
-                    ca: ca.clone(),
-                    cert: cert.clone(),
-                    key: key.clone(),
-                },
-            )
-            .context("key service client")?,
-        )),
-        _ => None,
-    };
+    let client = args
+        .keyservice
+        .client()
+        .context("key service client")?
+        .map(Arc::new);
     let can_encrypt = !args.no_encryption;
     let keys = match &client {
         Some(c) => {

@@ -19,7 +19,6 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 use vmotion::{Endpoint, KeySource, MigrateError, MigrationReport, Sender};
-use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
@@ -28,6 +27,8 @@ use vmotion_proto::{MigrationId, Mode};
 /// Migrates one VM to a vmotion-recv, as the VM's policy file says.
 #[derive(Parser)]
 #[command(version, about, long_about = None)]
+// With keys, the key service must know where they are for.
+#[command(group(clap::ArgGroup::new("with_keys").arg("keyservice").requires("destination")))]
 struct Args {
     /// The VM: its policy is `POLICY_DIR/VM.toml` over `POLICY_DIR/defaults.toml`.
     #[arg(long)]
@@ -39,18 +40,8 @@ struct Args {
     /// Folder of policy files.
     #[arg(long, default_value = "policy")]
     policy_dir: PathBuf,
-    /// Key service URL (https://HOST:PORT). Without it the migration can only be plaintext.
-    #[arg(long, requires_all = ["ca", "cert", "key", "destination"])]
-    keyservice: Option<String>,
-    /// CA certificate that signed the key service's certificate.
-    #[arg(long)]
-    ca: Option<PathBuf>,
-    /// This host's client certificate.
-    #[arg(long)]
-    cert: Option<PathBuf>,
-    /// This host's private key.
-    #[arg(long)]
-    key: Option<PathBuf>,
+    #[command(flatten)]
+    keyservice: vmotion_cli::KeyServiceArgs,
     /// The destination host's identity at the key service.
     #[arg(long)]
     destination: Option<String>,
@@ -174,25 +165,13 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         }
         convergence.max_downtime = Duration::from_millis(ms);
     }
-    let key = match (
-        &args.keyservice,
-        &args.ca,
-        &args.cert,
-        &args.key,
-        &args.destination,
-    ) {
-        (Some(url), Some(ca), Some(cert), Some(key), Some(destination)) => KeySource::Service {
-            client: Arc::new(
-                KeyServiceClient::new(
-                    url,
-                    &ClientIdentity {
-                        ca: ca.clone(),
-                        cert: cert.clone(),
-                        key: key.clone(),
-                    },
-                )
-                .map_err(|e| (NOT_STARTED, e.to_string()))?,
-            ),
+    let client = args
+        .keyservice
+        .client()
+        .map_err(|e| (NOT_STARTED, e.to_string()))?;
+    let key = match (client, &args.destination) {
+        (Some(client), Some(destination)) => KeySource::Service {
+            client: Arc::new(client),
             destination: destination.clone(),
         },
         _ => {
