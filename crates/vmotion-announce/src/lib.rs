@@ -13,6 +13,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod netns;
+
 use std::net::Ipv4Addr;
 use std::time::Duration;
 

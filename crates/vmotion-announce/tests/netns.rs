@@ -3,61 +3,18 @@
 //! `vmotion-announce` binary run with `ip netns exec`. Needs root and iproute2 (CI has
 //! both); elsewhere the test says why it skips.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
 use std::time::Duration;
+use vmotion_announce::netns::TestNetns;
 
 use vmotion_announce::{Schedule, garp_frame, rarp_frame};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmotion-announce");
 
-/// A network namespace with a veth pair `va`/`vb`, both up; deleted on drop.
-struct Netns(String);
-
-impl Netns {
-    fn create(tag: &str) -> Result<Self, String> {
-        let name = format!("vmo-{tag}-{}", std::process::id());
-        let run = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("ip: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        run(&["netns", "add", &name])?;
-        let ns = Self(name.clone());
-        run(&[
-            "netns", "exec", &name, "ip", "link", "add", "va", "type", "veth", "peer", "name", "vb",
-        ])?;
-        for dev in ["va", "vb", "lo"] {
-            run(&["netns", "exec", &name, "ip", "link", "set", dev, "up"])?;
-        }
-        Ok(ns)
-    }
-
-    fn exec(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0, program]);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn announcements_arrive_on_the_link_in_rounds() {
-    let ns = match Netns::create("ann") {
+    let ns = match TestNetns::create("ann") {
         Ok(ns) => ns,
         Err(e) => {
             eprintln!(

@@ -5,7 +5,9 @@
 //! root and iproute2 (CI has both); elsewhere the test says why it skips.
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
+
+use vmotion_announce::netns::TestNetns;
 
 const SEND: &str = env!("CARGO_BIN_EXE_vmotion-send");
 const RECV: &str = env!("CARGO_BIN_EXE_vmotion-recv");
@@ -21,53 +23,9 @@ fn sibling(name: &str) -> std::path::PathBuf {
     bin
 }
 
-struct Netns(String);
-
-impl Netns {
-    fn create() -> Result<Self, String> {
-        let name = format!("vmo-cli-{}", std::process::id());
-        let run = |args: &[&str]| -> Result<(), String> {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .map_err(|e| format!("ip: {e}"))?;
-            if out.status.success() {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ip {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ))
-            }
-        };
-        run(&["netns", "add", &name])?;
-        let ns = Self(name.clone());
-        run(&[
-            "netns", "exec", &name, "ip", "link", "add", "va", "type", "veth", "peer", "name", "vb",
-        ])?;
-        for dev in ["va", "vb", "lo"] {
-            run(&["netns", "exec", &name, "ip", "link", "set", dev, "up"])?;
-        }
-        Ok(ns)
-    }
-
-    fn exec(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.0]).arg(program);
-        c
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
 #[test]
 fn the_receiver_announces_the_vm_after_the_switchover() {
-    let ns = match Netns::create() {
+    let ns = match TestNetns::create("cli") {
         Ok(ns) => ns,
         Err(e) => {
             eprintln!(
