@@ -37,7 +37,8 @@ use crate::frame::{FrameType, HANDSHAKE_VERSION, Header, SUPPORTED_VERSIONS, Wir
 use crate::keyschedule::{Direction, KeySchedule, TRANSCRIPT_HASH_LEN, mac, mac_eq};
 use crate::message::pages::{MAX_PAGE_SHIFT, MIN_PAGE_SHIFT};
 use crate::message::{
-    Abort, CipherSet, Hello, HelloAck, KeyConfirm, MAX_STREAMS, MAX_VM_NAME, Message, StreamBind,
+    Abort, CipherSet, Hello, HelloAck, KeyConfirm, MAX_STREAMS, MAX_VM_NAME, Message,
+    MigrationKind, StreamBind,
 };
 use crate::policy::{
     Decision, DecisionInputs, DestinationCapability, EncryptionPolicy, PlaintextReason, decide,
@@ -71,8 +72,11 @@ pub struct SenderConfig {
     pub page_size: u32,
     /// Guest memory size in pages.
     pub guest_pages: u64,
-    /// Number of data connections.
+    /// Number of data connections (for a tunnel: the most it may open; each opens when
+    /// the tunnelled connection it carries arrives).
     pub streams: u16,
+    /// Guest memory or a tunnel (whose guest size must be 0).
+    pub kind: MigrationKind,
     /// Key-update budgets to propose.
     pub limits: EpochLimits,
     /// 32 fresh random bytes for this handshake ([`crate::handshake_random`]). They make
@@ -140,8 +144,10 @@ pub struct Negotiated {
     pub page_size: u32,
     /// Guest memory size in pages.
     pub guest_pages: u64,
-    /// Number of data streams.
+    /// Number of data streams (for a tunnel: the most connections it may carry).
     pub streams: u16,
+    /// Guest memory or a tunnel.
+    pub kind: MigrationKind,
     /// Key-update budgets.
     pub limits: EpochLimits,
     /// Largest frame payload on any stream.
@@ -322,6 +328,11 @@ impl SenderHandshake {
         if config.streams > MAX_STREAMS {
             return Err(invalid("at most 256 data streams"));
         }
+        if config.kind == MigrationKind::Tunnel && config.guest_pages != 0 {
+            return Err(invalid(
+                "a tunnel has no guest memory: guest_pages must be 0",
+            ));
+        }
         if config.vm_name.is_empty() || config.vm_name.len() > MAX_VM_NAME {
             return Err(invalid("the VM name must be 1 to 255 bytes"));
         }
@@ -348,6 +359,7 @@ impl SenderHandshake {
             guest_pages: config.guest_pages,
             limits: config.limits,
             vm_name: config.vm_name.clone(),
+            kind: config.kind,
         };
         let mut sealer = Sealer::new(&handshake_record(0, HANDSHAKE_VERSION));
         let frame = sealer.seal(FrameType::Hello, hello.encode()?)?;
@@ -488,6 +500,7 @@ impl ExpectHelloAck {
             page_size: self.hello.page_size,
             guest_pages: self.hello.guest_pages,
             streams: self.hello.streams,
+            kind: self.hello.kind,
             limits: ack.limits,
             max_payload: ack.max_payload,
         };
@@ -759,6 +772,7 @@ impl HelloReceived {
             page_size: self.hello.page_size,
             guest_pages: self.hello.guest_pages,
             streams: self.hello.streams,
+            kind: self.hello.kind,
             limits,
             max_payload,
         };

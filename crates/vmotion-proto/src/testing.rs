@@ -52,6 +52,7 @@ pub fn sender_config() -> SenderConfig {
         page_size: 4096,
         guest_pages: 1024,
         streams: 2,
+        kind: crate::MigrationKind::Memory,
         limits: EpochLimits::default(),
         random: [0x11; 32],
     }

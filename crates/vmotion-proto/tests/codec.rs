@@ -6,8 +6,8 @@ use proptest::prelude::*;
 use vmotion_proto::message::pages::{MAX_PAGE_SHIFT, MIN_PAGE_SHIFT, PAGES_TRAILER_LEN};
 use vmotion_proto::message::{
     Abort, CipherSet, Complete, DeviceStateChunk, EndOfStream, Hello, HelloAck, IterationMarker,
-    KeyConfirm, MAX_STREAMS, MarkerKind, Message, PagesBuilder, PagesView, Ready, StreamBind,
-    StreamTotals,
+    KeyConfirm, MAX_STREAMS, MarkerKind, Message, MigrationKind, PagesBuilder, PagesView, Ready,
+    StreamBind, StreamTotals,
 };
 use vmotion_proto::{
     AbortCode, CipherSuite, Decision, DestinationCapability, EncryptionPolicy, EpochLimits,
@@ -92,10 +92,23 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<u64>(),
         limits(),
         "[a-z0-9.-]{1,64}",
-        any::<[u8; 32]>(),
+        (any::<[u8; 32]>(), any::<bool>()),
     )
         .prop_map(
-            |(min, extra, policy, authority, c, id, shift, streams, gp, limits, name, random)| {
+            |(
+                min,
+                extra,
+                policy,
+                authority,
+                c,
+                id,
+                shift,
+                streams,
+                gp,
+                limits,
+                name,
+                (random, tunnel),
+            )| {
                 Owned::Hello(Hello {
                     versions: min..=min.saturating_add(extra),
                     policy,
@@ -105,9 +118,15 @@ fn owned() -> impl Strategy<Value = Owned> {
                     random,
                     page_size: 1 << shift,
                     streams,
-                    guest_pages: gp,
+                    // A tunnel carries no guest memory: its size must be 0.
+                    guest_pages: if tunnel { 0 } else { gp },
                     limits,
                     vm_name: name,
+                    kind: if tunnel {
+                        MigrationKind::Tunnel
+                    } else {
+                        MigrationKind::Memory
+                    },
                 })
             },
         );
@@ -438,6 +457,7 @@ fn encoders_refuse_what_does_not_fit() {
         guest_pages: 1,
         limits: EpochLimits::default(),
         vm_name: "x".repeat(256),
+        kind: MigrationKind::Memory,
     };
     assert!(hello.encode().is_err());
     hello.vm_name = String::new();
@@ -495,4 +515,38 @@ fn device_state_lengths_beyond_the_maximum_are_rejected() {
         .encode()
         .is_err()
     );
+}
+
+#[test]
+fn hello_kind_byte_is_checked() {
+    let hello = Hello {
+        versions: 1..=1,
+        policy: EncryptionPolicy::Required,
+        authority: DestinationCapability::Encrypts,
+        ciphers: CipherSet::SUPPORTED,
+        migration_id: MigrationId([0; 16]),
+        random: [0; 32],
+        page_size: 4096,
+        streams: 3,
+        guest_pages: 0,
+        limits: EpochLimits::default(),
+        vm_name: "qemu-vm".into(),
+        kind: MigrationKind::Tunnel,
+    };
+    let bytes = hello.encode().unwrap();
+    assert_eq!(bytes[5], 1, "byte 5 carries the kind");
+    assert_eq!(Hello::decode(&bytes).unwrap(), hello);
+    // An unknown kind, and a tunnel that claims guest memory, are malformed.
+    let mut unknown = bytes.clone();
+    unknown[5] = 2;
+    assert!(Hello::decode(&unknown).is_err());
+    let mut sized = bytes.clone();
+    sized[64..72].copy_from_slice(&1u64.to_be_bytes());
+    assert!(Hello::decode(&sized).is_err());
+    // The two bytes after the kind stay reserved.
+    for i in 6..8 {
+        let mut reserved = bytes.clone();
+        reserved[i] = 1;
+        assert!(Hello::decode(&reserved).is_err());
+    }
 }

@@ -337,6 +337,7 @@ fn receiver_limits_are_refused_with_their_reason() {
     let out = run_handshake(
         SenderConfig {
             streams: 9,
+            kind: vmotion_proto::MigrationKind::Memory,
             ..sender_config()
         },
         ReceiverConfig {

@@ -46,6 +46,7 @@ fn handshake_matches_the_independent_implementation() {
         page_size: u32::try_from(num("page_size")).unwrap(),
         guest_pages: num("guest_pages"),
         streams: u16::try_from(num("streams")).unwrap(),
+        kind: vmotion_proto::MigrationKind::Memory,
         limits: EpochLimits::new(num("max_frames"), num("max_bytes")).unwrap(),
         random: arr32("sender_random"),
     };

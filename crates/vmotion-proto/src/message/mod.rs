@@ -50,6 +50,30 @@ impl CipherSet {
     }
 }
 
+/// What a migration carries: decided by the sender, in the `Hello` (byte 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MigrationKind {
+    /// Guest memory in `Pages` frames, device state, switchover (value 0: the byte was
+    /// reserved before tunnels existed, so every earlier `Hello` reads as this).
+    #[default]
+    Memory = 0,
+    /// Opaque byte streams in `TunnelData` frames, both directions, one data stream per
+    /// tunnelled connection (QEMU's own migration stream and its multifd channels). The
+    /// guest size is 0.
+    Tunnel = 1,
+}
+
+impl MigrationKind {
+    /// The kind with this wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Memory),
+            1 => Some(Self::Tunnel),
+            _ => None,
+        }
+    }
+}
+
 /// `Hello`: the sender's offer. Its layout is frozen across protocol versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -75,6 +99,8 @@ pub struct Hello {
     pub limits: EpochLimits,
     /// The VM's name.
     pub vm_name: String,
+    /// Guest memory or a tunnel.
+    pub kind: MigrationKind,
 }
 
 impl Hello {
@@ -90,7 +116,8 @@ impl Hello {
         w.u8(self.policy as u8);
         w.u8(self.authority as u8);
         w.u8(self.ciphers.0);
-        w.zeros(3);
+        w.u8(self.kind as u8);
+        w.zeros(2);
         w.bytes(&self.migration_id.0);
         w.bytes(&self.random);
         w.u32(self.page_size);
@@ -114,7 +141,8 @@ impl Hello {
         let authority =
             DestinationCapability::from_u8(r.u8()?).ok_or(r.malformed("unknown capability"))?;
         let ciphers = CipherSet(r.u8()?);
-        r.zeros(3)?;
+        let kind = MigrationKind::from_u8(r.u8()?).ok_or(r.malformed("unknown migration kind"))?;
+        r.zeros(2)?;
         let migration_id = MigrationId(r.array()?);
         let random = r.array()?;
         let page_size = r.u32()?;
@@ -127,6 +155,9 @@ impl Hello {
         }
         r.zeros(2)?;
         let guest_pages = r.u64()?;
+        if kind == MigrationKind::Tunnel && guest_pages != 0 {
+            return Err(r.malformed("a tunnel has no guest memory"));
+        }
         let limits =
             EpochLimits::new(r.u64()?, r.u64()?).ok_or(r.malformed("zero key-update budget"))?;
         let vm_name = r.string(MAX_VM_NAME)?.to_owned();
@@ -146,6 +177,7 @@ impl Hello {
             guest_pages,
             limits,
             vm_name,
+            kind,
         })
     }
 }
