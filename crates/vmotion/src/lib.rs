@@ -22,14 +22,18 @@ mod receiver;
 mod report;
 mod sender;
 mod transport;
+mod tunnel;
 mod wire;
 
 pub use error::MigrateError;
-pub use receiver::{ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
+pub use receiver::{Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 pub use report::MigrationReport;
 pub use report::Phases;
 pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
+pub use tunnel::{
+    DEFAULT_MAX_CONNECTIONS, NegotiatedTunnel, TunnelReport, TunnelSender, TunnelSenderBuilder,
+};
 
 /// The VMs this process is migrating out, or taking in: a second migration of the same
 /// VM in the same direction is refused before it starts. (Out and in are kept apart: a

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::transport::{Accept, Conn, Peer, ReadHalf};
+use crate::transport::{Accept, Conn, Endpoint, Peer, ReadHalf};
 use tracing::Instrument as _;
 use vmotion_keyservice::KeyServiceClient;
 use vmotion_keyservice::api::Outcome as RecordedOutcome;
@@ -26,6 +26,26 @@ pub trait Sink: Send {
     /// Loads the device state and resumes the VM on commit.
     fn control(&mut self) -> &mut dyn VmControl;
 }
+
+/// What a migration brings to this host: a guest into its sink, or a tunnel.
+#[derive(Debug)]
+pub enum Incoming<S> {
+    /// A guest, committed here, with its sink.
+    Vm(ReceiveReport, S),
+    /// A tunnel that carried another hypervisor's migration to its destination here.
+    Tunnel(crate::TunnelReport),
+}
+
+/// What pre-flight prepared for a migration: its sink, or for a tunnel the hypervisor's
+/// incoming address.
+pub(crate) enum Prepared<S> {
+    Sink(S),
+    Tunnel(Endpoint),
+}
+
+/// Picks the destination hypervisor's incoming address for a tunnel from its `Hello`
+/// (the VM name), or refuses it.
+type TunnelTarget = Arc<dyn Fn(&Hello) -> Result<Endpoint, String> + Send + Sync>;
 
 /// How a [`Receiver`] gets migration keys.
 pub enum ReceiverKeys {
@@ -170,6 +190,7 @@ pub struct Receiver {
     keys: ReceiverKeys,
     timeout: Duration,
     on_resumed: Option<ResumedHook>,
+    tunnel_target: Option<TunnelTarget>,
 }
 
 /// Called once a committed VM runs here (network announcements, the orchestrator...).
@@ -201,6 +222,7 @@ impl Receiver {
             keys,
             timeout: Duration::from_secs(30),
             on_resumed: None,
+            tunnel_target: None,
         }
     }
 
@@ -209,6 +231,18 @@ impl Receiver {
     /// a mover may replace with its own. Keep it quick or hand the work to a thread.
     pub fn on_resumed(mut self, f: impl Fn(&ReceiveReport) + Send + Sync + 'static) -> Self {
         self.on_resumed = Some(Arc::new(f));
+        self
+    }
+
+    /// Takes tunnelled migrations ([`crate::TunnelSender`]): `target` names, from the
+    /// sender's `Hello` (its VM name), the address where the destination hypervisor waits
+    /// for its incoming migration (QEMU's `-incoming`), or refuses the tunnel with a
+    /// reason the sender gets. Without this, every tunnel is refused.
+    pub fn tunnel_to(
+        mut self,
+        target: impl Fn(&Hello) -> Result<Endpoint, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.tunnel_target = Some(Arc::new(target));
         self
     }
 
@@ -256,14 +290,66 @@ impl Receiver {
                 MigrateError::Aborted("the sender went silent during the handshake".into())
             })??
             .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
-        self.migrate_in(control, hello, DataSource::Listener(listener), make_sink)
+        let prepare = |h: &Hello| match h.kind {
+            vmotion_proto::MigrationKind::Memory => make_sink(h).map(Prepared::Sink),
+            vmotion_proto::MigrationKind::Tunnel => {
+                Err("this receiver takes guests, not tunnels".to_owned())
+            }
+        };
+        match self
+            .migrate_in(control, hello, DataSource::Listener(listener), prepare)
+            .await?
+        {
+            Incoming::Vm(r, s) => Ok((r, s)),
+            Incoming::Tunnel(_) => Err(MigrateError::Options("a tunnel was taken".into())),
+        }
+    }
+
+    /// Receives one tunnelled migration on `listener` and delivers its connections where
+    /// [`tunnel_to`](Self::tunnel_to) says (a receiver without it refuses).
+    pub async fn receive_tunnel(
+        &self,
+        listener: &impl Accept,
+    ) -> Result<crate::TunnelReport, MigrateError> {
+        let (mut control, _) = listener.accept_conn().await?;
+        let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
             .await
+            .map_err(|_| {
+                MigrateError::Aborted("the sender went silent during the handshake".into())
+            })??
+            .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        let prepare =
+            |h: &Hello| -> Result<Prepared<vmotion_mover::synthetic::SyntheticGuest>, String> {
+                match h.kind {
+                    vmotion_proto::MigrationKind::Tunnel => {
+                        self.tunnel_endpoint(h).map(Prepared::Tunnel)
+                    }
+                    vmotion_proto::MigrationKind::Memory => {
+                        Err("this receiver takes tunnels, not guests".to_owned())
+                    }
+                }
+            };
+        match self
+            .migrate_in(control, hello, DataSource::Listener(listener), prepare)
+            .await?
+        {
+            Incoming::Tunnel(r) => Ok(r),
+            Incoming::Vm(..) => Err(MigrateError::Options("a guest was taken".into())),
+        }
+    }
+
+    fn tunnel_endpoint(&self, h: &Hello) -> Result<Endpoint, String> {
+        match &self.tunnel_target {
+            Some(t) => t(h),
+            None => Err("this receiver takes no tunnelled migrations".to_owned()),
+        }
     }
 
     /// Serves migrations until `shutdown` completes: several at once on one listener,
     /// each connection routed by its first frame — a `Hello` starts a migration, a
     /// `StreamBind` joins the migration it names, anything else is dropped. `make_sink`
-    /// builds each migration's sink (or refuses it); `done` gets every migration's result.
+    /// builds each guest migration's sink (or refuses it); tunnels go where
+    /// [`tunnel_to`](Self::tunnel_to) says; `done` gets every migration's result.
     /// At shutdown, migrations still in progress are dropped, never marked done; a
     /// sender then aborts and keeps its VM.
     pub async fn serve<S, F, D>(
@@ -275,7 +361,7 @@ impl Receiver {
     ) where
         S: Sink + 'static,
         F: Fn(&Hello) -> Result<S, String> + Send + Sync + 'static,
-        D: Fn(Result<(ReceiveReport, S), MigrateError>) + Send + Sync + 'static,
+        D: Fn(Result<Incoming<S>, MigrateError>) + Send + Sync + 'static,
     {
         let routes: Routes = Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
         let make_sink = Arc::new(make_sink);
@@ -324,7 +410,7 @@ impl Receiver {
         peer: Peer,
         routes: Routes,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
-        done: impl FnOnce(Result<(ReceiveReport, S), MigrateError>),
+        done: impl FnOnce(Result<Incoming<S>, MigrateError>),
     ) {
         let first =
             match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut tcp, 4096)).await {
@@ -352,12 +438,18 @@ impl Receiver {
                     }
                     r.insert(id, tx);
                 }
+                let prepare = |h: &Hello| match h.kind {
+                    vmotion_proto::MigrationKind::Memory => make_sink(h).map(Prepared::Sink),
+                    vmotion_proto::MigrationKind::Tunnel => {
+                        self.tunnel_endpoint(h).map(Prepared::Tunnel)
+                    }
+                };
                 let result = self
                     .migrate_in(
                         tcp,
                         first,
                         DataSource::<crate::Listener>::Routed(rx),
-                        make_sink,
+                        prepare,
                     )
                     .await;
                 routes
@@ -397,8 +489,9 @@ impl Receiver {
         mut control: Conn,
         hello: WireFrame,
         mut data: DataSource<'_, impl Accept>,
-        make_sink: impl FnOnce(&Hello) -> Result<S, String>,
-    ) -> Result<(ReceiveReport, S), MigrateError> {
+        prepare: impl FnOnce(&Hello) -> Result<Prepared<S>, String>,
+    ) -> Result<Incoming<S>, MigrateError> {
+        let started = std::time::Instant::now();
         let timed_out =
             || MigrateError::Aborted("the sender went silent during the handshake".into());
         let random =
@@ -425,8 +518,12 @@ impl Receiver {
             }
         };
 
-        // Pre-flight: the sink must take this guest.
-        let sink = make_sink(&hello).and_then(|s| {
+        // Pre-flight: the sink must take this guest (or the tunnel must have a target).
+        let sink = prepare(&hello).and_then(|p| {
+            let s = match p {
+                Prepared::Sink(s) => s,
+                Prepared::Tunnel(t) => return Ok(Err(t)),
+            };
             let m = s.memory();
             if m.page_size() != u64::from(hello.page_size) || m.page_count() < hello.guest_pages {
                 Err(format!(
@@ -437,10 +534,10 @@ impl Receiver {
                     hello.page_size
                 ))
             } else {
-                Ok(s)
+                Ok(Ok(s))
             }
         });
-        let mut sink = match sink {
+        let sink = match sink {
             Ok(s) => s,
             Err(reason) => {
                 let abort = received.reject(AbortCode::DestinationFailed, &reason)?;
@@ -505,6 +602,21 @@ impl Receiver {
         };
         let negotiated = session.negotiated().clone();
         tracing::info!(migration = %migration_id, mode = ?negotiated.mode, "handshake done");
+        let mut sink = match sink {
+            Ok(s) => s,
+            Err(target) => {
+                return crate::tunnel::receive_tunnel(
+                    session,
+                    control,
+                    data,
+                    target,
+                    self.timeout,
+                    started.elapsed(),
+                )
+                .await
+                .map(Incoming::Tunnel);
+            }
+        };
 
         // Data connections: each binds itself with its first frame.
         let memory = sink.memory();
@@ -724,7 +836,7 @@ impl Receiver {
                 Err(e) => ReceiveOutcome::CommittedNotResumed(e.to_string()),
             },
         };
-        Ok((
+        Ok(Incoming::Vm(
             ReceiveReport {
                 migration_id,
                 vm_name: hello.vm_name.clone(),
@@ -769,7 +881,7 @@ type Routes = Arc<
 >;
 
 /// Where a migration's data connections come from.
-enum DataSource<'a, L> {
+pub(crate) enum DataSource<'a, L> {
     /// Accepted from the listener (one migration per `receive`).
     Listener(&'a L),
     /// Routed here by [`Receiver::serve`], their first frame already read.
@@ -777,7 +889,7 @@ enum DataSource<'a, L> {
 }
 
 impl<L: Accept> DataSource<'_, L> {
-    async fn next(
+    pub(crate) async fn next(
         &mut self,
         deadline: tokio::time::Instant,
     ) -> Result<(Conn, Option<WireFrame>, Peer), MigrateError> {

@@ -311,9 +311,9 @@ impl SenderBuilder {
 }
 
 /// Connecting and each handshake read must finish within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// An `Abort` is best effort: never wait longer than this to deliver one.
-const ABORT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const ABORT_SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Aborts the stream tasks when the migration ends, whichever way: none keeps a socket
 /// or the guest memory after `migrate` returns.
@@ -551,31 +551,8 @@ impl Sender {
         // Pre-flight: one migration of a VM at a time, from this process.
         let in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
         let memory = source.memory();
-        let (migration_id, material, destination, service) = match self.key {
-            KeySource::Service {
-                client,
-                destination,
-            } => {
-                let issued = client.create_migration(&self.vm_name, &destination).await?;
-                let cap = issued.destination_capability();
-                (issued.id, Some(issued.material), cap, Some(client))
-            }
-            KeySource::Direct {
-                migration_id,
-                material,
-            } => (
-                migration_id,
-                Some(material),
-                DestinationCapability::Encrypts,
-                None,
-            ),
-            KeySource::None { migration_id } => (
-                migration_id,
-                None,
-                DestinationCapability::DoesNotEncrypt,
-                None,
-            ),
-        };
+        let (migration_id, material, destination, service) =
+            resolve_key(self.key, &self.vm_name).await?;
         // Every log line from here on carries the migration id.
         let span = tracing::info_span!("migration", id = %migration_id, vm = %self.vm_name);
         async move {
@@ -597,6 +574,7 @@ impl Sender {
                 .map_err(|_| MigrateError::Options("page size too large".into()))?,
             guest_pages: memory.page_count(),
             streams: self.streams,
+            kind: vmotion_proto::MigrationKind::Memory,
             limits: self.limits,
             random: handshake_random()
                 .map_err(|_| MigrateError::Options("no OS randomness".into()))?,
@@ -1030,8 +1008,49 @@ impl Sender {
     }
 }
 
+/// The migration id, key, the authority's word on the destination, and the key service
+/// (to record the outcome with), from a [`KeySource`].
+pub(crate) async fn resolve_key(
+    key: KeySource,
+    vm_name: &str,
+) -> Result<
+    (
+        MigrationId,
+        Option<KeyMaterial>,
+        DestinationCapability,
+        Option<Arc<KeyServiceClient>>,
+    ),
+    MigrateError,
+> {
+    Ok(match key {
+        KeySource::Service {
+            client,
+            destination,
+        } => {
+            let issued = client.create_migration(vm_name, &destination).await?;
+            let cap = issued.destination_capability();
+            (issued.id, Some(issued.material), cap, Some(client))
+        }
+        KeySource::Direct {
+            migration_id,
+            material,
+        } => (
+            migration_id,
+            Some(material),
+            DestinationCapability::Encrypts,
+            None,
+        ),
+        KeySource::None { migration_id } => (
+            migration_id,
+            None,
+            DestinationCapability::DoesNotEncrypt,
+            None,
+        ),
+    })
+}
+
 /// The handshake on a fresh control connection.
-async fn handshake(
+pub(crate) async fn handshake(
     to: &Endpoint,
     net: NetOptions,
     expect_ack: vmotion_proto::ExpectHelloAck,

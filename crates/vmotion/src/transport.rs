@@ -12,7 +12,8 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream, tcp, unix};
 
-/// A destination: `HOST:PORT` for TCP, or `unix:PATH` for a Unix socket.
+/// A destination: `HOST:PORT` (or QEMU's `tcp:HOST:PORT`) for TCP, or `unix:PATH` for a
+/// Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     /// A TCP address.
@@ -30,8 +31,10 @@ impl From<SocketAddr> for Endpoint {
 impl std::str::FromStr for Endpoint {
     type Err = String;
 
-    /// `unix:/run/vmotion.sock` or `10.0.0.2:8000` / `[::1]:8000`.
+    /// `unix:/run/vmotion.sock` or `10.0.0.2:8000` / `[::1]:8000`; a `tcp:` prefix (as in
+    /// QEMU's migration URIs) is accepted.
     fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.strip_prefix("tcp:").unwrap_or(s);
         if let Some(path) = s.strip_prefix("unix:") {
             if path.is_empty() {
                 return Err("`unix:` needs a socket path after it".into());
@@ -284,6 +287,10 @@ mod tests {
             assert_eq!(e.to_string(), s);
         }
         assert!(matches!("unix:/x".parse(), Ok(Endpoint::Unix(_))));
+        assert_eq!(
+            "tcp:127.0.0.1:4444".parse::<Endpoint>().unwrap(),
+            "127.0.0.1:4444".parse::<Endpoint>().unwrap()
+        );
         for bad in ["unix:", "localhost:80", "10.0.0.1", "/run/x.sock", ""] {
             let e = bad.parse::<Endpoint>().unwrap_err();
             assert!(e.contains("unix:") || e.contains("path"), "{bad}: {e}");

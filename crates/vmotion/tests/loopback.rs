@@ -453,7 +453,9 @@ async fn serve_takes_several_migrations_at_once() {
         listener,
         |h| Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size))),
         move |r| {
-            let (report, sink) = r.expect("received");
+            let Ok(vmotion::Incoming::Vm(report, sink)) = r else {
+                panic!("not a received guest: {r:?}");
+            };
             seen.lock()
                 .unwrap()
                 .push((report.vm_name.clone(), sink.snapshot(), report.outcome));
