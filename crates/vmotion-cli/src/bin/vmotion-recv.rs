@@ -56,6 +56,19 @@ struct Args {
     /// Policy files, for the addresses to announce.
     #[arg(long)]
     policy_dir: Option<PathBuf>,
+    /// Take tunnelled migrations (`vmotion-send --tunnel`) and deliver each of their
+    /// connections to the destination hypervisor's incoming address: unix:PATH or
+    /// [tcp:]HOST:PORT, as given to QEMU's `-incoming` / `migrate-incoming`. `{vm}` in it
+    /// is replaced by the VM's name (e.g. unix:/run/vmotion/{vm}.incoming), so one daemon
+    /// serves every VM. Without this flag tunnels are refused.
+    #[arg(long)]
+    tunnel: Option<String>,
+}
+
+/// The destination hypervisor's incoming address for VM `vm`, from the `--tunnel`
+/// template. The name was checked to be a plain name (no path separators).
+fn tunnel_target(template: &str, vm: &str) -> Result<Endpoint, String> {
+    template.replace("{vm}", vm).parse()
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -152,6 +165,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut receiver = Receiver::new(keys)
         .require_encryption(args.require_encryption)
         .max_streams(args.max_streams);
+    if let Some(template) = args.tunnel.clone() {
+        // A bad template is a usage error now, not a refusal per migration later.
+        tunnel_target(&template, "vm").map_err(|e| anyhow::anyhow!("--tunnel: {e}"))?;
+        receiver = receiver.tunnel_to(move |hello| {
+            if !vmotion_policy::valid_vm_name(&hello.vm_name) {
+                return Err(format!(
+                    "`{}` is not an acceptable VM name here",
+                    hello.vm_name
+                ));
+            }
+            tunnel_target(&template, &hello.vm_name)
+        });
+    }
     if let (Some(interface), Some(dir)) = (args.announce_interface.clone(), args.policy_dir.clone())
     {
         receiver = receiver.on_resumed(move |report| {
@@ -230,7 +256,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             },
             move |result| match result {
-                Ok((report, sink)) => {
+                Ok(vmotion::Incoming::Tunnel(report)) => {
+                    tracing::info!(
+                        migration = %report.migration_id,
+                        vm = %report.vm_name,
+                        mode = ?report.mode,
+                        connections = report.connections,
+                        bytes_to_destination = report.bytes_to_destination,
+                        bytes_from_destination = report.bytes_from_destination,
+                        epochs = report.epochs,
+                        "tunnel closed"
+                    );
+                }
+                Ok(vmotion::Incoming::Vm(report, sink)) => {
                     if let AnySink::File(file) = &sink {
                         let incoming = done_dir.join(format!("{}.mem.incoming", report.vm_name));
                         if report.outcome == vmotion::ReceiveOutcome::Committed {

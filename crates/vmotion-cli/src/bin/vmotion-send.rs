@@ -4,7 +4,7 @@
 //!
 //! | code | meaning | where the VM is |
 //! |---|---|---|
-//! | 0 | committed | running at the destination |
+//! | 0 | committed (with `--tunnel`: the tunnel closed cleanly, every byte delivered) | running at the destination (with `--tunnel`: ask QEMU's `query-migrate`) |
 //! | 1 | could not start (key service, sources, I/O before the migration) | untouched at the source |
 //! | 2 | bad usage or a bad policy file | untouched at the source |
 //! | 3 | refused by policy or negotiation, before a page was sent | running at the source |
@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use vmotion::{Endpoint, KeySource, MigrateError, MigrationReport, Sender};
+use vmotion::{
+    Endpoint, KeySource, Listener, MigrateError, MigrationReport, Sender, TunnelReport,
+    TunnelSender,
+};
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
@@ -71,6 +74,20 @@ struct Args {
     /// Source: guest memory in this file (cold migration: no dirty log).
     #[arg(long)]
     memfile: Option<PathBuf>,
+    /// Tunnel mode: carry QEMU's own migration instead of moving a guest. After the
+    /// negotiation (a refusal ends here, before anything listens), listen on unix:PATH
+    /// or [tcp:]127.0.0.1:PORT for the source QEMU's outgoing migration connections
+    /// (QMP `migrate` with that URI; multifd channels too) and carry each, both ways, to
+    /// the `vmotion-recv --tunnel` at `--to`. "tunnel ready" on stderr says when QEMU may
+    /// connect; the tunnel ends when all of QEMU's connections have closed.
+    #[arg(long, conflicts_with_all = ["synthetic_mib", "kvm_mib", "memfile"])]
+    tunnel: Option<Endpoint>,
+    /// Tunnel mode: most connections QEMU may open (1 + multifd channels).
+    #[arg(long, default_value_t = vmotion::DEFAULT_MAX_CONNECTIONS, requires = "tunnel")]
+    max_connections: u16,
+    /// Tunnel mode: seconds to wait for QEMU's first connection.
+    #[arg(long, default_value_t = 120, requires = "tunnel")]
+    accept_timeout: u64,
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
@@ -144,7 +161,100 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
     })
 }
 
-async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
+fn tunnel_json(r: &TunnelReport) -> serde_json::Value {
+    let (mode, reason) = match r.mode {
+        Mode::Encrypted(_) => ("encrypted", None),
+        Mode::Plaintext(reason) => ("plaintext", Some(reason.to_string())),
+    };
+    json!({
+        "outcome": "tunnel closed",
+        "migration_id": r.migration_id.to_string(),
+        "vm": r.vm_name,
+        "mode": mode,
+        "plaintext_reason": reason,
+        "connections": r.connections,
+        "bytes_to_destination": r.bytes_to_destination,
+        "bytes_from_destination": r.bytes_from_destination,
+        "setup_ms": r.setup.as_secs_f64() * 1e3,
+        "carried_ms": r.carried.as_secs_f64() * 1e3,
+        "throughput_bytes_per_sec": r.throughput(),
+        "key_epochs": r.epochs,
+    })
+}
+
+/// What a run did.
+enum Done {
+    Migrated(Box<MigrationReport>),
+    Tunnelled(TunnelReport),
+}
+
+async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// Tunnel mode: negotiate, then listen for QEMU and carry its connections.
+async fn run_tunnel(
+    args: &Args,
+    listen: &Endpoint,
+    policy: vmotion_proto::VmPolicy,
+    key: KeySource,
+) -> Result<Done, (u8, String)> {
+    if args.synthetic_mib.is_some() || args.kvm_mib.is_some() || args.memfile.is_some() {
+        return Err((
+            USAGE,
+            "--tunnel carries QEMU's migration: name no other source".into(),
+        ));
+    }
+    let tunnel = TunnelSender::builder(&args.vm)
+        .policy(policy)
+        .key(key)
+        .max_connections(args.max_connections)
+        .accept_timeout(Duration::from_secs(args.accept_timeout.max(1)))
+        .network(vmotion::NetOptions {
+            bind: args.bind,
+            dscp: args.dscp,
+        })
+        .build()
+        .negotiate(args.to.clone())
+        .await
+        .map_err(|e| (exit_code(&e), e.to_string()))?;
+    let local = Listener::bind(listen)
+        .await
+        .map_err(|e| (NOT_STARTED, format!("listening for QEMU on {listen}: {e}")))?;
+    let mode = match tunnel.negotiated().mode {
+        Mode::Encrypted(_) => "encrypted".to_owned(),
+        Mode::Plaintext(r) => format!("PLAINTEXT ({r})"),
+    };
+    eprintln!(
+        "vmotion-send: tunnel ready ({mode}, migration {}): QEMU may now migrate to {}",
+        tunnel.negotiated().migration_id,
+        local
+            .local_endpoint()
+            .map_or_else(|_| listen.to_string(), |e| qemu_uri(&e))
+    );
+    tunnel
+        .run(&local, shutdown_signal())
+        .await
+        .map(Done::Tunnelled)
+        .map_err(|e| (exit_code(&e), e.to_string()))
+}
+
+/// The URI to give QEMU's `migrate` for `e`.
+fn qemu_uri(e: &Endpoint) -> String {
+    match e {
+        Endpoint::Tcp(a) => format!("tcp:{a}"),
+        Endpoint::Unix(_) => e.to_string(),
+    }
+}
+
+async fn run(args: Args) -> Result<Done, (u8, String)> {
     if matches!(args.to, Endpoint::Unix(_)) && (args.bind.is_some() || args.dscp.is_some()) {
         return Err((
             USAGE,
@@ -184,6 +294,9 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
             }
         }
     };
+    if let Some(listen) = &args.tunnel {
+        return run_tunnel(&args, listen, policy.vm_policy, key).await;
+    }
     let mut source: Box<dyn Source> = match (&args.synthetic_mib, &args.memfile) {
         _ if args.kvm_mib.is_some() => {
             let vm = vmotion_vmm::MicroVm::start(vmotion_vmm::MicroVmConfig {
@@ -212,7 +325,8 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         _ => {
             return Err((
                 USAGE,
-                "name a source: --synthetic-mib N, --kvm-mib N or --memfile PATH".into(),
+                "name a source: --synthetic-mib N, --kvm-mib N, --memfile PATH, or --tunnel LISTEN"
+                    .into(),
             ));
         }
     };
@@ -233,6 +347,7 @@ async fn run(args: Args) -> Result<MigrationReport, (u8, String)> {
         .build()
         .migrate(args.to.clone(), &mut *source)
         .await
+        .map(|r| Done::Migrated(Box::new(r)))
         .map_err(|e| (exit_code(&e), e.to_string()))
 }
 
@@ -254,7 +369,20 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(args)) {
-        Ok(report) => {
+        Ok(Done::Tunnelled(report)) => {
+            if json {
+                println!("{}", tunnel_json(&report));
+            } else {
+                println!("{}", report.summary());
+            }
+            if let Mode::Plaintext(reason) = report.mode
+                && reason.is_downgrade()
+            {
+                eprintln!("vmotion-send: warning: QEMU's migration crossed in PLAINTEXT: {reason}");
+            }
+            ExitCode::from(COMMITTED)
+        }
+        Ok(Done::Migrated(report)) => {
             if json {
                 println!("{}", report_json(&report));
             } else {

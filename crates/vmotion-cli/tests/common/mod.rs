@@ -1,0 +1,151 @@
+//! What the end-to-end tests share: the real binaries, a key service process with a dev
+//! PKI for a few hosts, daemons that print the address they listen on.
+#![allow(dead_code, unreachable_pub)] // each test binary uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+
+pub const SEND: &str = env!("CARGO_BIN_EXE_vmotion-send");
+pub const RECV: &str = env!("CARGO_BIN_EXE_vmotion-recv");
+
+pub fn keyservice_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("vmotion-keyservice");
+    assert!(
+        bin.exists(),
+        "{} missing: `cargo build -p vmotion-keyservice` (scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+pub struct Proc(pub Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn spawn_listening(cmd: &mut Command) -> (Proc, String) {
+    spawn_listening_logged(cmd, Stdio::null())
+}
+
+/// Starts a daemon with its stderr going to `stderr`; returns it and the address it
+/// printed.
+pub fn spawn_listening_logged(cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"))
+        .to_owned();
+    (Proc(child), addr)
+}
+
+pub struct World {
+    pub dir: tempfile::TempDir,
+    _ks: Proc,
+    pub ks_url: String,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ks = keyservice_bin();
+        let out = Command::new(&ks)
+            .args(["pki", "init", "--out"])
+            .arg(dir.path())
+            .args(["--hosts", "src,dst,plain,weak"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let cfg = dir.path().join("keyservice.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("127.0.0.1:7443", "127.0.0.1:0");
+        std::fs::write(&cfg, text).unwrap();
+        let (proc_, addr) =
+            spawn_listening(Command::new(&ks).args(["serve", "--config"]).arg(&cfg));
+        std::fs::create_dir(dir.path().join("policy")).unwrap();
+        Self {
+            ks_url: format!("https://{addr}"),
+            _ks: proc_,
+            dir,
+        }
+    }
+
+    pub fn p(&self, f: &str) -> PathBuf {
+        self.dir.path().join(f)
+    }
+
+    pub fn identity(&self, host: &str) -> Vec<String> {
+        vec![
+            "--keyservice".into(),
+            self.ks_url.clone(),
+            "--ca".into(),
+            self.p("ca.pem").display().to_string(),
+            "--cert".into(),
+            self.p(&format!("hosts/{host}.pem")).display().to_string(),
+            "--key".into(),
+            self.p(&format!("hosts/{host}-key.pem"))
+                .display()
+                .to_string(),
+        ]
+    }
+
+    /// A receiver: with the key service as `host` (it registers as able to encrypt), or
+    /// without one.
+    pub fn recv(&self, host: Option<&str>, extra: &[&str]) -> (Proc, String) {
+        let mut cmd = Command::new(RECV);
+        cmd.args(["--listen", "127.0.0.1:0"]).args(extra);
+        if let Some(h) = host {
+            cmd.args(self.identity(h));
+        }
+        spawn_listening(&mut cmd)
+    }
+
+    pub fn policy(&self, vm: &str, text: &str) {
+        std::fs::write(self.p(&format!("policy/{vm}.toml")), text).unwrap();
+    }
+
+    pub fn send(&self, vm: &str, to: &str, with_keys: bool, extra: &[&str]) -> Output {
+        let mut cmd = Command::new(SEND);
+        cmd.args(["--vm", vm, "--to", to, "--policy-dir"])
+            .arg(self.p("policy"))
+            .args(["--synthetic-mib", "8", "--dirty-rate", "5000"])
+            .args(extra);
+        if with_keys {
+            cmd.args(self.identity("src"))
+                .args(["--destination", "dst"]);
+        }
+        cmd.output().unwrap()
+    }
+}
+
+pub fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+pub fn expect(o: &Output, code: i32, needles: &[&str]) {
+    let t = text(o);
+    assert_eq!(o.status.code(), Some(code), "{t}");
+    for n in needles {
+        assert!(t.contains(n), "{n:?} missing:\n{t}");
+    }
+}
