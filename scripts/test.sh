@@ -4,8 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Nothing outside cargo is needed yet. Later issues add their system packages here
-# (e.g. QEMU for the tunnel tests) so a fresh clone needs no manual setup.
+# System packages the tests need: QEMU for the tunnel tests (they skip, saying why,
+# where it cannot be installed).
+scripts/install-qemu.sh
 
 # Some tests run the workspace's binaries as real processes (the key service): build them.
 cargo build --workspace --all-features --bins

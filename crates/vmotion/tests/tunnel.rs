@@ -415,3 +415,77 @@ async fn cancelling_the_sender_closes_the_destination_connection() {
         MigrateError::PeerAborted { .. }
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hypervisor_that_never_connects_times_out_and_the_receiver_is_told() {
+    let mut s = setup().await;
+    let listener = s.listener.take().unwrap();
+    let recv = tokio::spawn({
+        let r = receiver(&s.qemu_in);
+        async move { r.receive_tunnel(&listener).await }
+    });
+    let tunnel = keyed()
+        .accept_timeout(Duration::from_millis(200))
+        .build()
+        .negotiate(s.addr)
+        .await
+        .unwrap();
+    let qemu = Listener::bind(&Endpoint::Unix(s.dir.path().join("qemu-out.sock")))
+        .await
+        .unwrap();
+    let err = tunnel.run(&qemu, std::future::pending()).await.unwrap_err();
+    assert!(err.to_string().contains("did not connect"), "{err}");
+    let recv_err = recv.await.unwrap().unwrap_err();
+    assert!(
+        recv_err.to_string().contains("did not connect"),
+        "the receiver gets the reason: {recv_err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_connections_than_negotiated_fail_the_tunnel() {
+    let mut s = setup().await;
+    let dst = UnixListener::bind(&s.qemu_in).unwrap();
+    let listener = s.listener.take().unwrap();
+    let recv = tokio::spawn({
+        let r = receiver(&s.qemu_in);
+        async move { r.receive_tunnel(&listener).await }
+    });
+    let tunnel = keyed()
+        .max_connections(2)
+        .build()
+        .negotiate(s.addr)
+        .await
+        .unwrap();
+    let local = s.dir.path().join("qemu-out.sock");
+    let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
+        .await
+        .unwrap();
+    let run = tokio::spawn(async move { tunnel.run(&qemu, std::future::pending()).await });
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        let mut c = UnixStream::connect(&local).await.unwrap();
+        c.write_all(b"x").await.unwrap();
+        conns.push(c);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let err = run.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("more than 2 connections"), "{err}");
+    // Every connection, carried or not, is closed on the source side...
+    for mut c in conns {
+        let mut rest = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut rest))
+            .await
+            .expect("not left waiting");
+        assert!(r.is_err() || rest.is_empty());
+    }
+    // ...and the two that reached the destination are closed there.
+    for _ in 0..2 {
+        let (mut d, _) = dst.accept().await.unwrap();
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), d.read_to_end(&mut rest))
+            .await
+            .expect("not left waiting");
+    }
+    assert!(recv.await.unwrap().is_err());
+}

@@ -1,0 +1,519 @@
+//! QEMU's own migration against QEMU through the vmotion tunnel, in one run: the same
+//! guest (2 GiB of random data, destination preallocated) migrates QEMU-to-QEMU over a
+//! Unix socket in plain text, with QEMU's TLS (`tls-creds-x509`, over loopback TCP),
+//! with multifd (2 channels) + TLS, and through `vmotion-send --tunnel` /
+//! `vmotion-recv --tunnel` encrypted with a live key service, single channel and
+//! multifd. Then the same with a guest that keeps rewriting 1 GiB of its memory at
+//! 256 MiB/s: does the migration converge, and how long does it take.
+//!
+//! Throughput is QEMU's own: guest RAM / `total-time` from `query-migrate`. The modes run
+//! round-robin, so the machine's noise spreads over all of them.
+//!
+//! Run (the tunnel uses the release binaries):
+//! ```sh
+//! cargo build --release -p vmotion-cli -p vmotion-keyservice --bins
+//! cargo bench -p vmotion-benches --bench qemu_tunnel
+//! ```
+//! `VMOTION_BENCH_MIB` guest size (2048), `VMOTION_BENCH_RUNS` runs per cell (3),
+//! `VMOTION_BENCH_DIRTY` MiB/s the dirtying guest writes (256; 0 skips that table),
+//! `VMOTION_BENCH_TIMEOUT` seconds before a migration counts as not converging (40),
+//! `VMOTION_BENCH_MODES` a comma-separated subset of plain, tls, multifd-tls, tunnel,
+//! tunnel-multifd.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use vmotion_qemu::guest::DIRTY_REGION_MIN;
+use vmotion_qemu::{Qemu, QemuConfig, dirty_guest, idle_guest, memfile};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Plain,
+    Tls,
+    MultifdTls,
+    Tunnel,
+    TunnelMultifd,
+}
+
+impl Mode {
+    const ALL: [Self; 5] = [
+        Self::Plain,
+        Self::Tls,
+        Self::MultifdTls,
+        Self::Tunnel,
+        Self::TunnelMultifd,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "QEMU plain",
+            Self::Tls => "QEMU TLS",
+            Self::MultifdTls => "QEMU multifd-2 + TLS",
+            Self::Tunnel => "vmotion tunnel, encrypted",
+            Self::TunnelMultifd => "vmotion tunnel, encrypted, multifd-2",
+        }
+    }
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Plain => "plain",
+            Self::Tls => "tls",
+            Self::MultifdTls => "multifd-tls",
+            Self::Tunnel => "tunnel",
+            Self::TunnelMultifd => "tunnel-multifd",
+        }
+    }
+
+    /// The modes `VMOTION_BENCH_MODES` names (comma-separated keys), or all.
+    fn chosen() -> Vec<Self> {
+        match std::env::var("VMOTION_BENCH_MODES") {
+            Ok(list) => Self::ALL
+                .into_iter()
+                .filter(|m| list.split(',').any(|k| k.trim() == m.key()))
+                .collect(),
+            Err(_) => Self::ALL.to_vec(),
+        }
+    }
+
+    fn multifd(self) -> bool {
+        matches!(self, Self::MultifdTls | Self::TunnelMultifd)
+    }
+
+    fn tls(self) -> bool {
+        matches!(self, Self::Tls | Self::MultifdTls)
+    }
+
+    fn tunnel(self) -> bool {
+        matches!(self, Self::Tunnel | Self::TunnelMultifd)
+    }
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The release binaries, next to this bench's own folder.
+fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} missing: cargo build --release -p vmotion-cli -p vmotion-keyservice --bins",
+        path.display()
+    );
+    path
+}
+
+/// A key service with a dev PKI for hosts `src` and `dst`.
+struct KeyService {
+    _proc: Proc,
+    url: String,
+    pki: PathBuf,
+}
+
+impl KeyService {
+    fn start(dir: &Path) -> Self {
+        let ks = bin("vmotion-keyservice");
+        let pki = dir.join("pki");
+        let ok = Command::new(&ks)
+            .args(["pki", "init", "--out"])
+            .arg(&pki)
+            .args(["--hosts", "src,dst"])
+            .output()
+            .unwrap();
+        assert!(ok.status.success(), "{ok:?}");
+        let cfg = pki.join("keyservice.toml");
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("127.0.0.1:7443", "127.0.0.1:0");
+        std::fs::write(&cfg, text).unwrap();
+        let (proc_, addr) = listening(
+            Command::new(&ks)
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .stderr(Stdio::null()),
+        );
+        Self {
+            _proc: proc_,
+            url: format!("https://{addr}"),
+            pki,
+        }
+    }
+
+    fn identity(&self, host: &str) -> Vec<String> {
+        let p = |f: String| self.pki.join(f).display().to_string();
+        vec![
+            "--keyservice".into(),
+            self.url.clone(),
+            "--ca".into(),
+            p("ca.pem".into()),
+            "--cert".into(),
+            p(format!("hosts/{host}.pem")),
+            "--key".into(),
+            p(format!("hosts/{host}-key.pem")),
+        ]
+    }
+}
+
+/// Starts a daemon that prints `listening on ADDR` first; returns it and ADDR.
+fn listening(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected {line:?}"))
+        .to_owned();
+    (Proc(child), addr)
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+    mem: tempfile::TempDir,
+    mib: u64,
+    timeout: Duration,
+    ks: KeyService,
+    recv: Proc,
+    recv_addr: String,
+}
+
+/// What one migration did.
+#[derive(Debug, Clone)]
+struct Outcome {
+    converged: bool,
+    total_ms: f64,
+    downtime_ms: f64,
+    gbps: f64,
+    transferred_mb: f64,
+    /// What the dirtying guest actually wrote during the migration, MiB/s (it shares the
+    /// two cores with both QEMUs and the tunnel, so it may fall short of its pace).
+    guest_mibps: f64,
+}
+
+impl Bench {
+    fn new(mib: u64, timeout: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        vmotion_qemu::write_tls_creds(&dir.path().join("tls"), &["localhost", "127.0.0.1"])
+            .unwrap();
+        std::fs::create_dir(dir.path().join("policy")).unwrap();
+        std::fs::write(
+            dir.path().join("policy/bench-vm.toml"),
+            "encryption = \"required\"\n",
+        )
+        .unwrap();
+        let ks = KeyService::start(dir.path());
+        let incoming = dir.path().join("{vm}.incoming");
+        let (recv, recv_addr) = listening(
+            Command::new(bin("vmotion-recv"))
+                .args(["--listen", "127.0.0.1:0", "--tunnel"])
+                .arg(format!("unix:{}", incoming.display()))
+                .args(ks.identity("dst"))
+                .stderr(Stdio::null()),
+        );
+        memfile::fill_random(&mem.path().join("src.mem"), mib << 20, 11).unwrap();
+        Self {
+            dir,
+            mem,
+            mib,
+            timeout,
+            ks,
+            recv,
+            recv_addr,
+        }
+    }
+
+    fn once(&self, mode: Mode, kernel: &[u8]) -> Outcome {
+        let run = self.dir.path();
+        let kernel_path = run.join("guest.bin");
+        std::fs::write(&kernel_path, kernel).unwrap();
+        let dst_mem = self.mem.path().join("dst.mem");
+        let _ = std::fs::remove_file(&dst_mem);
+        memfile::create_zeroed(&dst_mem, self.mib << 20).unwrap();
+        let tls = run.join("tls");
+        let mut src_cfg = QemuConfig::new(
+            "src",
+            run,
+            self.mib,
+            self.mem.path().join("src.mem"),
+            &kernel_path,
+        );
+        let mut dst_cfg = QemuConfig::new("dst", run, self.mib, &dst_mem, &kernel_path);
+        dst_cfg.incoming = Some("defer".into());
+        dst_cfg.prealloc = true;
+        if mode.tls() {
+            src_cfg.extra_args = vec![
+                "-object".into(),
+                format!(
+                    "tls-creds-x509,id=tls0,dir={},endpoint=client",
+                    tls.display()
+                ),
+            ];
+            dst_cfg.extra_args = vec![
+                "-object".into(),
+                format!(
+                    "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
+                    tls.display()
+                ),
+            ];
+        }
+        let mut src = Qemu::spawn(src_cfg).unwrap();
+        let mut dst = Qemu::spawn(dst_cfg).unwrap();
+        for q in [&mut src, &mut dst] {
+            if mode.multifd() {
+                q.qmp().set_capabilities(&[("multifd", true)]).unwrap();
+                q.qmp()
+                    .set_parameters(json!({ "multifd-channels": 2 }))
+                    .unwrap();
+            }
+            if mode.tls() {
+                q.qmp()
+                    .set_parameters(json!({ "tls-creds": "tls0" }))
+                    .unwrap();
+            }
+            q.qmp()
+                .set_parameters(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": 300 }))
+                .unwrap();
+        }
+        src.wait_started(Duration::from_secs(60)).unwrap();
+        // Let a dirtying guest reach its pace before the migration starts.
+        std::thread::sleep(Duration::from_millis(500));
+
+        let (dst_uri, src_uri, _tunnel) = if mode.tls() {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port();
+            let uri = format!("tcp:127.0.0.1:{port}");
+            (uri.clone(), uri, None)
+        } else if mode.tunnel() {
+            let listen = run.join("tunnel.sock");
+            let tunnel = self.tunnel(&listen);
+            (
+                format!("unix:{}", run.join("bench-vm.incoming").display()),
+                format!("unix:{}", listen.display()),
+                Some(tunnel),
+            )
+        } else {
+            let uri = format!("unix:{}", run.join("direct.sock").display());
+            (uri.clone(), uri, None)
+        };
+        dst.qmp().migrate_incoming(&dst_uri).unwrap();
+        let src_mem = self.mem.path().join("src.mem");
+        let before = vmotion_qemu::guest::progress(&src_mem).unwrap();
+        let started = std::time::Instant::now();
+        src.qmp().migrate(&src_uri).unwrap();
+        let r: Value = match src.qmp().wait_migration(self.timeout) {
+            Ok(r) => r,
+            Err(_) => {
+                let r = src.qmp().query_migrate().unwrap();
+                let wrote = guest_rate(&src_mem, before, started);
+                let _ = src.qmp().execute("migrate_cancel", None);
+                return Outcome {
+                    converged: false,
+                    total_ms: self.timeout.as_secs_f64() * 1e3,
+                    downtime_ms: f64::NAN,
+                    gbps: f64::NAN,
+                    transferred_mb: r["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1e6,
+                    guest_mibps: wrote,
+                };
+            }
+        };
+        assert_eq!(r["status"], "completed", "{mode:?}: {r}");
+        // The source is paused for good now: its counter is final.
+        let wrote = guest_rate(&src_mem, before, started);
+        dst.qmp()
+            .wait_status("running", Duration::from_secs(10))
+            .unwrap();
+        let total_ms = r["total-time"].as_f64().unwrap();
+        Outcome {
+            converged: true,
+            total_ms,
+            downtime_ms: r["downtime"].as_f64().unwrap_or(f64::NAN),
+            gbps: r["ram"]["total"].as_f64().unwrap() / total_ms / 1e6,
+            transferred_mb: r["ram"]["transferred"].as_f64().unwrap_or(0.0) / 1e6,
+            guest_mibps: wrote,
+        }
+    }
+
+    /// `vmotion-send --tunnel`, ready for QEMU.
+    fn tunnel(&self, listen: &Path) -> Proc {
+        let mut child = Command::new(bin("vmotion-send"))
+            .args(["--vm", "bench-vm", "--to", &self.recv_addr, "--policy-dir"])
+            .arg(self.dir.path().join("policy"))
+            .args(self.ks.identity("src"))
+            .args(["--destination", "dst", "--tunnel"])
+            .arg(format!("unix:{}", listen.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut err = BufReader::new(child.stderr.take().unwrap());
+        loop {
+            let mut line = String::new();
+            assert!(
+                err.read_line(&mut line).unwrap() > 0,
+                "vmotion-send ended before it was ready"
+            );
+            if line.contains("tunnel ready (encrypted") {
+                break;
+            }
+        }
+        std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+        });
+        Proc(child)
+    }
+}
+
+/// MiB/s the dirtying guest wrote since `before` (its page-write counter) at `since`.
+fn guest_rate(src_mem: &Path, before: u32, since: std::time::Instant) -> f64 {
+    let now = vmotion_qemu::guest::progress(src_mem).unwrap_or(before);
+    f64::from(now.wrapping_sub(before)) * 4096.0
+        / f64::from(1 << 20)
+        / since.elapsed().as_secs_f64()
+}
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn stats(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+fn table(title: &str, results: &[(Mode, Vec<Outcome>)]) {
+    println!("\n### {title}\n");
+    println!(
+        "| mode | converged | GB/s min / median / max | total s (median) | downtime ms (median) | MB sent (median) | guest wrote MiB/s (median) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let median_gbps = |m: Mode| {
+        results
+            .iter()
+            .find(|(x, _)| *x == m)
+            .map(|(_, o)| stats(&o.iter().map(|o| o.gbps).collect::<Vec<_>>()).1)
+            .unwrap_or(f64::NAN)
+    };
+    for (mode, outs) in results {
+        let converged = outs.iter().filter(|o| o.converged).count();
+        let (lo, med, hi) = stats(&outs.iter().map(|o| o.gbps).collect::<Vec<_>>());
+        let total = stats(
+            &outs
+                .iter()
+                .filter(|o| o.converged)
+                .map(|o| o.total_ms)
+                .collect::<Vec<_>>(),
+        )
+        .1;
+        let down = stats(&outs.iter().map(|o| o.downtime_ms).collect::<Vec<_>>()).1;
+        let sent = stats(&outs.iter().map(|o| o.transferred_mb).collect::<Vec<_>>()).1;
+        let wrote = stats(&outs.iter().map(|o| o.guest_mibps).collect::<Vec<_>>()).1;
+        println!(
+            "| {} | {converged} of {} | {lo:.2} / {med:.2} / {hi:.2} | {:.2} | {down:.0} | {sent:.0} | {wrote:.0} |",
+            mode.name(),
+            outs.len(),
+            total / 1e3,
+        );
+    }
+    let ratio = |a: Mode, b: Mode| median_gbps(a) / median_gbps(b);
+    println!();
+    println!(
+        "- tunnel / QEMU TLS = {:.2}; tunnel multifd / QEMU multifd + TLS = {:.2}; best tunnel / QEMU TLS = {:.2}",
+        ratio(Mode::Tunnel, Mode::Tls),
+        ratio(Mode::TunnelMultifd, Mode::MultifdTls),
+        median_gbps(Mode::Tunnel).max(median_gbps(Mode::TunnelMultifd)) / median_gbps(Mode::Tls),
+    );
+    println!(
+        "- tunnel / QEMU plain = {:.2}; tunnel multifd / QEMU plain = {:.2}",
+        ratio(Mode::Tunnel, Mode::Plain),
+        ratio(Mode::TunnelMultifd, Mode::Plain),
+    );
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // `cargo bench -- --list` and test discovery
+    }
+    let Some(qemu) = vmotion_qemu::qemu_binary() else {
+        println!("SKIPPED: qemu-system-x86_64 is not installed (.ci/run installs it)");
+        return;
+    };
+    let mib = env("VMOTION_BENCH_MIB", 2048);
+    let runs = env("VMOTION_BENCH_RUNS", 3);
+    let dirty = env("VMOTION_BENCH_DIRTY", 256);
+    let timeout = Duration::from_secs(env("VMOTION_BENCH_TIMEOUT", 40));
+    println!(
+        "QEMU {} ({:?}), guest {mib} MiB, {runs} runs per cell",
+        qemu.display(),
+        vmotion_qemu::Accel::detect()
+    );
+    let bench = Bench::new(mib, timeout);
+
+    let mut idle: Vec<(Mode, Vec<Outcome>)> = Mode::chosen()
+        .into_iter()
+        .map(|m| (m, Vec::new()))
+        .collect();
+    for run in 0..runs {
+        for (mode, outs) in &mut idle {
+            let o = bench.once(*mode, &idle_guest());
+            eprintln!("idle run {run}: {}: {o:?}", mode.name());
+            outs.push(o);
+        }
+    }
+    table(
+        &format!("{mib} MiB random guest, idle, destination preallocated"),
+        &idle,
+    );
+
+    if dirty > 0 {
+        let region = u32::try_from((mib << 20) / 2).unwrap_or(!0xfff);
+        let image = dirty_guest(
+            DIRTY_REGION_MIN,
+            region,
+            u32::try_from(dirty << 20).unwrap(),
+        );
+        let mut busy: Vec<(Mode, Vec<Outcome>)> = Mode::chosen()
+            .into_iter()
+            .map(|m| (m, Vec::new()))
+            .collect();
+        for run in 0..runs {
+            for (mode, outs) in &mut busy {
+                let o = bench.once(*mode, &image);
+                eprintln!("dirty run {run}: {}: {o:?}", mode.name());
+                outs.push(o);
+            }
+        }
+        table(
+            &format!(
+                "{mib} MiB random guest rewriting {} MiB at {dirty} MiB/s (not converged = still running after {} s)",
+                region >> 20,
+                timeout.as_secs()
+            ),
+            &busy,
+        );
+    }
+    drop(bench.recv);
+}
