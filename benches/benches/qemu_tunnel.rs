@@ -269,6 +269,18 @@ impl Bench {
                 ),
             ];
         }
+        // The source's memory file is reused: clear the guest's "started" word and counter
+        // from the last run, or waiting for the guest would return while it still boots.
+        {
+            use std::io::{Seek, SeekFrom, Write};
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.mem.path().join("src.mem"))
+                .unwrap();
+            f.seek(SeekFrom::Start(vmotion_qemu::guest::STARTED_ADDR))
+                .unwrap();
+            f.write_all(&[0; 8]).unwrap();
+        }
         let mut src = Qemu::spawn(src_cfg).unwrap();
         let mut dst = Qemu::spawn(dst_cfg).unwrap();
         for q in [&mut src, &mut dst] {

@@ -62,6 +62,11 @@ impl Vms {
 /// (`-incoming defer`) with the same configuration; both with `multifd` channels if
 /// asked, and the bandwidth cap lifted.
 fn qemus(run: &Path, multifd: Option<u32>) -> Vms {
+    qemus_with(run, multifd, &[])
+}
+
+/// [`qemus`] with more migration capabilities on both sides.
+fn qemus_with(run: &Path, multifd: Option<u32>, capabilities: &[(&str, bool)]) -> Vms {
     let mem = shm_dir();
     let kernel = run.join("idle.bin");
     std::fs::write(&kernel, idle_guest()).unwrap();
@@ -80,6 +85,9 @@ fn qemus(run: &Path, multifd: Option<u32>) -> Vms {
                 .set_parameters(json!({ "multifd-channels": n }))
                 .unwrap();
         }
+        if !capabilities.is_empty() {
+            q.qmp().set_capabilities(capabilities).unwrap();
+        }
         q.qmp()
             .set_parameters(json!({ "max-bandwidth": 8u64 << 30 }))
             .unwrap();
@@ -87,6 +95,19 @@ fn qemus(run: &Path, multifd: Option<u32>) -> Vms {
     src.wait_started(Duration::from_secs(60)).unwrap();
     assert_eq!(src.qmp().query_status().unwrap(), "running");
     Vms { mem, src, dst }
+}
+
+/// A key service, and a `vmotion-recv --tunnel` delivering to `RUN/{vm}.incoming` (with
+/// `extra` flags): the world, its run folder, the daemon and its address.
+fn daemon(extra: &[&str]) -> (World, PathBuf, Proc, String) {
+    let w = World::new();
+    let run = w.p("run");
+    std::fs::create_dir(&run).unwrap();
+    let incoming = format!("unix:{}", run.join("{vm}.incoming").display());
+    let mut args = extra.to_vec();
+    args.extend(["--tunnel", &incoming]);
+    let (recv, addr) = w.recv(Some("dst"), &args);
+    (w, run, recv, addr)
 }
 
 /// Starts `vmotion-send --tunnel` and waits for "tunnel ready" on its stderr; returns
@@ -123,17 +144,13 @@ fn tunnel(w: &World, vm: &str, to: &str, listen: &Path) -> (Child, String) {
     (child, seen)
 }
 
-fn migrate_through_the_tunnel(multifd: Option<u32>) {
-    let w = World::new();
-    let run = w.p("run");
-    std::fs::create_dir(&run).unwrap();
-    let incoming = run.join("{vm}.incoming");
-    let (_recv, addr) = w.recv(
-        Some("dst"),
-        &["--tunnel", &format!("unix:{}", incoming.display())],
-    );
+/// `return_path`: QEMU's return path on (the destination answers on the main channel, so
+/// bytes flow back through the tunnel, and the source completes only when the destination
+/// says so).
+fn migrate_through_the_tunnel(multifd: Option<u32>, return_path: bool) {
+    let (w, run, _recv, addr) = daemon(&[]);
     w.policy("qemu-vm", "encryption = \"required\"\n");
-    let mut vms = qemus(&run, multifd);
+    let mut vms = qemus_with(&run, multifd, &[("return-path", return_path)]);
     let dst_uri = format!("unix:{}", run.join("qemu-vm.incoming").display());
     vms.dst.qmp().migrate_incoming(&dst_uri).unwrap();
 
@@ -172,6 +189,12 @@ fn migrate_through_the_tunnel(multifd: Option<u32>) {
         "all of memory crossed: {report}"
     );
     assert!(report["key_epochs"].as_u64().unwrap() >= 1, "{report}");
+    let back = report["bytes_from_destination"].as_u64().unwrap();
+    if return_path {
+        assert!(back > 0, "the return path crossed back: {report}");
+    } else {
+        assert_eq!(back, 0, "{report}");
+    }
 
     // The destination runs the guest, and its memory is the source's, byte for byte
     // (the source is stopped for good; stop the destination to compare).
@@ -204,31 +227,20 @@ fn wait_output(mut stdout: impl Read, child: &mut Child) -> String {
 #[test]
 fn qemu_migrates_encrypted_through_the_tunnel() {
     require_qemu!();
-    migrate_through_the_tunnel(None);
+    migrate_through_the_tunnel(None, true);
 }
 
 #[test]
 fn qemu_multifd_migrates_encrypted_through_the_tunnel() {
     require_qemu!();
-    migrate_through_the_tunnel(Some(2));
+    migrate_through_the_tunnel(Some(2), false);
 }
 
 #[test]
 fn a_required_vm_is_refused_before_qemu_sends_anything() {
     require_qemu!();
-    let w = World::new();
-    let run = w.p("run");
-    std::fs::create_dir(&run).unwrap();
-    let incoming = run.join("{vm}.incoming");
     // This destination registers as unable to encrypt.
-    let (_recv, addr) = w.recv(
-        Some("dst"),
-        &[
-            "--no-encryption",
-            "--tunnel",
-            &format!("unix:{}", incoming.display()),
-        ],
-    );
+    let (w, run, _recv, addr) = daemon(&["--no-encryption"]);
     w.policy("secret-vm", "encryption = \"required\"\n");
     let mut vms = qemus(&run, None);
     let dst_uri = format!("unix:{}", run.join("secret-vm.incoming").display());
@@ -284,4 +296,54 @@ fn a_required_vm_is_refused_before_qemu_sends_anything() {
         memfile::zero_pages(&vms.dst_mem()).unwrap(),
         (MIB << 20) / 4096
     );
+}
+
+#[test]
+fn a_destination_qemu_that_dies_fails_the_source_migration_and_the_vm_runs_on() {
+    require_qemu!();
+    let (w, run, _recv, addr) = daemon(&[]);
+    w.policy("qemu-vm", "encryption = \"required\"\n");
+    // Without QEMU's return path the source learns of the destination's end only from
+    // its writes failing: the tunnel must make them fail, not swallow them.
+    let mut vms = qemus(&run, None);
+    // Slow enough to be caught in the middle.
+    vms.src
+        .qmp()
+        .set_parameters(json!({ "max-bandwidth": 32u64 << 20 }))
+        .unwrap();
+    let dst_uri = format!("unix:{}", run.join("qemu-vm.incoming").display());
+    vms.dst.qmp().migrate_incoming(&dst_uri).unwrap();
+    let listen = run.join("out.sock");
+    let (mut send, said) = tunnel(&w, "qemu-vm", &addr, &listen);
+    assert!(said.contains("tunnel ready"), "{said}");
+    vms.src
+        .qmp()
+        .migrate(&format!("unix:{}", listen.display()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = vms.src.qmp().query_migrate().unwrap();
+        if r["ram"]["transferred"].as_u64().unwrap_or(0) > 32 << 20 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the migration does not progress: {r}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The destination QEMU dies mid-stream.
+    Command::new("kill")
+        .args(["-KILL", &vms.dst.pid().to_string()])
+        .status()
+        .unwrap();
+    let done = vms
+        .src
+        .qmp()
+        .wait_migration(Duration::from_secs(60))
+        .unwrap();
+    assert_eq!(done["status"], "failed", "{done}");
+    assert_eq!(vms.src.qmp().query_status().unwrap(), "running");
+    let status = send.wait().unwrap();
+    assert_eq!(status.code(), Some(4), "the tunnel failed");
 }

@@ -43,6 +43,15 @@ pub enum MigrateError {
     /// The migration aborted but the VM could not be resumed at the source.
     #[error("aborted, and resuming the VM at the source failed: {0}")]
     ResumeFailed(String),
+    /// A tunnel failed: every hypervisor connection it carried was dropped on both hosts,
+    /// so the hypervisor's own migration fails too — unless it had already completed (a
+    /// hypervisor that does not wait for its destination's answer, such as QEMU without
+    /// the `return-path` capability, may). The hypervisor says where the VM runs.
+    #[error(
+        "tunnel failed: {0} (the hypervisor's own migration fails with it unless it had \
+         already completed: ask it where the VM runs, e.g. QEMU's query-migrate)"
+    )]
+    TunnelFailed(String),
     /// The builder was given an impossible combination.
     #[error("invalid options: {0}")]
     Options(String),

@@ -32,7 +32,8 @@ pub use report::Phases;
 pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
 pub use tunnel::{
-    DEFAULT_MAX_CONNECTIONS, NegotiatedTunnel, TunnelReport, TunnelSender, TunnelSenderBuilder,
+    DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, NegotiatedTunnel, TunnelReport, TunnelSender,
+    TunnelSenderBuilder,
 };
 
 /// The VMs this process is migrating out, or taking in: a second migration of the same

@@ -191,6 +191,7 @@ pub struct Receiver {
     timeout: Duration,
     on_resumed: Option<ResumedHook>,
     tunnel_target: Option<TunnelTarget>,
+    plaintext_tunnels: bool,
 }
 
 /// Called once a committed VM runs here (network announcements, the orchestrator...).
@@ -223,6 +224,7 @@ impl Receiver {
             timeout: Duration::from_secs(30),
             on_resumed: None,
             tunnel_target: None,
+            plaintext_tunnels: false,
         }
     }
 
@@ -243,6 +245,14 @@ impl Receiver {
         target: impl Fn(&Hello) -> Result<Endpoint, String> + Send + Sync + 'static,
     ) -> Self {
         self.tunnel_target = Some(Arc::new(target));
+        self
+    }
+
+    /// Also take tunnels the negotiation makes plaintext. Off by default: a plaintext
+    /// tunnel is not authenticated, so anyone who reaches this receiver could feed a
+    /// waiting destination hypervisor a migration stream of their own.
+    pub fn allow_plaintext_tunnels(mut self, yes: bool) -> Self {
+        self.plaintext_tunnels = yes;
         self
     }
 
@@ -537,6 +547,19 @@ impl Receiver {
                 Ok(Ok(s))
             }
         });
+        // A tunnel feeds a hypervisor that waits for its guest: unauthenticated bytes
+        // must not reach it unless this host says so.
+        if matches!(sink, Ok(Err(_)))
+            && !self.plaintext_tunnels
+            && matches!(received.decision(), vmotion_proto::Decision::Plaintext(_))
+        {
+            let reason = "this host takes tunnels encrypted only (this one would be plaintext)";
+            let abort = received.reject(AbortCode::ReceiverRequiresEncryption, reason)?;
+            let _ = write_frame(&mut control, &abort).await;
+            return Err(MigrateError::Refused(
+                vmotion_proto::Refusal::ReceiverRequiresEncryption,
+            ));
+        }
         let sink = match sink {
             Ok(s) => s,
             Err(reason) => {
@@ -550,11 +573,16 @@ impl Receiver {
 
         let key = if received.needs_key() {
             let fetched = match &self.keys {
-                ReceiverKeys::Service(c) => c
-                    .fetch_key(migration_id)
-                    .await
-                    .map(|k| k.material)
-                    .map_err(|e| e.to_string()),
+                // The key names the VM it was issued for: a sender cannot use one VM's
+                // migration to deliver another (a tunnel's VM name picks its target).
+                ReceiverKeys::Service(c) => match c.fetch_key(migration_id).await {
+                    Ok(k) if k.vm == hello.vm_name => Ok(k.material),
+                    Ok(k) => Err(format!(
+                        "the key service issued this migration for VM `{}`, not `{}`",
+                        k.vm, hello.vm_name
+                    )),
+                    Err(e) => Err(e.to_string()),
+                },
                 ReceiverKeys::Direct {
                     migration_id: id,
                     material,

@@ -16,10 +16,13 @@
 //! sends `Complete` with the totals of every stream, the receiver checks them against what
 //! it delivered and answers `Ready`, and the sender ends the control stream. Any failure
 //! of the tunnel itself (the network, the peer, a forged or missing frame) drops every
-//! local connection on both hosts, so neither hypervisor waits forever; a hypervisor that
-//! closes or resets its own connection is not a tunnel failure — its peer hypervisor sees
-//! the same close and decides. Whether the hypervisor's migration succeeded is its own
-//! business (QEMU: `query-migrate`); the tunnel reports what it carried.
+//! local connection on both hosts, so neither hypervisor waits forever (TCP keepalive
+//! notices a peer host that vanished; the receiver waits a bounded time for the first
+//! stream). A hypervisor that closes its sending side is passed on as a close, and its
+//! peer decides whether the stream was complete; one that stops taking bytes its peer
+//! still sends fails the tunnel, as its peer's writes would fail on a direct connection.
+//! Whether the hypervisor's migration succeeded is its own business (QEMU:
+//! `query-migrate`); the tunnel reports what it carried.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -47,6 +50,10 @@ const CHUNK: usize = 1024 * 1024;
 
 /// Send and receive buffer asked for on every socket a tunnel pumps through.
 const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
+
+/// How long a receiver waits for a tunnel's first connection after the handshake; a
+/// sender's accept timeout may not be longer.
+pub const MAX_ACCEPT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Most connections a tunnel carries unless told otherwise: QEMU's main channel plus up
 /// to 15 multifd channels.
@@ -186,7 +193,8 @@ impl TunnelSenderBuilder {
         self
     }
 
-    /// How long [`NegotiatedTunnel::run`] waits for the hypervisor's first connection.
+    /// How long [`NegotiatedTunnel::run`] waits for the hypervisor's first connection (at
+    /// most [`MAX_ACCEPT_TIMEOUT`], which is how long a receiver waits for it).
     pub fn accept_timeout(mut self, t: Duration) -> Self {
         self.0.accept_timeout = t;
         self
@@ -220,6 +228,12 @@ impl TunnelSender {
             return Err(MigrateError::Options(
                 "a tunnel carries 1 to 256 connections".into(),
             ));
+        }
+        if self.accept_timeout > MAX_ACCEPT_TIMEOUT || self.accept_timeout.is_zero() {
+            return Err(MigrateError::Options(format!(
+                "the accept timeout must be above 0 and at most {} s (the receiver waits no longer)",
+                MAX_ACCEPT_TIMEOUT.as_secs()
+            )));
         }
         let in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
         let (migration_id, material, destination, service) =
@@ -314,8 +328,6 @@ struct PumpStats {
     /// `TunnelData` frames and payload bytes this end received.
     received_frames: u64,
     received_bytes: u64,
-    /// Received bytes the local hypervisor no longer took (it had closed).
-    discarded: u64,
     /// Most key epochs seen in either direction.
     epochs: u32,
 }
@@ -349,6 +361,7 @@ impl NegotiatedTunnel {
         async move {
             let negotiated = session.negotiated().clone();
             let control = session.take_control()?;
+            tune(&control_conn);
             let (control_r, mut control_w) = control_conn.into_split();
             let mut sealer = control.sealer;
             let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(2);
@@ -366,9 +379,9 @@ impl NegotiatedTunnel {
             let carried: Result<(), MigrateError> = loop {
                 let linger_at = idle_since.map_or_else(far, |t| t + linger);
                 tokio::select! {
-                    () = &mut cancel => break Err(MigrateError::Aborted("the tunnel was cancelled".into())),
+                    () = &mut cancel => break Err(MigrateError::TunnelFailed("the tunnel was cancelled".into())),
                     () = tokio::time::sleep_until(accept_deadline), if first_at.is_none() => {
-                        break Err(MigrateError::Aborted(format!(
+                        break Err(MigrateError::TunnelFailed(format!(
                             "the hypervisor did not connect within {accept_timeout:?}"
                         )));
                     }
@@ -379,7 +392,7 @@ impl NegotiatedTunnel {
                             Err(e) => break Err(e.into()),
                         };
                         if next_id > negotiated.streams {
-                            break Err(MigrateError::Aborted(format!(
+                            break Err(MigrateError::TunnelFailed(format!(
                                 "the hypervisor opened more than {} connections (raise the tunnel's maximum)",
                                 negotiated.streams
                             )));
@@ -417,7 +430,7 @@ impl NegotiatedTunnel {
                                 }
                                 break Err(stream_failed(id, e));
                             }
-                            Err(e) => break Err(MigrateError::Aborted(format!("a tunnel task failed: {e}"))),
+                            Err(e) => break Err(MigrateError::TunnelFailed(format!("a tunnel task failed: {e}"))),
                         }
                     }
                     msg = ctl_rx.recv() => break Err(match msg {
@@ -426,7 +439,7 @@ impl NegotiatedTunnel {
                             state: "tunnel (sender), before Complete",
                             frame_type: FrameType::Ready,
                         }.into(),
-                        None => MigrateError::Aborted("the receiver's control connection ended".into()),
+                        None => MigrateError::TunnelFailed("the receiver's control connection ended".into()),
                     }),
                 }
             };
@@ -467,12 +480,12 @@ impl NegotiatedTunnel {
                 Ok(Some(Ok(_ready))) => {}
                 Ok(Some(Err(e))) => return Err(e),
                 Ok(None) => {
-                    return Err(MigrateError::Aborted(
+                    return Err(MigrateError::TunnelFailed(
                         "the receiver closed the tunnel before confirming it".into(),
                     ));
                 }
                 Err(_) => {
-                    return Err(MigrateError::Aborted(
+                    return Err(MigrateError::TunnelFailed(
                         "the receiver did not confirm the tunnel's totals".into(),
                     ));
                 }
@@ -499,7 +512,7 @@ async fn open_stream(
     let (bind, channel) = session.open_data_stream(id)?;
     let mut conn = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(to, net))
         .await
-        .map_err(|_| MigrateError::Aborted("connecting a tunnel stream timed out".into()))??;
+        .map_err(|_| MigrateError::TunnelFailed("connecting a tunnel stream timed out".into()))??;
     write_frame(&mut conn, &bind).await?;
     Ok((conn, channel))
 }
@@ -533,7 +546,9 @@ fn was_cut(e: &MigrateError) -> bool {
 
 fn stream_failed(id: u16, e: MigrateError) -> MigrateError {
     match e {
-        MigrateError::Io(io) => MigrateError::Aborted(format!("tunnel stream {id}: network: {io}")),
+        MigrateError::Io(io) => {
+            MigrateError::TunnelFailed(format!("tunnel stream {id}: network: {io}"))
+        }
         other => other,
     }
 }
@@ -577,7 +592,7 @@ async fn control_reader(
             let mut f = read_frame(&mut r, opener.max_payload())
                 .await?
                 .ok_or_else(|| {
-                    MigrateError::Aborted("the receiver closed the control connection".into())
+                    MigrateError::TunnelFailed("the receiver closed the control connection".into())
                 })?;
             let h = opener.open(&mut f)?;
             match Message::decode(h.frame_type, &f.payload)? {
@@ -604,16 +619,8 @@ async fn control_reader(
 /// Carries one hypervisor connection (`local`) over one data stream (`remote`), both
 /// directions, until both have ended. Symmetric: the sender and the receiver run it.
 async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, MigrateError> {
-    // Deep socket buffers: fewer wake-ups per byte on the relay's two hops (measured in
-    // docs/performance.md; the kernel caps them at net.core.[rw]mem_max).
-    for c in [&local, &remote] {
-        let s = match c {
-            Conn::Tcp(s) => socket2::SockRef::from(s),
-            Conn::Unix(s) => socket2::SockRef::from(s),
-        };
-        let _ = s.set_send_buffer_size(SOCKET_BUFFER);
-        let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    }
+    tune(&local);
+    tune(&remote);
     let (lr, lw) = local.into_split();
     let (rr, rw) = remote.into_split();
     let ((sent_frames, sent_bytes, up_epoch), down) = tokio::try_join!(
@@ -625,9 +632,28 @@ async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, 
         sent_bytes,
         received_frames: down.0,
         received_bytes: down.1,
-        discarded: down.2,
-        epochs: up_epoch.max(down.3),
+        epochs: up_epoch.max(down.2),
     })
+}
+
+/// Deep socket buffers — fewer wake-ups per byte on the relay's two hops (measured in
+/// docs/performance.md; the kernel caps them at net.core.[rw]mem_max) — and, on TCP,
+/// keepalive probes, so a peer host that vanishes without a word ends the tunnel within
+/// about half a minute instead of never.
+fn tune(c: &Conn) {
+    let s = match c {
+        Conn::Tcp(s) => socket2::SockRef::from(s),
+        Conn::Unix(s) => socket2::SockRef::from(s),
+    };
+    let _ = s.set_send_buffer_size(SOCKET_BUFFER);
+    let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
+    if matches!(c, Conn::Tcp(_)) {
+        let probes = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(10))
+            .with_interval(Duration::from_secs(5))
+            .with_retries(3);
+        let _ = s.set_tcp_keepalive(&probes);
+    }
 }
 
 /// Whether an I/O error means the local hypervisor closed its end (abruptly).
@@ -674,41 +700,34 @@ async fn outbound(
     Ok((frames, bytes, epoch + 1))
 }
 
-/// Peer → local hypervisor. Returns frames, bytes, bytes discarded because the
-/// hypervisor had closed, and the last epoch.
+/// Peer → local hypervisor. Returns frames, bytes and the last epoch.
+///
+/// A hypervisor that stops taking bytes the peer still sends (it closed, or died) fails
+/// the tunnel: the peer's hypervisor must see its connection fail, as it would on a
+/// direct one, not carry on writing into a void.
 async fn inbound(
     mut rr: ReadHalf,
     mut lw: WriteHalf,
     mut opener: Opener,
-) -> Result<(u64, u64, u64, u32), MigrateError> {
+) -> Result<(u64, u64, u32), MigrateError> {
     let mut buf = AlignedBuf::page_aligned(opener.max_payload() as usize);
-    let (mut frames, mut bytes, mut discarded) = (0u64, 0u64, 0u64);
-    let mut local_open = true;
+    let (mut frames, mut bytes) = (0u64, 0u64);
     let mut shut = false;
     while let Some(h) = read_open(&mut rr, &mut opener, &mut buf).await? {
         match h.frame_type {
             FrameType::TunnelData if !shut => {
                 frames += 1;
                 bytes += u64::from(h.payload_len);
-                if local_open {
-                    match lw.write_all(buf.as_slice()).await {
-                        Ok(()) => {}
-                        Err(e) if closed_by_peer(&e) => {
-                            tracing::debug!(error = %e, "the local hypervisor closed; discarding what follows");
-                            local_open = false;
-                            discarded += u64::from(h.payload_len);
-                        }
-                        Err(e) => return Err(e.into()),
-                    }
-                } else {
-                    discarded += u64::from(h.payload_len);
+                if let Err(e) = lw.write_all(buf.as_slice()).await {
+                    return Err(MigrateError::TunnelFailed(format!(
+                        "the local hypervisor stopped taking the bytes its peer sends ({e})"
+                    )));
                 }
             }
             FrameType::TunnelShutdown if !shut => {
                 shut = true;
-                if local_open {
-                    let _ = lw.shutdown().await;
-                }
+                // A hypervisor that already closed for good has nothing to half-close.
+                let _ = lw.shutdown().await;
             }
             FrameType::EndOfStream if shut => break,
             other => {
@@ -726,7 +745,7 @@ async fn inbound(
     }
     // A stream cut before its EndOfStream is truncation, not an end.
     opener.finish()?;
-    Ok((frames, bytes, discarded, opener.epoch() + 1))
+    Ok((frames, bytes, opener.epoch() + 1))
 }
 
 /// The receiving end of a tunnel, after the handshake: binds each data stream as it
@@ -742,19 +761,28 @@ pub(crate) async fn receive_tunnel(
 ) -> Result<TunnelReport, MigrateError> {
     let negotiated = session.negotiated().clone();
     let ctrl = session.take_control()?;
-    let (mut opener, mut sealer) = (ctrl.opener, ctrl.sealer);
-    let (mut control_r, mut control_w) = control.into_split();
+    let mut sealer = ctrl.sealer;
+    tune(&control);
+    let (control_r, mut control_w) = control.into_split();
+    // The control stream is read by a task of its own: a frame is never half-read by a
+    // `select!` branch that loses the race.
+    let (ctl_tx, mut ctl_rx) = tokio::sync::mpsc::channel(2);
+    let _reader = AbortOnDrop(tokio::spawn(
+        receiver_control(control_r, ctrl.opener, ctl_tx).in_current_span(),
+    ));
     let mut streams: JoinSet<(u16, Result<PumpStats, MigrateError>)> = JoinSet::new();
     let mut done: Vec<(u16, PumpStats)> = Vec::new();
     let mut bound = 0u16;
     let mut strangers = 0;
     let mut first_at: Option<Instant> = None;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
-    let max = opener.max_payload();
+    // The sender waits at most this long for its hypervisor's first connection; a sender
+    // that went silent must not hold this VM's slot for ever.
+    let first_deadline = tokio::time::Instant::now() + MAX_ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT;
     let result: Result<Complete, MigrateError> = async {
         loop {
             tokio::select! {
-                next = data.next(far) => {
+                next = data.next(if bound == 0 { first_deadline } else { far }) => {
                     let (mut conn, first, peer) = next?;
                     let bind = match first {
                         Some(f) => Ok(f),
@@ -763,7 +791,7 @@ pub(crate) async fn receive_tunnel(
                             _ => Err(()),
                         },
                     };
-                    let accepted = bind.map_err(|()| MigrateError::Aborted("no stream bind".into()))
+                    let accepted = bind.map_err(|()| MigrateError::TunnelFailed("no stream bind".into()))
                         .and_then(|f| session.accept_data_stream(f).map_err(MigrateError::from));
                     let (id, channel) = match accepted {
                         Ok(x) => x,
@@ -771,7 +799,7 @@ pub(crate) async fn receive_tunnel(
                             strangers += 1;
                             tracing::warn!(%peer, error = %e, "dropping a connection that did not bind");
                             if strangers > 16 {
-                                return Err(MigrateError::Aborted("too many connections that did not bind".into()));
+                                return Err(MigrateError::TunnelFailed("too many connections that did not bind".into()));
                             }
                             continue;
                         }
@@ -780,37 +808,36 @@ pub(crate) async fn receive_tunnel(
                     first_at.get_or_insert_with(Instant::now);
                     let local = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&target, NetOptions::default()))
                         .await
-                        .map_err(|_| MigrateError::Aborted(format!("connecting to the hypervisor at {target} timed out")))?
-                        .map_err(|e| MigrateError::Aborted(format!("connecting to the hypervisor at {target}: {e}")))?;
+                        .map_err(|_| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target} timed out")))?
+                        .map_err(|e| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target}: {e}")))?;
                     tracing::info!(stream = id, %target, "delivering a tunnelled connection");
                     streams.spawn(async move { (id, pump(local, conn, channel).await) }.in_current_span());
                 }
                 Some(joined) = streams.join_next() => match joined {
                     Ok((id, Ok(stats))) => {
-                        tracing::info!(stream = id, delivered = stats.received_bytes, returned = stats.sent_bytes, discarded = stats.discarded, "connection closed");
+                        tracing::info!(stream = id, delivered = stats.received_bytes, returned = stats.sent_bytes, "connection closed");
                         done.push((id, stats));
                     }
                     Ok((id, Err(e))) => {
                         // A stream cut because the sender gave up: its Abort explains why.
                         if was_cut(&e)
-                            && let Ok(Ok(Some(mut f))) = tokio::time::timeout(Duration::from_millis(200), read_frame(&mut control_r, max)).await
-                            && let Ok(h) = opener.open(&mut f)
-                            && let Ok(Message::Abort(a)) = Message::decode(h.frame_type, &f.payload)
+                            && let Ok(Some(Err(why @ MigrateError::PeerAborted { .. }))) =
+                                tokio::time::timeout(Duration::from_millis(200), ctl_rx.recv()).await
                         {
-                            return Err(MigrateError::PeerAborted { code: a.code, message: a.message });
+                            return Err(why);
                         }
                         return Err(stream_failed(id, e));
                     }
-                    Err(e) => return Err(MigrateError::Aborted(format!("a tunnel task failed: {e}"))),
+                    Err(e) => return Err(MigrateError::TunnelFailed(format!("a tunnel task failed: {e}"))),
                 },
-                f = read_frame(&mut control_r, max) => {
-                    let mut f = f?.ok_or_else(|| MigrateError::Aborted("the sender closed the control connection".into()))?;
-                    let h = opener.open(&mut f)?;
-                    match Message::decode(h.frame_type, &f.payload)? {
-                        Message::Complete(c) => return Ok(c),
-                        Message::Abort(a) => return Err(MigrateError::PeerAborted { code: a.code, message: a.message }),
-                        other => return Err(PeerMisbehaved::UnexpectedFrame { state: "tunnel (receiver)", frame_type: other.frame_type() }.into()),
-                    }
+                msg = ctl_rx.recv() => match msg {
+                    Some(Ok(ControlIn::Complete(c))) => return Ok(c),
+                    Some(Ok(ControlIn::End)) => return Err(PeerMisbehaved::UnexpectedFrame {
+                        state: "tunnel (receiver), before Complete",
+                        frame_type: FrameType::EndOfStream,
+                    }.into()),
+                    Some(Err(e)) => return Err(e),
+                    None => return Err(MigrateError::TunnelFailed("the sender's control stream ended".into())),
                 }
             }
         }
@@ -821,41 +848,37 @@ pub(crate) async fn receive_tunnel(
         Ok(complete) => {
             async {
                 if usize::from(bound) != complete.streams.len() {
-                    return Err(MigrateError::Aborted(format!(
+                    return Err(MigrateError::TunnelFailed(format!(
                         "the sender carried {} connections, {bound} arrived here",
                         complete.streams.len()
                     )));
                 }
                 while let Some(joined) = tokio::time::timeout(timeout, streams.join_next())
                     .await
-                    .map_err(|_| MigrateError::Aborted("a tunnel stream did not end".into()))?
+                    .map_err(|_| MigrateError::TunnelFailed("a tunnel stream did not end".into()))?
                 {
                     match joined {
                         Ok((id, Ok(stats))) => done.push((id, stats)),
                         Ok((id, Err(e))) => return Err(stream_failed(id, e)),
                         Err(e) => {
-                            return Err(MigrateError::Aborted(format!(
+                            return Err(MigrateError::TunnelFailed(format!(
                                 "a tunnel task failed: {e}"
                             )));
                         }
                     }
                 }
+                // Streams 1..=n, each with the totals Complete lists for it.
                 done.sort_by_key(|(id, _)| *id);
-                let mut got: Vec<(u64, u64)> = done
-                    .iter()
-                    .map(|(_, s)| (s.received_frames, s.received_bytes))
-                    .collect();
-                let mut claimed: Vec<(u64, u64)> = complete
-                    .streams
-                    .iter()
-                    .map(|t| (t.frames, t.bytes))
-                    .collect();
-                got.sort_unstable();
-                claimed.sort_unstable();
-                if got != claimed {
-                    return Err(MigrateError::Aborted(
-                        "Complete's totals do not match what the tunnel delivered".into(),
-                    ));
+                for (i, ((id, got), claimed)) in done.iter().zip(&complete.streams).enumerate() {
+                    if usize::from(*id) != i + 1
+                        || (got.received_frames, got.received_bytes)
+                            != (claimed.frames, claimed.bytes)
+                    {
+                        return Err(MigrateError::TunnelFailed(format!(
+                            "Complete's totals for stream {} do not match what the tunnel delivered",
+                            i + 1
+                        )));
+                    }
                 }
                 Ok(())
             }
@@ -889,22 +912,69 @@ pub(crate) async fn receive_tunnel(
         .encode(),
     )?;
     write_frame(&mut control_w, &f).await?;
-    // The sender ends its control stream: anything else there is an error.
-    match tokio::time::timeout(timeout, read_frame(&mut control_r, max)).await {
-        Ok(Ok(Some(mut f))) => {
-            let h = opener.open(&mut f)?;
-            if h.frame_type != FrameType::EndOfStream {
-                return Err(PeerMisbehaved::UnexpectedFrame {
-                    state: "tunnel (receiver), after Ready",
-                    frame_type: h.frame_type,
-                }
-                .into());
-            }
-            opener.finish()?;
+    // The sender ends its control stream: anything else there is an error (logged: every
+    // byte was delivered and confirmed by now).
+    match tokio::time::timeout(timeout, ctl_rx.recv()).await {
+        Ok(Some(Ok(ControlIn::End))) => {}
+        Ok(Some(Ok(ControlIn::Complete(_)))) => {
+            tracing::warn!("a second Complete from the sender after Ready")
         }
-        _ => tracing::warn!("the sender did not end its control stream after Ready"),
+        Ok(Some(Err(e))) => {
+            tracing::warn!(error = %e, "the sender's control stream failed after Ready")
+        }
+        Ok(None) | Err(_) => {
+            tracing::warn!("the sender did not end its control stream after Ready")
+        }
     }
     let report = report(&negotiated, &done, setup, carried, false);
     tracing::info!("{}", report.summary());
     Ok(report)
+}
+
+/// What the receiver reads on a tunnel's control stream after the handshake.
+enum ControlIn {
+    /// The sender's totals: every connection has closed.
+    Complete(Complete),
+    /// The sender's authenticated end of the control stream (after `Ready`).
+    End,
+}
+
+/// Reads the sender's control frames until the stream ends or fails; an `Abort` arrives
+/// as `PeerAborted`.
+async fn receiver_control(
+    mut r: ReadHalf,
+    mut opener: Opener,
+    tx: tokio::sync::mpsc::Sender<Result<ControlIn, MigrateError>>,
+) {
+    loop {
+        let item = async {
+            let mut f = read_frame(&mut r, opener.max_payload())
+                .await?
+                .ok_or_else(|| {
+                    MigrateError::TunnelFailed("the sender closed the control connection".into())
+                })?;
+            let h = opener.open(&mut f)?;
+            match Message::decode(h.frame_type, &f.payload)? {
+                Message::Complete(c) => Ok(ControlIn::Complete(c)),
+                Message::EndOfStream(_) => {
+                    opener.finish()?;
+                    Ok(ControlIn::End)
+                }
+                Message::Abort(a) => Err(MigrateError::PeerAborted {
+                    code: a.code,
+                    message: a.message,
+                }),
+                other => Err(PeerMisbehaved::UnexpectedFrame {
+                    state: "tunnel (receiver)",
+                    frame_type: other.frame_type(),
+                }
+                .into()),
+            }
+        }
+        .await;
+        let last = !matches!(item, Ok(ControlIn::Complete(_)));
+        if tx.send(item).await.is_err() || last {
+            return;
+        }
+    }
 }

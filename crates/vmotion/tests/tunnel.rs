@@ -465,7 +465,8 @@ async fn more_connections_than_negotiated_fail_the_tunnel() {
     let mut conns = Vec::new();
     for _ in 0..3 {
         let mut c = UnixStream::connect(&local).await.unwrap();
-        c.write_all(b"x").await.unwrap();
+        // The connection past the maximum may be dropped before this write lands.
+        let _ = c.write_all(b"x").await;
         conns.push(c);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -488,4 +489,60 @@ async fn more_connections_than_negotiated_fail_the_tunnel() {
             .expect("not left waiting");
     }
     assert!(recv.await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plaintext_tunnels_are_refused_unless_the_receiver_allows_them() {
+    let disabled = VmPolicy {
+        encryption: EncryptionPolicy::Disabled,
+        vm_encrypted: false,
+    };
+    for allow in [false, true] {
+        let mut s = setup().await;
+        let (_delivered, _dst) = destination(UnixListener::bind(&s.qemu_in).unwrap());
+        let listener = s.listener.take().unwrap();
+        let target = Endpoint::Unix(s.qemu_in.clone());
+        let recv = tokio::spawn(async move {
+            Receiver::new(ReceiverKeys::Direct {
+                migration_id: ID,
+                material: key(),
+            })
+            .tunnel_to(move |_| Ok(target.clone()))
+            .allow_plaintext_tunnels(allow)
+            .receive_tunnel(&listener)
+            .await
+        });
+        // A sender whose policy disables encryption: nothing is authenticated.
+        let negotiated = TunnelSender::builder("qemu-vm")
+            .policy(disabled)
+            .key(KeySource::None { migration_id: ID })
+            .build()
+            .negotiate(s.addr)
+            .await;
+        if allow {
+            let tunnel = negotiated.unwrap();
+            assert!(matches!(tunnel.negotiated().mode, Mode::Plaintext(_)));
+            let local = s.dir.path().join("qemu-out.sock");
+            let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
+                .await
+                .unwrap();
+            let (report, answer) = tokio::join!(
+                tunnel.run(&qemu, std::future::pending()),
+                source(&local, data(1, 1000))
+            );
+            assert_eq!(answer.unwrap(), "got 1000 bytes");
+            assert_eq!(report.unwrap().bytes_to_destination, 1000);
+            assert!(recv.await.unwrap().is_ok());
+        } else {
+            let err = negotiated.unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    MigrateError::Refused(Refusal::ReceiverRequiresEncryption)
+                ),
+                "{err:?}"
+            );
+            assert!(recv.await.unwrap().is_err());
+        }
+    }
 }

@@ -60,9 +60,16 @@ struct Args {
     /// connections to the destination hypervisor's incoming address: unix:PATH or
     /// [tcp:]HOST:PORT, as given to QEMU's `-incoming` / `migrate-incoming`. `{vm}` in it
     /// is replaced by the VM's name (e.g. unix:/run/vmotion/{vm}.incoming), so one daemon
-    /// serves every VM. Without this flag tunnels are refused.
+    /// serves every VM (unix paths only: in a TCP address a sender could pick the host or
+    /// port). Without this flag tunnels are refused; tunnels must be encrypted unless
+    /// `--allow-plaintext-tunnels`.
     #[arg(long)]
     tunnel: Option<String>,
+    /// Also take tunnels that the negotiation makes plaintext. Such a tunnel is not
+    /// authenticated: anyone who reaches this daemon could feed a waiting QEMU a migration
+    /// stream of their own.
+    #[arg(long, requires = "tunnel")]
+    allow_plaintext_tunnels: bool,
 }
 
 /// The destination hypervisor's incoming address for VM `vm`, from the `--tunnel`
@@ -168,6 +175,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(template) = args.tunnel.clone() {
         // A bad template is a usage error now, not a refusal per migration later.
         tunnel_target(&template, "vm").map_err(|e| anyhow::anyhow!("--tunnel: {e}"))?;
+        if template.contains("{vm}") && !template.starts_with("unix:") {
+            anyhow::bail!(
+                "--tunnel: {{vm}} may only stand in a unix: path (in a TCP address the sender \
+                 would choose where this host connects)"
+            );
+        }
+        receiver = receiver.allow_plaintext_tunnels(args.allow_plaintext_tunnels);
         receiver = receiver.tunnel_to(move |hello| {
             if !vmotion_policy::valid_vm_name(&hello.vm_name) {
                 return Err(format!(

@@ -212,6 +212,18 @@ async fn run_tunnel(
             "--tunnel carries QEMU's migration: name no other source".into(),
         ));
     }
+    // What reaches this socket is QEMU's plaintext: never from another host.
+    if let Endpoint::Tcp(a) = listen
+        && !a.ip().is_loopback()
+    {
+        return Err((
+            USAGE,
+            format!(
+                "--tunnel {a}: listen on a unix: path or a loopback address (QEMU's stream \
+                 arrives there in clear)"
+            ),
+        ));
+    }
     let tunnel = TunnelSender::builder(&args.vm)
         .policy(policy)
         .key(key)
@@ -224,7 +236,16 @@ async fn run_tunnel(
         .build()
         .negotiate(args.to.clone())
         .await
-        .map_err(|e| (exit_code(&e), e.to_string()))?;
+        .map_err(|e| {
+            let hint = match e {
+                MigrateError::Refused(vmotion_proto::Refusal::TooManyStreams) => {
+                    " (the receiver takes fewer streams than --max-connections: lower it, or \
+                     raise its --max-streams)"
+                }
+                _ => "",
+            };
+            (exit_code(&e), format!("{e}{hint}"))
+        })?;
     let local = Listener::bind(listen)
         .await
         .map_err(|e| (NOT_STARTED, format!("listening for QEMU on {listen}: {e}")))?;
@@ -361,6 +382,7 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let json = args.json;
+    let tunnel = args.tunnel.is_some();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -397,7 +419,9 @@ fn main() -> ExitCode {
         }
         Err((code, message)) => {
             let what = match code {
+                REFUSED if tunnel => "tunnel refused, nothing listened for QEMU",
                 REFUSED => "refused, the VM keeps running at the source",
+                ABORTED if tunnel => "tunnel failed, QEMU's connections were dropped on both hosts",
                 ABORTED => "aborted, the VM keeps running at the source",
                 UNKNOWN => "OUTCOME UNKNOWN, the VM is PAUSED at the source",
                 USAGE => "bad usage or policy, nothing was sent",
