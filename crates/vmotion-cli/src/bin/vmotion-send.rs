@@ -224,7 +224,7 @@ async fn run_tunnel(
             ),
         ));
     }
-    let tunnel = TunnelSender::builder(&args.vm)
+    let negotiate = TunnelSender::builder(&args.vm)
         .policy(policy)
         .key(key)
         .max_connections(args.max_connections)
@@ -234,18 +234,24 @@ async fn run_tunnel(
             dscp: args.dscp,
         })
         .build()
-        .negotiate(args.to.clone())
-        .await
-        .map_err(|e| {
-            let hint = match e {
-                MigrateError::Refused(vmotion_proto::Refusal::TooManyStreams) => {
-                    " (the receiver takes fewer streams than --max-connections: lower it, or \
+        .negotiate(args.to.clone());
+    // A signal during the negotiation ends it too (nothing listens for QEMU yet).
+    let negotiated = tokio::select! {
+        r = negotiate => r,
+        () = shutdown_signal() => Err(MigrateError::TunnelFailed(
+            "cancelled during the negotiation; nothing listened for QEMU".into(),
+        )),
+    };
+    let tunnel = negotiated.map_err(|e| {
+        let hint = match e {
+            MigrateError::Refused(vmotion_proto::Refusal::TooManyStreams) => {
+                " (the receiver takes fewer streams than --max-connections: lower it, or \
                      raise its --max-streams)"
-                }
-                _ => "",
-            };
-            (exit_code(&e), format!("{e}{hint}"))
-        })?;
+            }
+            _ => "",
+        };
+        (exit_code(&e), format!("{e}{hint}"))
+    })?;
     let local = Listener::bind(listen)
         .await
         .map_err(|e| (NOT_STARTED, format!("listening for QEMU on {listen}: {e}")))?;
