@@ -35,7 +35,7 @@ use vmotion_proto::message::{Abort, Complete, Message, Ready, StreamTotals};
 use vmotion_proto::{
     AbortCode, AlignedBuf, Channel, EpochLimits, FrameType, MigrationId, MigrationKind, Mode,
     Negotiated, Opener, PeerMisbehaved, Sealer, SenderConfig, SenderHandshake, SenderSession,
-    VmPolicy, handshake_random,
+    VmPolicy, WireFrame, handshake_random,
 };
 
 use crate::error::MigrateError;
@@ -773,7 +773,8 @@ pub(crate) async fn receive_tunnel(
     let mut streams: JoinSet<(u16, Result<PumpStats, MigrateError>)> = JoinSet::new();
     let mut done: Vec<(u16, PumpStats)> = Vec::new();
     let mut bound = 0u16;
-    let mut strangers = 0;
+    let mut binding: JoinSet<(Conn, Result<WireFrame, ()>, crate::transport::Peer)> =
+        JoinSet::new();
     let mut first_at: Option<Instant> = None;
     let far = tokio::time::Instant::now() + Duration::from_secs(86_400 * 365);
     // The sender waits at most this long for its hypervisor's first connection; a sender
@@ -781,42 +782,35 @@ pub(crate) async fn receive_tunnel(
     let first_deadline = tokio::time::Instant::now() + MAX_ACCEPT_TIMEOUT + HANDSHAKE_TIMEOUT;
     let result: Result<Complete, MigrateError> = async {
         loop {
-            tokio::select! {
+            let joined = tokio::select! {
                 next = data.next(if bound == 0 { first_deadline } else { far }) => {
                     let (mut conn, first, peer) = next?;
-                    let bind = match first {
-                        Some(f) => Ok(f),
-                        None => match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut conn, 4096)).await {
-                            Ok(Ok(Some(f))) => Ok(f),
-                            _ => Err(()),
-                        },
-                    };
-                    let accepted = bind.map_err(|()| MigrateError::TunnelFailed("no stream bind".into()))
-                        .and_then(|f| session.accept_data_stream(f).map_err(MigrateError::from));
-                    let (id, channel) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            strangers += 1;
-                            tracing::warn!(%peer, error = %e, "dropping a connection that did not bind");
-                            if strangers > 16 {
-                                return Err(MigrateError::TunnelFailed("too many connections that did not bind".into()));
-                            }
-                            continue;
+                    match first {
+                        Some(f) => bind_stream(&mut session, conn, Ok(f), &peer)?,
+                        // Read the bind aside, so a silent stranger cannot hold up the
+                        // streams and control messages of the tunnel; a few at a time.
+                        None if binding.len() < 16 => {
+                            binding.spawn(async move {
+                                let f = match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut conn, 4096)).await {
+                                    Ok(Ok(Some(f))) => Ok(f),
+                                    _ => Err(()),
+                                };
+                                (conn, f, peer)
+                            });
+                            None
                         }
-                    };
-                    bound += 1;
-                    first_at.get_or_insert_with(Instant::now);
-                    let local = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&target, NetOptions::default()))
-                        .await
-                        .map_err(|_| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target} timed out")))?
-                        .map_err(|e| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target}: {e}")))?;
-                    tracing::info!(stream = id, %target, "delivering a tunnelled connection");
-                    streams.spawn(async move { (id, pump(local, conn, channel).await) }.in_current_span());
+                        None => {
+                            tracing::warn!(%peer, "dropping a connection: too many are binding at once");
+                            None
+                        }
+                    }
                 }
+                Some(Ok((conn, f, peer))) = binding.join_next() => bind_stream(&mut session, conn, f, &peer)?,
                 Some(joined) = streams.join_next() => match joined {
                     Ok((id, Ok(stats))) => {
                         tracing::info!(stream = id, delivered = stats.received_bytes, returned = stats.sent_bytes, "connection closed");
                         done.push((id, stats));
+                        None
                     }
                     Ok((id, Err(e))) => {
                         // A stream cut because the sender gave up: its Abort explains why.
@@ -839,7 +833,19 @@ pub(crate) async fn receive_tunnel(
                     Some(Err(e)) => return Err(e),
                     None => return Err(MigrateError::TunnelFailed("the sender's control stream ended".into())),
                 }
-            }
+            };
+            // A bound stream: deliver it to the hypervisor.
+            let Some((id, conn, channel)) = joined else {
+                continue;
+            };
+            bound += 1;
+            first_at.get_or_insert_with(Instant::now);
+            let local = tokio::time::timeout(HANDSHAKE_TIMEOUT, connect(&target, NetOptions::default()))
+                .await
+                .map_err(|_| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target} timed out")))?
+                .map_err(|e| MigrateError::TunnelFailed(format!("connecting to the hypervisor at {target}: {e}")))?;
+            tracing::info!(stream = id, %target, "delivering a tunnelled connection");
+            streams.spawn(async move { (id, pump(local, conn, channel).await) }.in_current_span());
         }
     }
     .await;
@@ -929,6 +935,27 @@ pub(crate) async fn receive_tunnel(
     let report = report(&negotiated, &done, setup, carried, false);
     tracing::info!("{}", report.summary());
     Ok(report)
+}
+
+/// Binds a data connection to the tunnel's session: its stream id and channel, or `None`
+/// (logged) for a connection that did not bind — a stranger is dropped, not a failure.
+fn bind_stream(
+    session: &mut vmotion_proto::ReceiverSession,
+    conn: Conn,
+    bind: Result<WireFrame, ()>,
+    peer: &crate::transport::Peer,
+) -> Result<Option<(u16, Conn, Channel)>, MigrateError> {
+    let Ok(frame) = bind else {
+        tracing::warn!(%peer, "dropping a connection that sent no stream bind");
+        return Ok(None);
+    };
+    match session.accept_data_stream(frame) {
+        Ok((id, channel)) => Ok(Some((id, conn, channel))),
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "dropping a connection that did not bind");
+            Ok(None)
+        }
+    }
 }
 
 /// What the receiver reads on a tunnel's control stream after the handshake.

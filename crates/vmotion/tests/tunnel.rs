@@ -546,3 +546,39 @@ async fn plaintext_tunnels_are_refused_unless_the_receiver_allows_them() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_receivers_port_neither_stall_nor_fail_a_tunnel() {
+    let mut s = setup().await;
+    let (delivered, _dst) = destination(UnixListener::bind(&s.qemu_in).unwrap());
+    let listener = s.listener.take().unwrap();
+    let recv = tokio::spawn({
+        let r = receiver(&s.qemu_in);
+        async move { r.receive_tunnel(&listener).await }
+    });
+    let tunnel = keyed().build().negotiate(s.addr).await.unwrap();
+    // Silent connections and junk, more than the receiver reads binds from at once.
+    let mut strangers = Vec::new();
+    for i in 0..24 {
+        let mut c = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+        if i % 2 == 0 {
+            let _ = c.write_all(&[0x5a; 64]).await;
+        }
+        strangers.push(c);
+    }
+    let local = s.dir.path().join("qemu-out.sock");
+    let qemu = Listener::bind(&Endpoint::Unix(local.clone())).await.unwrap();
+    let started = std::time::Instant::now();
+    let (report, answer) = tokio::join!(
+        tunnel.run(&qemu, std::future::pending()),
+        source(&local, data(7, 100_000))
+    );
+    assert_eq!(answer.unwrap(), "got 100000 bytes");
+    assert_eq!(report.unwrap().bytes_to_destination, 100_000);
+    // Not held up by even one silent stranger's 5 s bind timeout (read inline, a dozen of
+    // them would take a minute).
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(recv.await.unwrap().unwrap().connections, 1);
+    assert_eq!(delivered.lock().unwrap().len(), 1);
+    drop(strangers);
+}
