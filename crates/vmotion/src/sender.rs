@@ -169,6 +169,7 @@ async fn connect_tcp(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpSt
     }
     let tcp = socket.connect(addr).await?;
     let _ = tcp.set_nodelay(true);
+    crate::transport::keepalive(&tcp);
     Ok(tcp)
 }
 
@@ -1176,7 +1177,8 @@ mod tests {
         assert!(p.after(10_000, rate).is_some());
     }
 
-    /// The connection leaves from the bound address with the DSCP mark in its TOS byte.
+    /// The connection leaves from the bound address with the DSCP mark in its TOS byte,
+    /// and both ends probe a silent peer.
     #[tokio::test]
     async fn connections_carry_the_bind_address_and_dscp() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1187,12 +1189,27 @@ mod tests {
         };
         let tcp = connect_tcp(addr, net).await.unwrap();
         assert_eq!(tcp.local_addr().unwrap().ip(), net.bind.unwrap());
-        let (_, peer) = listener.accept().await.unwrap();
+        let (accepted, peer) = crate::Accept::accept_conn(&listener).await.unwrap();
+        let crate::Peer::Tcp(peer) = peer else {
+            panic!("a TCP peer")
+        };
         assert_eq!(
             peer.ip(),
             net.bind.unwrap(),
             "the receiver sees the migration address"
         );
+        let Conn::Tcp(accepted) = accepted else {
+            panic!("a TCP connection")
+        };
+        for s in [&tcp, &accepted] {
+            let s = socket2::SockRef::from(s);
+            assert!(s.keepalive().unwrap(), "keepalive on");
+            assert_eq!(
+                s.tcp_keepalive_time().unwrap(),
+                Duration::from_secs(10),
+                "first probe after 10 s idle"
+            );
+        }
         let tos = tokio::net::TcpSocket::from_std_stream(tcp.into_std().unwrap())
             .tos_v4()
             .unwrap();

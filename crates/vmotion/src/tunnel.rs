@@ -636,10 +636,9 @@ async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, 
     })
 }
 
-/// Deep socket buffers — fewer wake-ups per byte on the relay's two hops (measured in
-/// docs/performance.md; the kernel caps them at net.core.[rw]mem_max) — and, on TCP,
-/// keepalive probes, so a peer host that vanishes without a word ends the tunnel within
-/// about half a minute instead of never.
+/// Deep socket buffers: fewer wake-ups per byte on the relay's two hops (measured in
+/// docs/performance.md; the kernel caps them at net.core.[rw]mem_max). (TCP connections
+/// to and from the peer also probe it: `transport::keepalive`.)
 fn tune(c: &Conn) {
     let s = match c {
         Conn::Tcp(s) => socket2::SockRef::from(s),
@@ -647,12 +646,8 @@ fn tune(c: &Conn) {
     };
     let _ = s.set_send_buffer_size(SOCKET_BUFFER);
     let _ = s.set_recv_buffer_size(SOCKET_BUFFER);
-    if matches!(c, Conn::Tcp(_)) {
-        let probes = socket2::TcpKeepalive::new()
-            .with_time(Duration::from_secs(10))
-            .with_interval(Duration::from_secs(5))
-            .with_retries(3);
-        let _ = s.set_tcp_keepalive(&probes);
+    if let Conn::Tcp(t) = c {
+        crate::transport::keepalive(t);
     }
 }
 

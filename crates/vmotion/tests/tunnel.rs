@@ -567,7 +567,9 @@ async fn strangers_on_the_receivers_port_neither_stall_nor_fail_a_tunnel() {
         strangers.push(c);
     }
     let local = s.dir.path().join("qemu-out.sock");
-    let qemu = Listener::bind(&Endpoint::Unix(local.clone())).await.unwrap();
+    let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
+        .await
+        .unwrap();
     let started = std::time::Instant::now();
     let (report, answer) = tokio::join!(
         tunnel.run(&qemu, std::future::pending()),
@@ -577,7 +579,11 @@ async fn strangers_on_the_receivers_port_neither_stall_nor_fail_a_tunnel() {
     assert_eq!(report.unwrap().bytes_to_destination, 100_000);
     // Not held up by even one silent stranger's 5 s bind timeout (read inline, a dozen of
     // them would take a minute).
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(recv.await.unwrap().unwrap().connections, 1);
     assert_eq!(delivered.lock().unwrap().len(), 1);
     drop(strangers);
