@@ -528,28 +528,26 @@ impl Receiver {
             }
         };
 
-        // Pre-flight: the sink must take this guest (or the tunnel must have a target).
-        let sink = prepare(&hello).and_then(|p| {
-            let s = match p {
-                Prepared::Sink(s) => s,
-                Prepared::Tunnel(t) => return Ok(Err(t)),
-            };
-            let m = s.memory();
-            if m.page_size() != u64::from(hello.page_size) || m.page_count() < hello.guest_pages {
-                Err(format!(
-                    "the sink has {} pages of {} bytes; the guest needs {} of {}",
-                    m.page_count(),
-                    m.page_size(),
-                    hello.guest_pages,
-                    hello.page_size
-                ))
-            } else {
-                Ok(Ok(s))
+        // Pre-flight for a tunnel: it must have a target. A guest's sink is made only
+        // once the handshake has authenticated the sender (below): making one may
+        // overwrite what a sink holds (a memory file), which an unauthenticated `Hello`
+        // must not be able to do.
+        let mut prepare = Some(prepare);
+        let tunnel = match hello.kind {
+            vmotion_proto::MigrationKind::Memory => None,
+            vmotion_proto::MigrationKind::Tunnel => {
+                let prepared = prepare.take().map(|p| p(&hello));
+                Some(match prepared {
+                    Some(Ok(Prepared::Tunnel(t))) => Ok(t),
+                    Some(Ok(Prepared::Sink(_))) => Err("a sink for a tunnel".to_owned()),
+                    Some(Err(reason)) => Err(reason),
+                    None => Err("no pre-flight".to_owned()),
+                })
             }
-        });
+        };
         // A tunnel feeds a hypervisor that waits for its guest: unauthenticated bytes
         // must not reach it unless this host says so.
-        if matches!(sink, Ok(Err(_)))
+        if matches!(tunnel, Some(Ok(_)))
             && !self.plaintext_tunnels
             && matches!(received.decision(), vmotion_proto::Decision::Plaintext(_))
         {
@@ -560,15 +558,16 @@ impl Receiver {
                 vmotion_proto::Refusal::ReceiverRequiresEncryption,
             ));
         }
-        let sink = match sink {
-            Ok(s) => s,
-            Err(reason) => {
+        let tunnel = match tunnel {
+            Some(Err(reason)) => {
                 let abort = received.reject(AbortCode::DestinationFailed, &reason)?;
                 let _ = write_frame(&mut control, &abort).await;
                 return Err(MigrateError::Aborted(format!(
                     "pre-flight refused: {reason}"
                 )));
             }
+            Some(Ok(t)) => Some(t),
+            None => None,
         };
 
         let key = if received.needs_key() {
@@ -630,19 +629,59 @@ impl Receiver {
         };
         let negotiated = session.negotiated().clone();
         tracing::info!(migration = %migration_id, mode = ?negotiated.mode, "handshake done");
+        if let Some(target) = tunnel {
+            return crate::tunnel::receive_tunnel(
+                session,
+                control,
+                data,
+                target,
+                self.timeout,
+                started.elapsed(),
+            )
+            .await
+            .map(Incoming::Tunnel);
+        }
+
+        // Pre-flight, now that the sender is who it claims (or the migration is plaintext,
+        // which this host accepted): the sink must take this guest. A refusal goes back
+        // as a sealed Abort.
+        let ctrl = session.take_control()?;
+        let (mut opener, mut sealer) = (ctrl.opener, ctrl.sealer);
+        let sink = match prepare.take().map(|p| p(&hello)) {
+            Some(Ok(Prepared::Sink(s))) => {
+                let m = s.memory();
+                if m.page_size() != u64::from(hello.page_size)
+                    || m.page_count() < hello.guest_pages
+                {
+                    Err(format!(
+                        "the sink has {} pages of {} bytes; the guest needs {} of {}",
+                        m.page_count(),
+                        m.page_size(),
+                        hello.guest_pages,
+                        hello.page_size
+                    ))
+                } else {
+                    Ok(s)
+                }
+            }
+            Some(Ok(Prepared::Tunnel(_))) => Err("a tunnel target for a guest".to_owned()),
+            Some(Err(reason)) => Err(reason),
+            None => Err("no pre-flight".to_owned()),
+        };
         let mut sink = match sink {
             Ok(s) => s,
-            Err(target) => {
-                return crate::tunnel::receive_tunnel(
-                    session,
-                    control,
-                    data,
-                    target,
-                    self.timeout,
-                    started.elapsed(),
-                )
-                .await
-                .map(Incoming::Tunnel);
+            Err(reason) => {
+                let abort = Abort {
+                    code: AbortCode::DestinationFailed,
+                    message: reason.clone(),
+                }
+                .encode();
+                if let Ok(f) = sealer.seal(FrameType::Abort, abort) {
+                    let _ = write_frame(&mut control, &f).await;
+                }
+                return Err(MigrateError::Aborted(format!(
+                    "pre-flight refused: {reason}"
+                )));
             }
         };
 
@@ -703,8 +742,6 @@ impl Receiver {
             }
         }
 
-        let ctrl = session.take_control()?;
-        let (mut opener, mut sealer) = (ctrl.opener, ctrl.sealer);
         let (mut control_r, mut control_w) = control.into_split();
         let mut device_state: Vec<u8> = Vec::new();
         let max = opener.max_payload();

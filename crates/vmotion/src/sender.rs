@@ -598,8 +598,8 @@ impl Sender {
         let negotiated = session.0.negotiated().clone();
         tracing::info!(migration = %migration_id, mode = ?negotiated.mode, streams = self.streams, "handshake done");
 
-        let control = session.0.take_control()?;
-        let (control_r, mut control_w) = session.1.into_split();
+        let mut control = session.0.take_control()?;
+        let (mut control_r, mut control_w) = session.1.into_split();
         let mut sealer = control.sealer;
 
         // Data connections. A failure here still tells the receiver and the key service.
@@ -638,6 +638,28 @@ impl Sender {
         }
         .await;
         if let Err(e) = opened {
+            // A receiver that refused after the handshake (its pre-flight runs once the
+            // sender is authenticated) has said why on the control connection.
+            let e = match tokio::time::timeout(
+                Duration::from_millis(500),
+                read_frame(&mut control_r, control.opener.max_payload()),
+            )
+            .await
+            {
+                Ok(Ok(Some(mut f))) => match control.opener.open(&mut f) {
+                    Ok(h) if h.frame_type == FrameType::Abort => {
+                        match Abort::decode(&f.payload) {
+                            Ok(a) => MigrateError::PeerAborted {
+                                code: a.code,
+                                message: a.message,
+                            },
+                            Err(_) => e,
+                        }
+                    }
+                    _ => e,
+                },
+                _ => e,
+            };
             let (code, message) = (AbortCode::SourceFailed, e.to_string());
             if let Ok(f) = sealer.seal(FrameType::Abort, Abort { code, message }.encode()) {
                 let _ =

@@ -778,13 +778,15 @@ pub(crate) async fn receive_tunnel(
     let result: Result<Complete, MigrateError> = async {
         loop {
             let joined = tokio::select! {
-                next = data.next(if bound == 0 { first_deadline } else { far }) => {
+                // Binds are read aside, so a silent stranger cannot hold up the streams
+                // and control messages of the tunnel; at most 16 at a time, and the next
+                // connection waits in the listen queue meanwhile (never dropped: it may
+                // be one of the hypervisor's).
+                next = data.next(if bound == 0 { first_deadline } else { far }), if binding.len() < 16 => {
                     let (mut conn, first, peer) = next?;
                     match first {
                         Some(f) => bind_stream(&mut session, conn, Ok(f), &peer)?,
-                        // Read the bind aside, so a silent stranger cannot hold up the
-                        // streams and control messages of the tunnel; a few at a time.
-                        None if binding.len() < 16 => {
+                        None => {
                             binding.spawn(async move {
                                 let f = match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut conn, 4096)).await {
                                     Ok(Ok(Some(f))) => Ok(f),
@@ -792,10 +794,6 @@ pub(crate) async fn receive_tunnel(
                                 };
                                 (conn, f, peer)
                             });
-                            None
-                        }
-                        None => {
-                            tracing::warn!(%peer, "dropping a connection: too many are binding at once");
                             None
                         }
                     }

@@ -519,3 +519,44 @@ async fn serve_takes_several_migrations_at_once() {
     let _ = stop.send(());
     server.await.unwrap();
 }
+
+/// The sink is made only after the handshake authenticated the sender: a `Hello` from
+/// someone without the key (here: another key for the same migration id) never gets to
+/// create or overwrite one (a memory file sink truncates its file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_sink_is_made_for_a_sender_without_the_key() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let made = std::sync::Arc::new(AtomicBool::new(false));
+    let seen = made.clone();
+    let rx = tokio::spawn(async move {
+        Receiver::new(ReceiverKeys::Direct {
+            migration_id: ID,
+            material: key(),
+        })
+        .require_encryption(true)
+        .receive(&listener, |h| {
+            seen.store(true, Ordering::SeqCst);
+            Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size)))
+        })
+        .await
+        .map(|_| ())
+    });
+    let mut source = guest(256, 0.0);
+    let forged = KeyMaterial {
+        key: MigrationKey::from_bytes([8; 32]),
+        nonce: MigrationNonce([9; 8]),
+    };
+    let r = Sender::builder("vm-x")
+        .key(KeySource::Direct {
+            migration_id: ID,
+            material: forged,
+        })
+        .build()
+        .migrate(addr, &mut source)
+        .await;
+    assert!(r.is_err(), "the key confirmation fails");
+    assert!(rx.await.unwrap().is_err());
+    assert!(!made.load(Ordering::SeqCst), "no sink was made");
+}
