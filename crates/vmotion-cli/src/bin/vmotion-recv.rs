@@ -228,6 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let done_dir = sink_dir.clone();
     let running: Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>> = Arc::default();
     let keep = running.clone();
+    let held: Arc<std::sync::Mutex<Vec<AnySink>>> = Arc::default();
     if sink_kind == SinkKind::Memfile {
         std::fs::create_dir_all(&sink_dir)
             .with_context(|| format!("creating {}", sink_dir.display()))?;
@@ -284,18 +285,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Ok(vmotion::Incoming::Vm(report, sink)) => {
                     if let AnySink::File(file) = &sink {
-                        let incoming = done_dir.join(format!("{}.mem.incoming", report.vm_name));
-                        if report.outcome == vmotion::ReceiveOutcome::Committed {
-                            let state = done_dir.join(format!("{}.state", report.vm_name));
-                            if let Err(e) = std::fs::write(&state, file.device_state()) {
-                                tracing::error!(error = %e, "cannot write {}", state.display());
+                        match vmotion_cli::settle_memfile(&done_dir, &report.vm_name, &report.outcome, file.device_state()) {
+                            Ok(at) if report.outcome == vmotion::ReceiveOutcome::Committed => {
+                                tracing::info!(file = %at.display(), "guest complete here")
                             }
-                            let done = done_dir.join(format!("{}.mem", report.vm_name));
-                            if let Err(e) = std::fs::rename(&incoming, &done) {
-                                tracing::error!(error = %e, "cannot mark {} done", done.display());
-                            }
-                        } else {
-                            tracing::warn!(file = %incoming.display(), "kept as incoming: the outcome is not settled");
+                            Ok(at) => tracing::warn!(file = %at.display(), "kept as incoming, with its device state: the outcome is not settled"),
+                            Err(e) => tracing::error!(error = %e, vm = %report.vm_name, "cannot file the received guest"),
                         }
                     }
                     tracing::info!(
@@ -306,9 +301,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         pages = report.pages,
                         "migration received"
                     );
-                    if let AnySink::Kvm(vm) = sink
-                        && report.outcome == vmotion::ReceiveOutcome::Committed
-                    {
+                    if report.outcome != vmotion::ReceiveOutcome::Committed {
+                        // It may be the only copy allowed to run: keep it (paused) until
+                        // the daemon stops; never drop it.
+                        tracing::warn!(
+                            migration = %report.migration_id,
+                            vm = %report.vm_name,
+                            outcome = ?report.outcome,
+                            "the received guest is kept PAUSED here: settle the outcome at the key service (GET /v1/migrations/ID/outcome)"
+                        );
+                        held.lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push(sink);
+                    } else if let AnySink::Kvm(vm) = sink {
                         // It runs until the daemon stops; whether it runs is logged from
                         // a thread, not this async worker.
                         let vm = Arc::new(vm);
