@@ -293,13 +293,7 @@ impl Receiver {
         listener: &impl Accept,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
     ) -> Result<(ReceiveReport, S), MigrateError> {
-        let (mut control, _) = listener.accept_conn().await?;
-        let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
-            .await
-            .map_err(|_| {
-                MigrateError::Aborted("the sender went silent during the handshake".into())
-            })??
-            .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        let (control, hello) = self.accept_hello(listener).await?;
         let prepare = |h: &Hello| match h.kind {
             vmotion_proto::MigrationKind::Memory => make_sink(h).map(Prepared::Sink),
             vmotion_proto::MigrationKind::Tunnel => {
@@ -321,13 +315,7 @@ impl Receiver {
         &self,
         listener: &impl Accept,
     ) -> Result<crate::TunnelReport, MigrateError> {
-        let (mut control, _) = listener.accept_conn().await?;
-        let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
-            .await
-            .map_err(|_| {
-                MigrateError::Aborted("the sender went silent during the handshake".into())
-            })??
-            .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        let (control, hello) = self.accept_hello(listener).await?;
         let prepare =
             |h: &Hello| -> Result<Prepared<vmotion_mover::synthetic::SyntheticGuest>, String> {
                 match h.kind {
@@ -346,6 +334,21 @@ impl Receiver {
             Incoming::Tunnel(r) => Ok(r),
             Incoming::Vm(..) => Err(MigrateError::Options("a guest was taken".into())),
         }
+    }
+
+    /// One migration's control connection from `listener`, and its first frame.
+    async fn accept_hello(
+        &self,
+        listener: &impl Accept,
+    ) -> Result<(Conn, WireFrame), MigrateError> {
+        let (mut control, _) = listener.accept_conn().await?;
+        let hello = tokio::time::timeout(self.timeout, read_frame(&mut control, 4096))
+            .await
+            .map_err(|_| {
+                MigrateError::Aborted("the sender went silent during the handshake".into())
+            })??
+            .ok_or_else(|| MigrateError::Aborted("the sender closed the connection".into()))?;
+        Ok((control, hello))
     }
 
     fn tunnel_endpoint(&self, h: &Hello) -> Result<Endpoint, String> {

@@ -107,6 +107,15 @@ async fn setup() -> Setup {
     }
 }
 
+/// The test's receiver, taking one tunnel on the setup's listener.
+fn spawn_receiver(
+    s: &mut Setup,
+) -> tokio::task::JoinHandle<Result<vmotion::TunnelReport, MigrateError>> {
+    let listener = s.listener.take().unwrap();
+    let r = receiver(&s.qemu_in);
+    tokio::spawn(async move { r.receive_tunnel(&listener).await })
+}
+
 fn receiver(target: &std::path::Path) -> Receiver {
     let target = Endpoint::Unix(target.to_owned());
     Receiver::new(ReceiverKeys::Direct {
@@ -123,11 +132,7 @@ fn receiver(target: &std::path::Path) -> Receiver {
 async fn three_connections_cross_both_ways_encrypted_with_key_updates() {
     let mut s = setup().await;
     let (delivered, _dst) = destination(UnixListener::bind(&s.qemu_in).unwrap());
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let tunnel = keyed()
         .epoch_limits(EpochLimits::new(8, 1 << 20).unwrap())
         .build()
@@ -303,11 +308,7 @@ async fn tampering_proxy(to: std::net::SocketAddr, after: usize) -> std::net::So
 async fn a_flipped_bit_tears_down_both_hypervisor_connections() {
     let mut s = setup().await;
     let dst = UnixListener::bind(&s.qemu_in).unwrap();
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let proxy = tampering_proxy(s.addr, 1 << 20).await;
     let tunnel = keyed().build().negotiate(proxy).await.unwrap();
     let local = s.dir.path().join("qemu-out.sock");
@@ -373,11 +374,7 @@ async fn a_flipped_bit_tears_down_both_hypervisor_connections() {
 async fn cancelling_the_sender_closes_the_destination_connection() {
     let mut s = setup().await;
     let dst = UnixListener::bind(&s.qemu_in).unwrap();
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let tunnel = keyed().build().negotiate(s.addr).await.unwrap();
     let local = s.dir.path().join("qemu-out.sock");
     let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
@@ -419,11 +416,7 @@ async fn cancelling_the_sender_closes_the_destination_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hypervisor_that_never_connects_times_out_and_the_receiver_is_told() {
     let mut s = setup().await;
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let tunnel = keyed()
         .accept_timeout(Duration::from_millis(200))
         .build()
@@ -446,11 +439,7 @@ async fn a_hypervisor_that_never_connects_times_out_and_the_receiver_is_told() {
 async fn more_connections_than_negotiated_fail_the_tunnel() {
     let mut s = setup().await;
     let dst = UnixListener::bind(&s.qemu_in).unwrap();
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let tunnel = keyed()
         .max_connections(2)
         .build()
@@ -551,11 +540,7 @@ async fn plaintext_tunnels_are_refused_unless_the_receiver_allows_them() {
 async fn strangers_on_the_receivers_port_neither_stall_nor_fail_a_tunnel() {
     let mut s = setup().await;
     let (delivered, _dst) = destination(UnixListener::bind(&s.qemu_in).unwrap());
-    let listener = s.listener.take().unwrap();
-    let recv = tokio::spawn({
-        let r = receiver(&s.qemu_in);
-        async move { r.receive_tunnel(&listener).await }
-    });
+    let recv = spawn_receiver(&mut s);
     let tunnel = keyed().build().negotiate(s.addr).await.unwrap();
     // Silent connections and junk, more than the receiver reads binds from at once.
     let mut strangers = Vec::new();
