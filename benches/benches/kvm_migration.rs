@@ -24,6 +24,14 @@ impl Sink for VmSink {
     fn control(&mut self) -> &mut dyn VmControl {
         &mut self.0
     }
+
+    fn persist(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
 }
 
 async fn once(mib: u64, rate: f64, encrypted: bool, run: u32) -> MigrationReport {
@@ -54,6 +62,7 @@ async fn once(mib: u64, rate: f64, encrypted: bool, run: u32) -> MigrationReport
         .key(key_source)
         .streams(2)
         .build()
+        .unwrap()
         .migrate(addr, &mut src)
         .await
         .expect("migration");

@@ -66,6 +66,7 @@ async fn migrate(
     }
     let report = builder
         .build()
+        .unwrap()
         .migrate(addr, &mut guest)
         .await
         .expect("migration");

@@ -168,10 +168,11 @@ fn frame_decoder_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (FrameType::DeviceState, device_state()),
         (FrameType::Complete, complete(4, 100)),
         (FrameType::Ready, ready()),
-        (FrameType::Commit, Vec::new()),
+        (FrameType::Commit, vec![1]),
         (FrameType::Abort, abort()),
         (FrameType::TunnelData, b"QEVM".to_vec()),
         (FrameType::TunnelShutdown, Vec::new()),
+        (FrameType::Claimed, Vec::new()),
     ];
     wire.extend(
         seal_all(&mut checksum_sealer(), &others)
@@ -380,7 +381,7 @@ fn handshake_seeds() -> Vec<(&'static str, Vec<u8>)> {
             &mut control.sealer,
             &[
                 (FrameType::Complete, complete(4, 200)),
-                (FrameType::Commit, Vec::new()),
+                (FrameType::Commit, vec![1]),
             ],
         );
         let mut s = push_all(Script::new(Role::DEFAULT_RECEIVER), 0, &to_receiver);

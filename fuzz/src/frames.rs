@@ -160,7 +160,10 @@ fn check_message(message: &Message<'_>, payload: &[u8], report: &mut Report) {
         Message::Complete(c) => assert!(c.streams.len() <= usize::from(MAX_STREAMS)),
         Message::Abort(a) => assert!(a.message.len() <= MAX_ABORT_MESSAGE),
         Message::TunnelData(d) => assert_eq!(*d, payload),
-        Message::Commit | Message::TunnelShutdown => assert!(payload.is_empty()),
+        Message::Commit(_) => assert_eq!(payload.len(), 1),
+        Message::TunnelShutdown | Message::Claimed => {
+            assert!(payload.is_empty())
+        }
         Message::HelloAck(_)
         | Message::KeyConfirm(_)
         | Message::IterationMarker(_)

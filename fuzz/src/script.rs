@@ -488,7 +488,7 @@ mod tests {
 
     #[test]
     fn scripts_parse_back() {
-        let frame = testing::checksum_frame(1, 0, 0, FrameType::Commit, Vec::new()).unwrap();
+        let frame = testing::checksum_frame(1, 0, 0, FrameType::Commit, vec![1]).unwrap();
         let data = Script::new(Role::DEFAULT_SENDER)
             .auto(0, FrameType::Ready, &[1, 2])
             .header(2, &frame.header, b"xy")

@@ -7,7 +7,7 @@
 //! | `GET` | `/v1/hosts/{host}` | any host | a host's registry entry |
 //! | `POST` | `/v1/migrations` | the source | create a migration: id, key, nonce, destination's capabilities |
 //! | `POST` | `/v1/migrations/{id}/key` | the destination | fetch the key, once |
-//! | `PUT` | `/v1/migrations/{id}/outcome` | the source | record `committed` or `aborted` |
+//! | `PUT` | `/v1/migrations/{id}/outcome` | source or destination | move the outcome record one step (see [`Outcome`]) |
 //! | `GET` | `/v1/migrations/{id}/outcome` | source or destination | read the outcome |
 //!
 //! The caller's identity is the DNS name in its client certificate; no body field can
@@ -117,14 +117,49 @@ redacted_debug!(
 );
 redacted_debug!(FetchKeyResponse, migration_id, nonce, source, vm);
 
-/// A switchover outcome.
+/// A migration's outcome: the states of the record the key service arbitrates.
+///
+/// ```text
+/// null ──(source: committed)──▶ committed ──(destination: claimed)──▶ claimed
+///                                   └──────(source: reverted)────────▶ reverted
+/// null ──(source or destination: aborted)──▶ aborted
+/// ```
+///
+/// Each arrow is one compare-and-set at the service, so at most one of `claimed` and
+/// `reverted` ever exists for a migration; `claimed`, `reverted` and `aborted` are final.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Outcome {
-    /// The destination runs the VM; the source has stopped for good.
+    /// The source stopped the VM and handed it over. Next, the destination claims it or
+    /// the source reverts it; whichever is recorded first decides.
     Committed,
-    /// The source runs the VM; the destination discards what it received.
+    /// The migration did not happen: the source runs the VM; the destination discards what
+    /// it received. Recorded from `null` only, by the source or the destination.
     Aborted,
+    /// After `committed`: the destination won the VM and may resume it; the source never
+    /// runs it again.
+    Claimed,
+    /// After `committed`: the source took the VM back; the destination discards what it
+    /// received and never resumes it.
+    Reverted,
+}
+
+impl Outcome {
+    /// The wire spelling (`committed`, `aborted`, `claimed`, `reverted`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Committed => "committed",
+            Self::Aborted => "aborted",
+            Self::Claimed => "claimed",
+            Self::Reverted => "reverted",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Body of `PUT /v1/migrations/{id}/outcome`.
@@ -147,9 +182,9 @@ pub struct OutcomeRecord {
     pub destination: String,
     /// The VM.
     pub vm: String,
-    /// The outcome, or `null` while none is recorded.
+    /// The outcome, or `null` while none is recorded. Only what is on disk shows here.
     pub outcome: Option<Outcome>,
-    /// When it was recorded (Unix time, milliseconds).
+    /// When its latest transition was recorded (Unix time, milliseconds).
     pub recorded_at_ms: Option<u64>,
 }
 
@@ -159,7 +194,8 @@ pub struct OutcomeRecord {
 pub enum ErrorCode {
     /// The request is malformed (bad JSON, unknown field, bad id).
     BadRequest,
-    /// The caller may not do this (not the migration's source or destination).
+    /// The caller may not do this (not the migration's source or destination, or not the
+    /// one of them the call or outcome step is reserved for).
     Forbidden,
     /// No such migration, host or route.
     NotFound,
@@ -167,7 +203,9 @@ pub enum ErrorCode {
     AlreadyFetched,
     /// The migration's key expired.
     Expired,
-    /// The outcome is already recorded differently.
+    /// The outcome record is not in a state the requested outcome may follow (e.g.
+    /// `claimed` after `reverted`). The message names the recorded outcome; read the
+    /// outcome back for the whole record.
     Conflict,
     /// The service failed (journal write).
     Internal,
@@ -199,4 +237,26 @@ pub struct ErrorBody {
     pub error: ErrorCode,
     /// A sentence for people.
     pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_wire_spellings() {
+        for (o, wire) in [
+            (Outcome::Committed, "committed"),
+            (Outcome::Aborted, "aborted"),
+            (Outcome::Claimed, "claimed"),
+            (Outcome::Reverted, "reverted"),
+        ] {
+            assert_eq!(serde_json::to_string(&o).unwrap(), format!("\"{wire}\""));
+            assert_eq!(o.to_string(), wire);
+            let req: OutcomeRequest =
+                serde_json::from_str(&format!("{{\"outcome\":\"{wire}\"}}")).unwrap();
+            assert_eq!(req.outcome, o);
+        }
+        assert!(serde_json::from_str::<OutcomeRequest>(r#"{"outcome":"Claimed"}"#).is_err());
+    }
 }

@@ -356,7 +356,13 @@ impl KeyServiceClient {
         })
     }
 
-    /// Records the outcome (this host must be the source). Returns once it is on disk.
+    /// Moves the outcome record one step: `committed` and `reverted` from the source,
+    /// `claimed` from the destination, `aborted` from either (see [`Outcome`]). Returns the
+    /// record once the step is on disk; a retry of a step the record already took returns
+    /// the record as it is (e.g. `claimed` for a retried `committed`). A record in a state
+    /// the step cannot follow is refused with [`ErrorCode::Conflict`]
+    /// ([`ClientError::code`]): the race is lost, and [`outcome`](Self::outcome) tells
+    /// who won.
     pub async fn record_outcome(
         &self,
         id: MigrationId,

@@ -4,8 +4,10 @@
 //! create a migration (VM, destination); it draws a fresh 256-bit key and 64-bit nonce
 //! from the OS CSPRNG, binds them to a random migration id and the two host identities,
 //! and answers with the key and what its host registry knows about the destination. The
-//! destination fetches the key once, by id, with its own client certificate. The source
-//! records the switchover outcome, which survives restarts in an fsynced journal. Keys
+//! destination fetches the key once, by id, with its own client certificate. The service
+//! arbitrates the switchover: the source records `committed`, then either the destination
+//! `claimed` or the source `reverted` (or either host `aborted` instead of `committed`),
+//! each step a compare-and-set that survives restarts in an fsynced journal. Keys
 //! live only in memory, in zeroizing types, and never in logs.
 //!
 //! - [`server::Server`]: the HTTPS service (`vmotion-keyservice serve`).

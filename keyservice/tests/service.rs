@@ -206,7 +206,9 @@ async fn authorization_matrix() {
         code(&third.fetch_key(issued.id).await.unwrap_err()),
         ErrorCode::Forbidden
     );
-    // Nor record or read the outcome (third host), nor record it (destination).
+    // Nor read the outcome (third host). Each step of the record is reserved: the
+    // destination may not record `committed` or `reverted`, the source not `claimed`, a
+    // third host nothing, whatever the record's state.
     assert_eq!(
         code(&third.outcome(issued.id).await.unwrap_err()),
         ErrorCode::Forbidden
@@ -219,6 +221,19 @@ async fn authorization_matrix() {
         ),
         ErrorCode::Forbidden
     );
+    for (client, outcome) in [
+        (&dst, Outcome::Reverted),
+        (&src, Outcome::Claimed),
+        (&third, Outcome::Aborted),
+        (&third, Outcome::Committed),
+        (&third, Outcome::Claimed),
+    ] {
+        assert_eq!(
+            code(&client.record_outcome(issued.id, outcome).await.unwrap_err()),
+            ErrorCode::Forbidden,
+            "{outcome}"
+        );
+    }
     // Unknown id.
     assert_eq!(
         code(&dst.fetch_key(MigrationId([0xee; 16])).await.unwrap_err()),
@@ -447,6 +462,233 @@ async fn outcomes_survive_a_crash_and_keys_do_not() {
     src.record_outcome(pending.id, Outcome::Aborted)
         .await
         .unwrap();
+}
+
+/// A refusal that must be a lost race: `conflict`, with the recorded outcome named.
+fn assert_conflict(e: &ClientError, recorded: &str) {
+    assert_eq!(code(e), ErrorCode::Conflict, "{e}");
+    assert!(
+        e.to_string().contains(&format!("already `{recorded}`")),
+        "the refusal names the recorded outcome: {e}"
+    );
+}
+
+/// Checks the audit log has `caller`'s refused `record_outcome` whose detail names
+/// `needle`.
+async fn audited_conflict(svc: &Service, caller: &str, needle: &str) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit = svc.audit();
+    assert!(
+        audit_lines(&audit).iter().any(|v| {
+            v["caller"] == caller
+                && v["action"] == "record_outcome"
+                && v["result"] == "conflict"
+                && v["detail"].as_str().is_some_and(|d| d.contains(needle))
+        }),
+        "{caller}'s refused record_outcome ({needle}) missing from the audit log:\n{audit}"
+    );
+}
+
+#[tokio::test]
+async fn destination_claims_and_the_source_cannot_revert() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    dst.fetch_key(issued.id).await.unwrap();
+    // Not yet committed: nothing to claim.
+    let e = dst
+        .record_outcome(issued.id, Outcome::Claimed)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ErrorCode::Conflict);
+    assert!(e.to_string().contains("`null`"), "{e}");
+    let committed = src
+        .record_outcome(issued.id, Outcome::Committed)
+        .await
+        .unwrap();
+    let claimed = dst
+        .record_outcome(issued.id, Outcome::Claimed)
+        .await
+        .unwrap();
+    assert_eq!(claimed.outcome, Some(Outcome::Claimed));
+    assert!(claimed.recorded_at_ms >= committed.recorded_at_ms);
+    assert_conflict(
+        &src.record_outcome(issued.id, Outcome::Reverted)
+            .await
+            .unwrap_err(),
+        "claimed",
+    );
+    assert_conflict(
+        &dst.record_outcome(issued.id, Outcome::Aborted)
+            .await
+            .unwrap_err(),
+        "claimed",
+    );
+    // Retries after a lost answer get the record as it is.
+    for (client, outcome) in [(&src, Outcome::Committed), (&dst, Outcome::Claimed)] {
+        assert_eq!(
+            client.record_outcome(issued.id, outcome).await.unwrap(),
+            claimed
+        );
+    }
+    assert_eq!(src.outcome(issued.id).await.unwrap(), claimed);
+    assert_eq!(dst.outcome(issued.id).await.unwrap(), claimed);
+    audited_conflict(&svc, "src", "`reverted`").await;
+}
+
+#[tokio::test]
+async fn source_reverts_and_the_destination_cannot_claim() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    src.record_outcome(issued.id, Outcome::Committed)
+        .await
+        .unwrap();
+    let reverted = src
+        .record_outcome(issued.id, Outcome::Reverted)
+        .await
+        .unwrap();
+    assert_eq!(reverted.outcome, Some(Outcome::Reverted));
+    assert_conflict(
+        &dst.record_outcome(issued.id, Outcome::Claimed)
+            .await
+            .unwrap_err(),
+        "reverted",
+    );
+    assert_eq!(dst.outcome(issued.id).await.unwrap(), reverted);
+    for outcome in [Outcome::Reverted, Outcome::Committed] {
+        assert_eq!(
+            src.record_outcome(issued.id, outcome).await.unwrap(),
+            reverted
+        );
+    }
+    audited_conflict(&svc, "dst", "`claimed`").await;
+}
+
+/// Both ends race for a committed VM: exactly one step is recorded, the other is refused.
+#[tokio::test]
+async fn a_simultaneous_claim_and_revert_has_one_winner() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    for _ in 0..5 {
+        let issued = src.create_migration("vm-1", "dst").await.unwrap();
+        src.record_outcome(issued.id, Outcome::Committed)
+            .await
+            .unwrap();
+        let (revert, claim) = tokio::join!(
+            src.record_outcome(issued.id, Outcome::Reverted),
+            dst.record_outcome(issued.id, Outcome::Claimed)
+        );
+        let (won, lost) = match (revert, claim) {
+            (Ok(r), Err(e)) | (Err(e), Ok(r)) => (r, e),
+            other => panic!("exactly one step wins: {other:?}"),
+        };
+        // The loser hit the write in flight (`unavailable`) or the recorded winner.
+        assert!(
+            matches!(code(&lost), ErrorCode::Conflict | ErrorCode::Unavailable),
+            "{lost}"
+        );
+        assert_eq!(dst.outcome(issued.id).await.unwrap(), won);
+        let lost_step = if won.outcome == Some(Outcome::Claimed) {
+            src.record_outcome(issued.id, Outcome::Reverted).await
+        } else {
+            dst.record_outcome(issued.id, Outcome::Claimed).await
+        };
+        assert_conflict(&lost_step.unwrap_err(), won.outcome.unwrap().as_str());
+    }
+}
+
+/// A destination whose source went silent after `Ready` settles the migration as
+/// `aborted`; the source's late `committed` is refused.
+#[tokio::test]
+async fn destination_aborts_and_the_source_cannot_commit() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    let aborted = dst
+        .record_outcome(issued.id, Outcome::Aborted)
+        .await
+        .unwrap();
+    assert_eq!(aborted.outcome, Some(Outcome::Aborted));
+    assert_conflict(
+        &src.record_outcome(issued.id, Outcome::Committed)
+            .await
+            .unwrap_err(),
+        "aborted",
+    );
+    assert_conflict(
+        &dst.record_outcome(issued.id, Outcome::Claimed)
+            .await
+            .unwrap_err(),
+        "aborted",
+    );
+    // Either end may repeat `aborted`; the key that was waiting is gone.
+    for client in [&src, &dst] {
+        assert_eq!(
+            client
+                .record_outcome(issued.id, Outcome::Aborted)
+                .await
+                .unwrap(),
+            aborted
+        );
+    }
+    assert_eq!(
+        code(&dst.fetch_key(issued.id).await.unwrap_err()),
+        ErrorCode::Expired
+    );
+    assert_eq!(src.outcome(issued.id).await.unwrap(), aborted);
+    audited_conflict(&svc, "src", "`committed`").await;
+}
+
+/// `claimed` and `reverted` come back from the journal after a crash, with their times,
+/// and the replayed records take further steps under the same rules.
+#[tokio::test]
+async fn claims_and_reverts_survive_a_restart() {
+    let (dir, mut svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let issued = src.create_migration("vm-1", "dst").await.unwrap();
+        src.record_outcome(issued.id, Outcome::Committed)
+            .await
+            .unwrap();
+        ids.push(issued.id);
+    }
+    let claimed = dst.record_outcome(ids[0], Outcome::Claimed).await.unwrap();
+    let reverted = src.record_outcome(ids[1], Outcome::Reverted).await.unwrap();
+    let committed = src.outcome(ids[2]).await.unwrap();
+    // SIGKILL: only what was fsynced before each answer comes back.
+    svc.child.kill().unwrap();
+    svc.child.wait().unwrap();
+    let config = svc.config.clone();
+    drop(svc);
+    let journal = std::fs::read_to_string(dir.path().join("state/journal.jsonl")).unwrap();
+    for (id, outcome) in [(ids[0], "claimed"), (ids[1], "reverted")] {
+        assert!(
+            journal.lines().any(|l| l.contains(&id.to_string())
+                && l.contains(&format!("\"outcome\":\"{outcome}\""))),
+            "{outcome} line missing:\n{journal}"
+        );
+    }
+    let svc = Service::spawn(dir.path(), config);
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    assert_eq!(dst.outcome(ids[0]).await.unwrap(), claimed);
+    assert_eq!(dst.outcome(ids[1]).await.unwrap(), reverted);
+    assert_eq!(dst.outcome(ids[2]).await.unwrap(), committed);
+    assert_conflict(
+        &src.record_outcome(ids[0], Outcome::Reverted)
+            .await
+            .unwrap_err(),
+        "claimed",
+    );
+    assert_conflict(
+        &dst.record_outcome(ids[1], Outcome::Claimed)
+            .await
+            .unwrap_err(),
+        "reverted",
+    );
+    let late = dst.record_outcome(ids[2], Outcome::Claimed).await.unwrap();
+    assert_eq!(late.outcome, Some(Outcome::Claimed));
 }
 
 /// The audit log records every action, and no file the service writes holds key bytes

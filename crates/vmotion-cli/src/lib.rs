@@ -1,7 +1,10 @@
 //! Shared pieces of vmotion's command-line tools: the key-service flags, the progress
-//! display and the KVM micro-VM as a receiver's sink.
+//! display, the KVM micro-VM as a receiver's sink and the memory-file sink folder
+//! ([`sink_dir`]).
 
 #![forbid(unsafe_code)]
+
+pub mod sink_dir;
 
 use std::io::{IsTerminal, Write};
 use std::sync::Mutex;
@@ -95,6 +98,16 @@ impl vmotion::Sink for KvmSink {
     fn control(&mut self) -> &mut dyn vmotion_mover::VmControl {
         &mut self.0
     }
+
+    /// The micro-VM lives in this process: nothing of it can outlive a crash.
+    fn persist(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
+
+    /// Dropping the micro-VM frees it.
+    fn discard(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
 }
 
 /// A micro-VM's write pattern from the CLI's `--pattern` (uniform, sequential, hot:N).
@@ -148,65 +161,6 @@ impl KeyServiceArgs {
                 .map(Some)
             }
             _ => Ok(None),
-        }
-    }
-}
-
-/// Files a memory-file sink's guest (`DIR/VM.mem.incoming`, written during the migration)
-/// by how the migration ended here, and returns where the guest now is.
-///
-/// - Committed (and resumed): the device state goes to `VM.state` and the memory is renamed
-///   to `VM.mem` — the VM is complete here.
-/// - Anything else (outcome unknown, or committed but not resumed): this may be the only
-///   copy allowed to run, so nothing is discarded. The memory stays `VM.mem.incoming` and
-///   its device state is written beside it as `VM.state.incoming`, ready to be resumed (or
-///   deleted) once the outcome is settled at the key service.
-pub fn settle_memfile(
-    dir: &std::path::Path,
-    vm: &str,
-    outcome: &vmotion::ReceiveOutcome,
-    device_state: &[u8],
-) -> std::io::Result<std::path::PathBuf> {
-    let incoming = dir.join(format!("{vm}.mem.incoming"));
-    if *outcome == vmotion::ReceiveOutcome::Committed {
-        std::fs::write(dir.join(format!("{vm}.state")), device_state)?;
-        let done = dir.join(format!("{vm}.mem"));
-        std::fs::rename(&incoming, &done)?;
-        Ok(done)
-    } else {
-        std::fs::write(dir.join(format!("{vm}.state.incoming")), device_state)?;
-        Ok(incoming)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_unsettled_guest_keeps_its_memory_and_its_device_state() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = |f: &str| dir.path().join(f);
-        for (outcome, kept) in [
-            (vmotion::ReceiveOutcome::Unknown, true),
-            (
-                vmotion::ReceiveOutcome::CommittedNotResumed("no vCPU".into()),
-                true,
-            ),
-            (vmotion::ReceiveOutcome::Committed, false),
-        ] {
-            std::fs::write(p("vm.mem.incoming"), b"memory").unwrap();
-            let at = settle_memfile(dir.path(), "vm", &outcome, b"registers").unwrap();
-            if kept {
-                assert_eq!(at, p("vm.mem.incoming"), "{outcome:?}");
-                assert_eq!(std::fs::read(p("vm.state.incoming")).unwrap(), b"registers");
-                assert!(!p("vm.mem").exists(), "{outcome:?}: not marked done");
-            } else {
-                assert_eq!(at, p("vm.mem"));
-                assert_eq!(std::fs::read(p("vm.mem")).unwrap(), b"memory");
-                assert_eq!(std::fs::read(p("vm.state")).unwrap(), b"registers");
-                assert!(!p("vm.mem.incoming").exists());
-            }
         }
     }
 }

@@ -45,7 +45,7 @@ fn the_demo_migrates_encrypted_and_verifies() {
     for needle in [
         "key service (mutual TLS 1.3)",
         "verified: the destination's 8192 pages equal the source's at pause time",
-        "key service record: committed",
+        "key service record: claimed by the destination",
         "encrypted (AES-256-GCM)",
         "demo complete",
     ] {

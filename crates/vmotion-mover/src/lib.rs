@@ -110,6 +110,28 @@ pub trait Source: Send {
     fn control(&mut self) -> &mut dyn VmControl;
 }
 
+/// Everything the destination side needs from a mover: where an incoming guest goes.
+///
+/// The receiver writes pages into [`memory`](Self::memory) as they arrive, loads the
+/// device state through [`control`](Self::control), calls [`persist`](Self::persist)
+/// before it answers `Ready`, and then exactly one of `control().resume()` (its claim on
+/// the VM won) or [`discard`](Self::discard) (the source keeps the VM) — or neither,
+/// when nothing could be settled: then the sink is handed back paused, and it may be
+/// the only copy allowed to run.
+pub trait Sink: Send {
+    /// Guest memory, shared with the driver's stream tasks.
+    fn memory(&self) -> std::sync::Arc<dyn GuestMemory>;
+    /// Loads the device state and resumes the VM once its claim won.
+    fn control(&mut self) -> &mut dyn VmControl;
+    /// Makes the verified guest (memory and device state) survive a crash of this
+    /// process, where the sink can (files: written and fsynced); a sink held only in
+    /// memory has nothing to do. Called before `Ready`: a failure aborts the migration.
+    fn persist(&mut self) -> Result<(), MoverError>;
+    /// The source keeps the VM: remove what was received (files deleted), so nothing is
+    /// left to be mistaken for a guest.
+    fn discard(&mut self) -> Result<(), MoverError>;
+}
+
 /// Checks a page-range request against guest memory.
 pub(crate) fn check_range(
     first: u64,

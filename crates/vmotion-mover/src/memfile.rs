@@ -4,15 +4,16 @@
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::{DirtyTracking, GuestMemory, MoverError, Source, VmControl, check_range};
+use crate::{DirtyTracking, GuestMemory, MoverError, Sink, Source, VmControl, check_range};
 
 /// A memory file. Clones share the open file.
 #[derive(Debug, Clone)]
 pub struct MemoryFile {
     file: Arc<File>,
+    path: PathBuf,
     page_size: u64,
     pages: u64,
     /// A device state loaded into this file as a sink (kept for whoever runs the VM).
@@ -34,6 +35,7 @@ impl MemoryFile {
         }
         Ok(Self {
             file: Arc::new(file),
+            path: path.to_owned(),
             page_size,
             pages: len / page_size,
             device_state: Vec::new(),
@@ -56,6 +58,7 @@ impl MemoryFile {
         file.set_len(len)?;
         Ok(Self {
             file: Arc::new(file),
+            path: path.to_owned(),
             page_size,
             pages,
             device_state: Vec::new(),
@@ -64,6 +67,11 @@ impl MemoryFile {
 }
 
 impl MemoryFile {
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// The device state loaded into this file as a sink (empty if none).
     pub fn device_state(&self) -> &[u8] {
         &self.device_state
@@ -130,5 +138,29 @@ impl Source for MemoryFile {
 
     fn control(&mut self) -> &mut dyn VmControl {
         self
+    }
+}
+
+impl Sink for MemoryFile {
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        Source::memory(self)
+    }
+
+    fn control(&mut self) -> &mut dyn VmControl {
+        self
+    }
+
+    /// The memory reaches the disk; the device state stays in this value (a caller that
+    /// must survive a restart writes it beside the file: `vmotion-recv` does).
+    fn persist(&mut self) -> Result<(), MoverError> {
+        self.file.sync_all()?;
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), MoverError> {
+        match std::fs::remove_file(&self.path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
     }
 }

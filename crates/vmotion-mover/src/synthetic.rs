@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use vmotion_engine::DirtyBitmap;
 
-use crate::{DirtyLog, DirtyTracking, GuestMemory, MoverError, Source, VmControl, check_range};
+use crate::{
+    DirtyLog, DirtyTracking, GuestMemory, MoverError, Sink, Source, VmControl, check_range,
+};
 
 /// Which pages the writers hit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -338,6 +340,26 @@ impl SyntheticGuest {
     /// A shareable handle on the memory.
     pub fn memory_handle(&self) -> SyntheticMemory {
         SyntheticMemory(self.shared.clone())
+    }
+}
+
+/// A synthetic guest as a destination: held in memory, so nothing to persist, and
+/// nothing left behind once it is dropped.
+impl Sink for SyntheticGuest {
+    fn memory(&self) -> Arc<dyn GuestMemory> {
+        Arc::new(self.memory_handle())
+    }
+
+    fn control(&mut self) -> &mut dyn VmControl {
+        self
+    }
+
+    fn persist(&mut self) -> Result<(), MoverError> {
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), MoverError> {
+        Ok(())
     }
 }
 

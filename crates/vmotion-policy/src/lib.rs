@@ -19,6 +19,8 @@
 //! throttle_step_percent = 10
 //! throttle_max_percent = 99
 //! switchover_timeout = "10s"     # pause to Ready
+//! claim_timeout = "10s"          # Commit to the destination's claim, then revert
+//! progress_timeout = "150s"      # no progress for this long: abort
 //! macs = ["52:54:00:12:34:56"]   # announced after the switchover
 //! ips = ["192.0.2.10"]           # gratuitous ARP for these
 //! ```
@@ -48,6 +50,10 @@ pub struct Policy {
     pub streams: u16,
     /// Pause-to-Ready limit.
     pub switchover_timeout: Duration,
+    /// `Commit` to the destination's claim; past it the source tries to take the VM back.
+    pub claim_timeout: Duration,
+    /// No progress (no bytes taken, nothing heard) for this long aborts the migration.
+    pub progress_timeout: Duration,
     /// MAC addresses to announce after the switchover.
     pub macs: Vec<[u8; 6]>,
     /// IPv4 addresses to announce with gratuitous ARP.
@@ -126,6 +132,10 @@ struct Raw {
     throttle_max_percent: Option<u8>,
     #[serde(default, deserialize_with = "duration")]
     switchover_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    claim_timeout: Option<Duration>,
+    #[serde(default, deserialize_with = "duration")]
+    progress_timeout: Option<Duration>,
     #[serde(default, deserialize_with = "macs")]
     macs: Option<Vec<[u8; 6]>>,
     ips: Option<Vec<Ipv4Addr>>,
@@ -363,6 +373,8 @@ pub fn load(dir: &Path, vm: &str) -> Result<Policy, PolicyError> {
         throttle_step_percent,
         throttle_max_percent,
         switchover_timeout,
+        claim_timeout,
+        progress_timeout,
         macs,
         ips
     );
@@ -410,6 +422,8 @@ pub fn load(dir: &Path, vm: &str) -> Result<Policy, PolicyError> {
         },
         streams: r.streams.unwrap_or(1),
         switchover_timeout: r.switchover_timeout.unwrap_or(Duration::from_secs(10)),
+        claim_timeout: r.claim_timeout.unwrap_or(Duration::from_secs(10)),
+        progress_timeout: r.progress_timeout.unwrap_or(Duration::from_secs(150)),
         macs: r.macs.unwrap_or_default(),
         ips: r.ips.unwrap_or_default(),
     })

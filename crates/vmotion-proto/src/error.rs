@@ -227,6 +227,12 @@ pub enum PeerMisbehaved {
         /// Stream.
         stream: u16,
     },
+    /// The sender claimed the migration complete, yet pages of the guest never arrived.
+    #[error("{missing} pages of the guest never arrived")]
+    PagesMissing {
+        /// How many.
+        missing: u64,
+    },
 }
 
 impl PeerMisbehaved {
@@ -249,7 +255,9 @@ impl PeerMisbehaved {
             Self::ChecksumMismatch { .. } => AbortCode::ChecksumMismatch,
             Self::KeyConfirmationFailed => AbortCode::KeyConfirmationFailed,
             Self::StreamBindFailed { .. } => AbortCode::StreamBindFailed,
-            Self::Truncated { .. } | Self::TotalsMismatch { .. } => AbortCode::Truncated,
+            Self::Truncated { .. } | Self::TotalsMismatch { .. } | Self::PagesMissing { .. } => {
+                AbortCode::Truncated
+            }
             Self::DecisionMismatch { .. } | Self::IllegalChoice { .. } => {
                 AbortCode::NegotiationMismatch
             }
@@ -410,13 +418,16 @@ pub enum AbortCode {
     PeerAborted = 23,
     /// A bug or an unexpected local failure.
     InternalError = 24,
+    /// The destination's pre-flight refused the guest before any page (no room, a sink
+    /// that cannot take it, the same VM already arriving or unsettled there).
+    PreflightRefused = 25,
 }
 
 impl AbortCode {
     /// Decodes a wire value; 0 and unknown values are rejected.
     pub fn from_u16(v: u16) -> Option<Self> {
         use AbortCode::*;
-        const ALL: [AbortCode; 24] = [
+        const ALL: [AbortCode; 25] = [
             Cancelled,
             DecodeError,
             UnexpectedFrame,
@@ -441,6 +452,7 @@ impl AbortCode {
             Timeout,
             PeerAborted,
             InternalError,
+            PreflightRefused,
         ];
         ALL.into_iter().find(|c| *c as u16 == v)
     }

@@ -68,11 +68,14 @@ pub enum FrameType {
     TunnelData = 13,
     /// Either direction: the tunnelled stream's writer closed its half.
     TunnelShutdown = 14,
+    /// Receiver → sender on control, after `Commit`: the destination won the VM at the
+    /// arbiter (its claim) and resumes it.
+    Claimed = 15,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 15] = [
         Self::Hello,
         Self::HelloAck,
         Self::KeyConfirm,
@@ -87,6 +90,7 @@ impl FrameType {
         Self::Abort,
         Self::TunnelData,
         Self::TunnelShutdown,
+        Self::Claimed,
     ];
 
     /// Decodes a wire value.

@@ -5,9 +5,9 @@
 use proptest::prelude::*;
 use vmotion_proto::message::pages::{MAX_PAGE_SHIFT, MIN_PAGE_SHIFT, PAGES_TRAILER_LEN};
 use vmotion_proto::message::{
-    Abort, CipherSet, Complete, DeviceStateChunk, EndOfStream, Hello, HelloAck, IterationMarker,
-    KeyConfirm, MAX_STREAMS, MarkerKind, Message, MigrationKind, PagesBuilder, PagesView, Ready,
-    StreamBind, StreamTotals,
+    Abort, CipherSet, Commit, Complete, DeviceStateChunk, EndOfStream, Hello, HelloAck,
+    IterationMarker, KeyConfirm, MAX_STREAMS, MarkerKind, Message, MigrationKind, PagesBuilder,
+    PagesView, Ready, StreamBind, StreamTotals,
 };
 use vmotion_proto::{
     AbortCode, CipherSuite, Decision, DestinationCapability, EncryptionPolicy, EpochLimits,
@@ -57,7 +57,7 @@ fn decision() -> impl Strategy<Value = Decision> {
 }
 
 fn abort_code() -> impl Strategy<Value = AbortCode> {
-    (1u16..=24).prop_map(|v| AbortCode::from_u16(v).unwrap())
+    (1u16..=25).prop_map(|v| AbortCode::from_u16(v).unwrap())
 }
 
 /// Owned versions of every message, so proptest can generate them.
@@ -73,10 +73,11 @@ enum Owned {
     EndOfStream(EndOfStream),
     Complete(Complete),
     Ready(Ready),
-    Commit,
+    Commit(Commit),
     Abort(Abort),
     TunnelData(Vec<u8>),
     TunnelShutdown,
+    Claimed,
 }
 
 fn owned() -> impl Strategy<Value = Owned> {
@@ -211,11 +212,12 @@ fn owned() -> impl Strategy<Value = Owned> {
             pages,
             device_state_len
         })),
-        Just(Owned::Commit),
+        any::<bool>().prop_map(|claim_at_arbiter| Owned::Commit(Commit { claim_at_arbiter })),
         (abort_code(), "\\PC{0,200}")
             .prop_map(|(code, message)| Owned::Abort(Abort { code, message })),
         proptest::collection::vec(any::<u8>(), 0..500).prop_map(Owned::TunnelData),
         Just(Owned::TunnelShutdown),
+        Just(Owned::Claimed),
     ]
 }
 
@@ -253,10 +255,11 @@ fn encode(m: &Owned) -> (FrameType, Vec<u8>) {
         Owned::EndOfStream(e) => (FrameType::EndOfStream, e.encode()),
         Owned::Complete(c) => (FrameType::Complete, c.encode().unwrap()),
         Owned::Ready(r) => (FrameType::Ready, r.encode()),
-        Owned::Commit => (FrameType::Commit, vec![]),
+        Owned::Commit(c) => (FrameType::Commit, c.encode()),
         Owned::Abort(a) => (FrameType::Abort, a.encode()),
         Owned::TunnelData(d) => (FrameType::TunnelData, d.clone()),
         Owned::TunnelShutdown => (FrameType::TunnelShutdown, vec![]),
+        Owned::Claimed => (FrameType::Claimed, vec![]),
     }
 }
 
@@ -286,7 +289,8 @@ fn check_decoded(m: &Owned, d: &Message<'_>) -> Result<(), TestCaseError> {
         (Owned::EndOfStream(a), Message::EndOfStream(b)) => prop_assert_eq!(a, b),
         (Owned::Complete(a), Message::Complete(b)) => prop_assert_eq!(a, b),
         (Owned::Ready(a), Message::Ready(b)) => prop_assert_eq!(a, b),
-        (Owned::Commit, Message::Commit) | (Owned::TunnelShutdown, Message::TunnelShutdown) => {}
+        (Owned::Commit(a), Message::Commit(b)) => prop_assert_eq!(a, b),
+        (Owned::TunnelShutdown, Message::TunnelShutdown) | (Owned::Claimed, Message::Claimed) => {}
         (Owned::Abort(a), Message::Abort(b)) => prop_assert_eq!(a, b),
         (Owned::TunnelData(a), Message::TunnelData(b)) => prop_assert_eq!(a.as_slice(), *b),
         (m, d) => prop_assert!(false, "decoded {d:?} from {m:?}"),

@@ -526,8 +526,14 @@ impl DestinationClaim {
         }
     }
 
-    /// The source's `Commit` arrived.
-    pub fn handle_commit(&mut self, now: Duration) {
+    /// The source's `Commit` arrived; `claim_at_arbiter` is its flag: the source
+    /// committed at an arbiter, so the VM is won there.
+    ///
+    /// A destination with an arbiter always claims there (a plaintext `Commit` could be
+    /// forged or its flag flipped). One without resumes on `Commit` only when the source
+    /// has no arbiter either; otherwise it cannot claim, and keeps its copy paused (the
+    /// source takes the VM back at its claim deadline).
+    pub fn handle_commit(&mut self, now: Duration, claim_at_arbiter: bool) {
         if !matches!(self.state, DestinationState::ExpectCommit { .. }) {
             return;
         }
@@ -537,6 +543,12 @@ impl DestinationClaim {
                 Request::Ask(Transition::Claim),
                 now + self.config.settle_timeout,
             );
+        } else if claim_at_arbiter {
+            self.finish(DestinationOutcome::Unsettled(
+                "the source committed at an arbiter this host cannot reach, so it cannot \
+                 claim the VM (configure the same arbiter on both hosts)"
+                    .into(),
+            ));
         } else {
             self.win();
         }

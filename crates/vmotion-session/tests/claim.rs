@@ -139,7 +139,7 @@ fn run(c: Case) -> (Ended, Record) {
         let d = dst.as_mut().expect("a destination");
         while let Some(f) = to_dst.pop_front() {
             match f {
-                "commit" => d.handle_commit(now),
+                "commit" => d.handle_commit(now, c.arbiter),
                 _ => d.handle_control_lost(now),
             }
         }
@@ -373,7 +373,7 @@ fn a_silent_destination_costs_a_pause_not_the_vm() {
 
     // The destination wakes up late and hears Commit: its claim loses; it discards.
     let mut dst = DestinationClaim::new(Duration::ZERO, cfg);
-    dst.handle_commit(Duration::from_secs(11));
+    dst.handle_commit(Duration::from_secs(11), true);
     assert_eq!(
         dst.poll_action(),
         Some(DestinationAction::Ask(Transition::Claim))
@@ -439,4 +439,30 @@ fn a_restarted_destination_aborts_an_open_record() {
     dst.handle_answer(Duration::ZERO, Answer::Record(Record::Aborted));
     assert_eq!(dst.poll_action(), Some(DestinationAction::Discard));
     assert_eq!(Record::Aborted.step(Transition::Commit), None);
+}
+
+/// The two ends disagree about the arbiter: a destination without one that hears a
+/// `Commit` made at an arbiter must not resume (it cannot claim), so the source's revert
+/// at its deadline is safe; and one with an arbiter claims there even when `Commit` says
+/// the wire decides (a plaintext flag could be flipped on the path).
+#[test]
+fn a_destination_never_resumes_on_a_commit_it_cannot_claim() {
+    let no_arbiter = ClaimConfig {
+        arbiter: false,
+        ..ClaimConfig::default()
+    };
+    let mut dst = DestinationClaim::new(Duration::ZERO, no_arbiter);
+    dst.handle_commit(Duration::ZERO, true);
+    assert_eq!(dst.poll_action(), None, "no resume");
+    assert!(matches!(
+        dst.outcome(),
+        Some(DestinationOutcome::Unsettled(_))
+    ));
+
+    let mut dst = DestinationClaim::new(Duration::ZERO, ClaimConfig::default());
+    dst.handle_commit(Duration::ZERO, false);
+    assert_eq!(
+        dst.poll_action(),
+        Some(DestinationAction::Ask(Transition::Claim))
+    );
 }

@@ -107,6 +107,14 @@ impl Sink for VmSink {
     fn control(&mut self) -> &mut dyn VmControl {
         &mut self.0
     }
+
+    fn persist(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
+
+    fn discard(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(())
+    }
 }
 
 fn key() -> KeyMaterial {
@@ -157,6 +165,7 @@ async fn migrate_running(
             ..Default::default()
         })
         .build()
+        .unwrap()
         .migrate(addr, &mut src)
         .await
         .expect("migration");

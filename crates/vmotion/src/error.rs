@@ -1,18 +1,23 @@
 //! The driver's error type.
 
+use std::time::Duration;
+
 use vmotion_proto::{AbortCode, Refusal};
 
-/// Why a migration did not commit.
+/// Why a migration did not end with the VM running at the destination.
+///
+/// Each variant says what is known about where the VM is; none claims more than the side
+/// that reports it can know.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
-    /// Negotiation refused the migration before any page was sent; the VM keeps running
-    /// at the source.
+    /// Negotiation refused the migration before any page was sent.
     #[error("refused: {0}")]
     Refused(Refusal),
-    /// The migration aborted after it started; the VM runs at the source.
-    #[error("aborted, the VM keeps running at the source: {0}")]
-    Aborted(String),
-    /// The peer ended the migration.
+    /// The destination's pre-flight refused the guest (no room, a sink that cannot take
+    /// it, an unsettled copy of the same VM there...) before any page was sent.
+    #[error("the destination refused the guest before any page was sent: {0}")]
+    PreflightRefused(String),
+    /// The peer ended the migration, with its reason.
     #[error("the peer aborted with {code}: {message}")]
     PeerAborted {
         /// Its code.
@@ -26,9 +31,38 @@ pub enum MigrateError {
     /// The network failed.
     #[error("network: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer closed the connection without a word.
+    #[error("the peer closed the connection during {during}")]
+    ConnectionClosed {
+        /// What this side was doing.
+        during: &'static str,
+    },
+    /// A deadline passed.
+    #[error("no progress: waited {after:?} for {waiting_for}")]
+    Timeout {
+        /// What did not happen.
+        waiting_for: &'static str,
+        /// How long this side waited.
+        after: Duration,
+    },
+    /// The receiver could not get this migration's key (the reason).
+    #[error("no key for this migration: {0}")]
+    NoKey(String),
     /// The key service failed or refused.
     #[error("key service: {0}")]
     KeyService(#[from] vmotion_keyservice::ClientError),
+    /// The arbiter did not answer before the pause, so the VM was never paused: without it
+    /// no switchover could be recorded.
+    #[error("the arbiter does not answer, so the VM was not paused: {0}")]
+    ArbiterUnavailable(String),
+    /// Pre-copy did not converge within a limit (which), and the policy says abort: the
+    /// VM keeps running at the source.
+    #[error("pre-copy did not converge within its {0} limit; the VM keeps running at the source")]
+    DidNotConverge(String),
+    /// The arbiter would not record the commit (its record says aborted, or it refused):
+    /// the source resumed the VM.
+    #[error("the arbiter did not record the commit; the VM runs at the source again")]
+    CommitRefused,
     /// The mover failed.
     #[error("mover: {0}")]
     Mover(#[from] vmotion_mover::MoverError),
@@ -36,12 +70,20 @@ pub enum MigrateError {
     /// sent and the VM is untouched).
     #[error("a migration of VM {0} is already in flight")]
     AlreadyInFlight(String),
-    /// The outcome could be neither recorded nor read back: the VM is left **paused** at
-    /// the source, and stays claimed in this process. Settle it at the key service first.
+    /// The destination did not claim the VM in time; the source won it back at the
+    /// arbiter and resumed it. The VM runs at the source.
+    #[error("the destination did not claim the VM; the source took it back and resumed it: {0}")]
+    Reverted(String),
+    /// The source keeps the VM; the copy received here was discarded.
+    #[error("the source keeps the VM; the copy received here was discarded: {0}")]
+    Discarded(String),
+    /// Where the VM may run could not be settled: it is left **paused** at the source,
+    /// and stays claimed in this process. Settle it at the arbiter first.
     #[error("outcome unknown, the VM is left paused at the source: {0}")]
     OutcomeUnknown(String),
-    /// The migration aborted but the VM could not be resumed at the source.
-    #[error("aborted, and resuming the VM at the source failed: {0}")]
+    /// The migration aborted, or the source took the VM back, but resuming it at the
+    /// source failed.
+    #[error("the VM should run at the source again, but resuming it failed: {0}")]
     ResumeFailed(String),
     /// A tunnel failed: every hypervisor connection it carried was dropped on both hosts,
     /// so the hypervisor's own migration fails too — unless it had already completed (a
@@ -54,7 +96,32 @@ pub enum MigrateError {
     TunnelFailed(String),
     /// The builder was given an impossible combination.
     #[error("invalid options: {0}")]
-    Options(String),
+    InvalidOptions(&'static str),
+    /// A local failure that is not the peer's, the network's or the mover's (no OS
+    /// randomness, a driver bug): the migration stops where it is safe.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl MigrateError {
+    /// The code that reports this error to the peer in an `Abort`.
+    pub fn abort_code(&self, default: AbortCode) -> AbortCode {
+        match self {
+            Self::Protocol(p) => p.abort_code(),
+            Self::Refused(r) => r.abort_code(),
+            Self::Timeout { .. } => AbortCode::Timeout,
+            Self::Internal(_) => AbortCode::InternalError,
+            Self::PreflightRefused(_) | Self::AlreadyInFlight(_) => AbortCode::PreflightRefused,
+            Self::NoKey(_) => AbortCode::KeyUnavailable,
+            _ => default,
+        }
+    }
+
+    /// Nothing was sent and the VM was never touched: a refusal before the first page
+    /// (`vmotion-send` exit code 3).
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Refused(_) | Self::PreflightRefused(_))
+    }
 }
 
 impl From<vmotion_proto::Error> for MigrateError {
@@ -62,6 +129,9 @@ impl From<vmotion_proto::Error> for MigrateError {
         match e {
             vmotion_proto::Error::Refused(r) => Self::Refused(r),
             vmotion_proto::Error::PeerAborted { code, message } => {
+                if code == AbortCode::PreflightRefused {
+                    return Self::PreflightRefused(message);
+                }
                 match Refusal::from_abort_code(code) {
                     Some(r) => Self::Refused(r),
                     None => Self::PeerAborted { code, message },
@@ -87,5 +157,11 @@ impl From<vmotion_proto::PeerMisbehaved> for MigrateError {
 impl From<vmotion_proto::ApiMisuse> for MigrateError {
     fn from(e: vmotion_proto::ApiMisuse) -> Self {
         Self::Protocol(e.into())
+    }
+}
+
+impl From<vmotion_engine::UnexpectedInput> for MigrateError {
+    fn from(e: vmotion_engine::UnexpectedInput) -> Self {
+        Self::Internal(e.to_string())
     }
 }

@@ -17,7 +17,10 @@
 
 #![forbid(unsafe_code)]
 
+mod claim;
+mod control;
 mod error;
+mod in_flight;
 mod receiver;
 mod report;
 mod sender;
@@ -26,52 +29,20 @@ mod tunnel;
 mod wire;
 
 pub use error::MigrateError;
-pub use receiver::{Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
-pub use report::MigrationReport;
-pub use report::Phases;
+pub use in_flight::InFlight;
+pub use receiver::{Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys};
+pub use report::{ClaimEvidence, MigrationReport, Phases};
 pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
 pub use tunnel::{
     DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, NegotiatedTunnel, TunnelReport, TunnelSender,
     TunnelSenderBuilder,
 };
+pub use vmotion_arbiter::{Arbiter, ArbiterError, BoxFuture, MemoryArbiter, Record, Transition};
+pub use vmotion_mover::Sink;
+pub use vmotion_session::DestinationOutcome;
 
-/// The VMs this process is migrating out, or taking in: a second migration of the same
-/// VM in the same direction is refused before it starts. (Out and in are kept apart: a
-/// host may well send a VM to itself in tests and demos.)
-pub(crate) struct InFlight {
-    vm: String,
-    set: &'static std::sync::Mutex<Vec<String>>,
-}
-
-pub(crate) static OUTGOING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-pub(crate) static INCOMING: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
-
-impl InFlight {
-    pub(crate) fn claim(
-        set: &'static std::sync::Mutex<Vec<String>>,
-        vm: &str,
-    ) -> Result<Self, MigrateError> {
-        let mut list = set
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if list.iter().any(|v| v == vm) {
-            return Err(MigrateError::AlreadyInFlight(vm.to_owned()));
-        }
-        list.push(vm.to_owned());
-        Ok(Self {
-            vm: vm.to_owned(),
-            set,
-        })
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let mut list = self
-            .set
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        list.retain(|v| *v != self.vm);
-    }
-}
+/// How long a migration may go without progress before it is abandoned, by default: 150 s,
+/// KubeVirt's `progressTimeout`. Dead peers are found far sooner by keepalive probes and
+/// `TCP_USER_TIMEOUT`; this catches a peer that is alive but stuck.
+pub const DEFAULT_PROGRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);

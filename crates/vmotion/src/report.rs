@@ -14,6 +14,29 @@ pub struct Phases {
     pub precopy: Duration,
     /// Pause to commit (the downtime).
     pub switchover: Duration,
+    /// `Commit` to the destination's claim known here (the source's paused copy is kept
+    /// until then).
+    pub claim: Duration,
+}
+
+/// How the source knows the destination holds the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimEvidence {
+    /// The arbiter's record says the destination claimed it (`committed → claimed`).
+    Arbiter,
+    /// No arbiter: the destination's `Claimed` frame said so (sealed with the
+    /// migration's keys when encrypted).
+    Destination,
+}
+
+impl ClaimEvidence {
+    /// For reports: what is known.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Arbiter => "recorded by the arbiter",
+            Self::Destination => "announced by the destination",
+        }
+    }
 }
 
 /// The source's account of a committed migration.
@@ -37,10 +60,8 @@ pub struct MigrationReport {
     pub total_time: Duration,
     /// The phases.
     pub phases: Phases,
-    /// `Commit` reached the socket. When false the migration is still committed (the
-    /// record decides), but the destination learns it only by asking the key service —
-    /// without one, an orchestrator must tell it.
-    pub commit_delivered: bool,
+    /// How this side knows the destination claimed the VM.
+    pub claim: ClaimEvidence,
 }
 
 impl MigrationReport {
@@ -55,17 +76,18 @@ impl MigrationReport {
         max_epoch: u32,
         total_time: Duration,
         setup: Duration,
-        commit_delivered: bool,
+        claim: (ClaimEvidence, Duration),
     ) -> Self {
         let switchover = engine.downtime.map(|d| d.total).unwrap_or_default();
         let phases = Phases {
             setup,
             precopy: engine.total_time.saturating_sub(switchover),
             switchover,
+            claim: claim.1,
         };
         Self {
             phases,
-            commit_delivered,
+            claim: claim.0,
             migration_id,
             vm_name: vm_name.to_owned(),
             mode,
@@ -93,7 +115,7 @@ impl MigrationReport {
             |d| format!("{:.1} ms", d.total.as_secs_f64() * 1e3),
         );
         format!(
-            "migration {} of {}: committed, {mode}\n  {} iterations + final pass, {:.1} MB in {:.2} s ({:.0} MB/s), downtime {downtime}, max throttle {} %, {} key epoch(s), {} stream(s)\n  setup {:.0} ms, pre-copy {:.0} ms, switchover {:.1} ms",
+            "migration {} of {}: committed, {mode}\n  {} iterations + final pass, {:.1} MB in {:.2} s ({:.0} MB/s), downtime {downtime}, max throttle {} %, {} key epoch(s), {} stream(s)\n  setup {:.0} ms, pre-copy {:.0} ms, switchover {:.1} ms, claim {:.1} ms ({})",
             self.migration_id,
             self.vm_name,
             self.engine.iterations.len(),
@@ -106,6 +128,8 @@ impl MigrationReport {
             self.phases.setup.as_secs_f64() * 1e3,
             self.phases.precopy.as_secs_f64() * 1e3,
             self.phases.switchover.as_secs_f64() * 1e3,
+            self.phases.claim.as_secs_f64() * 1e3,
+            self.claim.as_str(),
         )
     }
 }

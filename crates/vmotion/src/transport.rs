@@ -105,15 +105,22 @@ pub trait Accept: Send + Sync {
     fn accept_conn(&self) -> impl Future<Output = io::Result<(Conn, Peer)>> + Send;
 }
 
-/// Keepalive probes on a migration's TCP connection (10 s idle, then 3 probes 5 s apart):
-/// a peer host that vanishes without a word ends the migration within about half a
-/// minute instead of leaving the other end waiting for ever.
+/// Data sent and not acknowledged for this long fails the connection (`TCP_USER_TIMEOUT`).
+pub(crate) const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keepalive probes on a migration's TCP connection (10 s idle, then 3 probes 5 s apart)
+/// and `TCP_USER_TIMEOUT` (30 s): a peer host that vanishes without a word, or a path that
+/// black-holes, ends the migration within about half a minute on both ends — the sender's
+/// unacknowledged writes and the receiver's unanswered probes both time out — instead of
+/// leaving either end waiting for ever.
 pub(crate) fn keepalive(s: &TcpStream) {
     let probes = socket2::TcpKeepalive::new()
         .with_time(std::time::Duration::from_secs(10))
         .with_interval(std::time::Duration::from_secs(5))
         .with_retries(3);
-    let _ = socket2::SockRef::from(s).set_tcp_keepalive(&probes);
+    let sock = socket2::SockRef::from(s);
+    let _ = sock.set_tcp_keepalive(&probes);
+    let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
 }
 
 impl Accept for TcpListener {

@@ -30,7 +30,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 use tracing::Instrument as _;
-use vmotion_keyservice::KeyServiceClient;
 use vmotion_proto::message::{Abort, Complete, Message, Ready, StreamTotals};
 use vmotion_proto::{
     AbortCode, AlignedBuf, Channel, EpochLimits, FrameType, MigrationId, MigrationKind, Mode,
@@ -38,10 +37,9 @@ use vmotion_proto::{
     VmPolicy, WireFrame, handshake_random,
 };
 
+use crate::control::ABORT_SEND_TIMEOUT;
 use crate::error::MigrateError;
-use crate::sender::{
-    ABORT_SEND_TIMEOUT, HANDSHAKE_TIMEOUT, KeySource, NetOptions, connect, handshake, resolve_key,
-};
+use crate::sender::{HANDSHAKE_TIMEOUT, KeySource, NetOptions, connect, handshake, resolve_key};
 use crate::transport::{Accept, Conn, Endpoint, ReadHalf, WriteHalf};
 use crate::wire::{read_frame, read_open, write_frame, write_parts};
 
@@ -136,6 +134,7 @@ pub struct TunnelSender {
     net: NetOptions,
     accept_timeout: Duration,
     linger: Duration,
+    in_flight: crate::InFlight,
 }
 
 /// Builder of a [`TunnelSender`].
@@ -157,6 +156,7 @@ impl TunnelSender {
             net: NetOptions::default(),
             accept_timeout: Duration::from_secs(120),
             linger: Duration::from_millis(300),
+            in_flight: crate::InFlight::new(),
         })
     }
 }
@@ -207,9 +207,26 @@ impl TunnelSenderBuilder {
         self
     }
 
-    /// The sender.
-    pub fn build(self) -> TunnelSender {
-        self.0
+    /// The set of VMs in flight to check and join (see [`crate::InFlight`]).
+    pub fn in_flight(mut self, set: crate::InFlight) -> Self {
+        self.0.in_flight = set;
+        self
+    }
+
+    /// The sender, or what is wrong with the options.
+    pub fn build(self) -> Result<TunnelSender, MigrateError> {
+        let t = self.0;
+        if t.max_connections == 0 || t.max_connections > vmotion_proto::message::MAX_STREAMS {
+            return Err(MigrateError::InvalidOptions(
+                "a tunnel carries 1 to 256 connections",
+            ));
+        }
+        if t.accept_timeout > MAX_ACCEPT_TIMEOUT || t.accept_timeout.is_zero() {
+            return Err(MigrateError::InvalidOptions(
+                "the accept timeout must be above 0 and at most 600 s (the receiver waits no longer)",
+            ));
+        }
+        Ok(t)
     }
 }
 
@@ -224,20 +241,10 @@ impl TunnelSender {
     ) -> Result<NegotiatedTunnel, MigrateError> {
         let started = Instant::now();
         let to = to.into();
-        if self.max_connections == 0 || self.max_connections > vmotion_proto::message::MAX_STREAMS {
-            return Err(MigrateError::Options(
-                "a tunnel carries 1 to 256 connections".into(),
-            ));
-        }
-        if self.accept_timeout > MAX_ACCEPT_TIMEOUT || self.accept_timeout.is_zero() {
-            return Err(MigrateError::Options(format!(
-                "the accept timeout must be above 0 and at most {} s (the receiver waits no longer)",
-                MAX_ACCEPT_TIMEOUT.as_secs()
-            )));
-        }
-        let in_flight = crate::InFlight::claim(&crate::OUTGOING, &self.vm_name)?;
-        let (migration_id, material, destination, service) =
-            resolve_key(self.key, &self.vm_name).await?;
+        let in_flight = self.in_flight.claim(&self.vm_name)?;
+        let keyed = resolve_key(self.key, &self.vm_name, None).await?;
+        let (migration_id, material, destination, arbiter) =
+            (keyed.id, keyed.material, keyed.destination, keyed.arbiter);
         let span = tracing::info_span!("tunnel", id = %migration_id, vm = %self.vm_name);
         let config = SenderConfig {
             migration_id,
@@ -252,14 +259,10 @@ impl TunnelSender {
             kind: MigrationKind::Tunnel,
             limits: self.limits,
             random: handshake_random()
-                .map_err(|_| MigrateError::Options("no OS randomness".into()))?,
+                .map_err(|_| MigrateError::Internal("no OS randomness".into()))?,
         };
         let record_aborted = async || {
-            if let Some(c) = &service {
-                let _ = c
-                    .record_outcome(migration_id, vmotion_keyservice::api::Outcome::Aborted)
-                    .await;
-            }
+            crate::sender::abort_record(arbiter.as_deref(), migration_id).await;
         };
         let (expect_ack, hello) = match SenderHandshake::start(config) {
             Ok(x) => x,
@@ -284,7 +287,7 @@ impl TunnelSender {
             control,
             to,
             net: self.net,
-            _service: service,
+            _arbiter: arbiter,
             _in_flight: in_flight,
             started,
             setup: started.elapsed(),
@@ -301,8 +304,8 @@ pub struct NegotiatedTunnel {
     control: Conn,
     to: Endpoint,
     net: NetOptions,
-    _service: Option<Arc<KeyServiceClient>>,
-    _in_flight: crate::InFlight,
+    _arbiter: Option<Arc<dyn vmotion_arbiter::Arbiter>>,
+    _in_flight: crate::in_flight::InFlightGuard,
     started: Instant,
     setup: Duration,
     accept_timeout: Duration,
@@ -782,7 +785,7 @@ pub(crate) async fn receive_tunnel(
                 // and control messages of the tunnel; at most 16 at a time, and the next
                 // connection waits in the listen queue meanwhile (never dropped: it may
                 // be one of the hypervisor's).
-                next = data.next(if bound == 0 { first_deadline } else { far }), if binding.len() < 16 => {
+                next = data.next(if bound == 0 { first_deadline } else { far }, MAX_ACCEPT_TIMEOUT), if binding.len() < 16 => {
                     let (mut conn, first, peer) = next?;
                     match first {
                         Some(f) => bind_stream(&mut session, conn, Ok(f), &peer)?,

@@ -92,7 +92,8 @@ async fn encrypted(streams: u16) {
         })
         .streams(streams)
         .convergence(policy())
-        .build();
+        .build()
+        .unwrap();
     let receiver = Receiver::new(ReceiverKeys::Direct {
         migration_id: ID,
         material: key(),
@@ -134,7 +135,8 @@ async fn plaintext_by_policy() {
         .key(KeySource::None { migration_id: ID })
         .streams(4)
         .convergence(policy())
-        .build();
+        .build()
+        .unwrap();
     let run = run(
         sender,
         Receiver::new(ReceiverKeys::None),
@@ -159,7 +161,8 @@ async fn many_key_epochs() {
         })
         .epoch_limits(EpochLimits::new(4, 1 << 20).unwrap())
         .convergence(policy())
-        .build();
+        .build()
+        .unwrap();
     let receiver = Receiver::new(ReceiverKeys::Direct {
         migration_id: ID,
         material: key(),
@@ -183,7 +186,8 @@ async fn required_policy_without_an_encrypting_receiver_is_refused() {
             migration_id: ID,
             material: key(),
         })
-        .build();
+        .build()
+        .unwrap();
     // The orchestrator vouched the destination encrypts, but it has no key: a
     // registry/wire contradiction, refused as a downgrade.
     let run = run(
@@ -225,10 +229,12 @@ async fn preflight_refuses_a_sink_without_room() {
         })
         .key(KeySource::None { migration_id: ID })
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
+    // A refusal before any page (vmotion-send: exit 3), with the receiver's reason.
     match r {
-        Err(MigrateError::PeerAborted { message, .. }) => {
+        Err(MigrateError::PreflightRefused(message)) => {
             assert!(message.contains("1024"), "{message}")
         }
         other => panic!("{:?}", other.err()),
@@ -250,6 +256,7 @@ async fn a_second_migration_of_the_same_vm_is_refused() {
             .await
             .map(|_| ())
     });
+    let in_flight = vmotion::InFlight::new();
     let plain = || {
         Sender::builder("vm-twice")
             .policy(VmPolicy {
@@ -257,7 +264,10 @@ async fn a_second_migration_of_the_same_vm_is_refused() {
                 vm_encrypted: false,
             })
             .key(KeySource::None { migration_id: ID })
+            // One in-flight set for both: the senders of one program.
+            .in_flight(in_flight.clone())
             .build()
+            .unwrap()
     };
     let mut first_guest = guest(4096, 1_000.0);
     let mut second_guest = guest(64, 0.0);
@@ -309,6 +319,7 @@ async fn memory_file_migrates_cold() {
         })
         .streams(2)
         .build()
+        .unwrap()
         .migrate(addr, &mut src)
         .await
         .unwrap();
@@ -341,7 +352,8 @@ async fn bandwidth_cap_holds() {
         .key(KeySource::None { migration_id: ID })
         .streams(2)
         .max_bandwidth(Some(20_000_000))
-        .build();
+        .build()
+        .unwrap();
     let started = std::time::Instant::now();
     let run = run(sender, Receiver::new(ReceiverKeys::None), source).await;
     let elapsed = started.elapsed();
@@ -393,6 +405,14 @@ async fn a_failing_destination_aborts_and_the_source_keeps_running() {
         fn control(&mut self) -> &mut dyn VmControl {
             &mut self.0
         }
+
+        fn persist(&mut self) -> Result<(), MoverError> {
+            Ok(())
+        }
+
+        fn discard(&mut self) -> Result<(), MoverError> {
+            Ok(())
+        }
     }
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -418,6 +438,7 @@ async fn a_failing_destination_aborts_and_the_source_keeps_running() {
         })
         .key(KeySource::None { migration_id: ID })
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
     match &r {
@@ -452,7 +473,7 @@ async fn serve_takes_several_migrations_at_once() {
     let server = tokio::spawn(receiver.serve(
         listener,
         |h| Ok(SyntheticGuest::blank(h.guest_pages, u64::from(h.page_size))),
-        move |r| {
+        move |vmotion::Finished { result: r, .. }| {
             let Ok(vmotion::Incoming::Vm(report, sink)) = r else {
                 panic!("not a received guest: {r:?}");
             };
@@ -491,6 +512,7 @@ async fn serve_takes_several_migrations_at_once() {
             .key(key_source)
             .streams(2)
             .build()
+            .unwrap()
             .migrate(addr, &mut g)
             .await
             .expect("committed");
@@ -554,6 +576,7 @@ async fn no_sink_is_made_for_a_sender_without_the_key() {
             material: forged,
         })
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
     assert!(r.is_err(), "the key confirmation fails");

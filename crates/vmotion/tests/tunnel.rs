@@ -136,6 +136,7 @@ async fn three_connections_cross_both_ways_encrypted_with_key_updates() {
     let tunnel = keyed()
         .epoch_limits(EpochLimits::new(8, 1 << 20).unwrap())
         .build()
+        .unwrap()
         .negotiate(s.addr)
         .await
         .unwrap();
@@ -217,6 +218,7 @@ async fn required_policy_is_refused_before_anything_listens_for_the_hypervisor()
         .policy(required())
         .key(KeySource::None { migration_id: ID })
         .build()
+        .unwrap()
         .negotiate(s.addr)
         .await
         .unwrap_err();
@@ -229,7 +231,12 @@ async fn required_policy_is_refused_before_anything_listens_for_the_hypervisor()
     );
     // An authority that wrongly vouches for the destination: the receiver's own word
     // refuses it in the handshake instead.
-    let err = keyed().build().negotiate(s.addr).await.unwrap_err();
+    let err = keyed()
+        .build()
+        .unwrap()
+        .negotiate(s.addr)
+        .await
+        .unwrap_err();
     assert!(
         matches!(err, MigrateError::Refused(Refusal::DowngradeDetected)),
         "{err:?}"
@@ -255,7 +262,12 @@ async fn a_receiver_without_a_tunnel_target_refuses_tunnels() {
         .receive_tunnel(&listener)
         .await
     });
-    let err = keyed().build().negotiate(s.addr).await.unwrap_err();
+    let err = keyed()
+        .build()
+        .unwrap()
+        .negotiate(s.addr)
+        .await
+        .unwrap_err();
     assert!(
         err.to_string().contains("takes no tunnelled migrations"),
         "{err}"
@@ -310,7 +322,7 @@ async fn a_flipped_bit_tears_down_both_hypervisor_connections() {
     let dst = UnixListener::bind(&s.qemu_in).unwrap();
     let recv = spawn_receiver(&mut s);
     let proxy = tampering_proxy(s.addr, 1 << 20).await;
-    let tunnel = keyed().build().negotiate(proxy).await.unwrap();
+    let tunnel = keyed().build().unwrap().negotiate(proxy).await.unwrap();
     let local = s.dir.path().join("qemu-out.sock");
     let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
         .await
@@ -375,7 +387,7 @@ async fn cancelling_the_sender_closes_the_destination_connection() {
     let mut s = setup().await;
     let dst = UnixListener::bind(&s.qemu_in).unwrap();
     let recv = spawn_receiver(&mut s);
-    let tunnel = keyed().build().negotiate(s.addr).await.unwrap();
+    let tunnel = keyed().build().unwrap().negotiate(s.addr).await.unwrap();
     let local = s.dir.path().join("qemu-out.sock");
     let qemu = Listener::bind(&Endpoint::Unix(local.clone()))
         .await
@@ -420,6 +432,7 @@ async fn a_hypervisor_that_never_connects_times_out_and_the_receiver_is_told() {
     let tunnel = keyed()
         .accept_timeout(Duration::from_millis(200))
         .build()
+        .unwrap()
         .negotiate(s.addr)
         .await
         .unwrap();
@@ -443,6 +456,7 @@ async fn more_connections_than_negotiated_fail_the_tunnel() {
     let tunnel = keyed()
         .max_connections(2)
         .build()
+        .unwrap()
         .negotiate(s.addr)
         .await
         .unwrap();
@@ -506,6 +520,7 @@ async fn plaintext_tunnels_are_refused_unless_the_receiver_allows_them() {
             .policy(disabled)
             .key(KeySource::None { migration_id: ID })
             .build()
+            .unwrap()
             .negotiate(s.addr)
             .await;
         if allow {
@@ -541,7 +556,7 @@ async fn strangers_on_the_receivers_port_neither_stall_nor_fail_a_tunnel() {
     let mut s = setup().await;
     let (delivered, _dst) = destination(UnixListener::bind(&s.qemu_in).unwrap());
     let recv = spawn_receiver(&mut s);
-    let tunnel = keyed().build().negotiate(s.addr).await.unwrap();
+    let tunnel = keyed().build().unwrap().negotiate(s.addr).await.unwrap();
     // Silent connections and junk, more than the receiver reads binds from at once.
     let mut strangers = Vec::new();
     for i in 0..24 {

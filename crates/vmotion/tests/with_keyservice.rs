@@ -109,6 +109,8 @@ fn guest() -> SyntheticGuest {
     })
 }
 
+/// The receiver reaches the key service as its arbiter (to claim the VM) whatever its
+/// keys: a destination that cannot encrypt still claims before it resumes.
 async fn migrate(
     ks: &KeyService,
     policy: EncryptionPolicy,
@@ -121,7 +123,7 @@ async fn migrate(
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let receiver = Receiver::new(receiver_keys);
+    let receiver = Receiver::new(receiver_keys).arbiter(ks.client("dst"));
     let rx = tokio::spawn(async move {
         receiver
             .receive(&listener, |h| {
@@ -145,6 +147,7 @@ async fn migrate(
             ..ConvergencePolicy::default()
         })
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
     (sent, rx.await.unwrap(), source)
@@ -184,9 +187,10 @@ async fn encrypted_via_key_service(streams: u16) {
         same_memory(&source, &dst),
         "destination memory differs from the source at pause"
     );
-    // The outcome is on record, for either host to read.
+    // The outcome is on record, for either host to read: committed, then claimed by the
+    // destination before it resumed.
     let o = ks.client("dst").outcome(report.migration_id).await.unwrap();
-    assert_eq!(o.outcome, Some(Outcome::Committed));
+    assert_eq!(o.outcome, Some(Outcome::Claimed));
     // The key was handed out once: a second fetch is refused.
     assert!(
         ks.client("dst")
@@ -248,6 +252,7 @@ async fn required_policy_refused_for_an_unregistered_destination() {
             destination: "dst".into(),
         })
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
     assert!(
@@ -266,12 +271,12 @@ async fn required_policy_refused_for_an_unregistered_destination() {
     );
 }
 
-/// The key service dies mid-migration, so "committed" can be neither recorded nor read
-/// back. Neither side may guess: the source VM is left paused with OutcomeUnknown, and the
-/// destination, hearing no Commit and getting no answer, returns its copy paused
-/// (ReceiveOutcome::Unknown) instead of discarding it. No copy runs; none is lost.
+/// The key service dies during pre-copy: before it pauses the VM the source checks that
+/// the arbiter answers, finds it does not, and aborts with the VM still running — it never
+/// stops a VM whose switchover it could not record. (Before the claim step the source
+/// paused anyway and was left with the VM paused and the outcome unknown.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_outcome_leaves_both_copies_paused() {
+async fn an_unreachable_key_service_is_found_before_the_pause() {
     let ks = KeyService::start();
     register(&ks, true).await;
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -294,6 +299,7 @@ async fn an_unknown_outcome_leaves_both_copies_paused() {
     let mut source = SyntheticGuest::start(SyntheticConfig {
         pages: 8192,
         zero_fraction: 0.0,
+        dirty_rate: 1000.0,
         ..SyntheticConfig::default()
     });
     let sent = Sender::builder("vm-unknown")
@@ -308,21 +314,23 @@ async fn an_unknown_outcome_leaves_both_copies_paused() {
         .max_bandwidth(Some(20_000_000))
         .switchover_timeout(Duration::from_secs(30))
         .build()
+        .unwrap()
         .migrate(addr, &mut source)
         .await;
     assert!(
-        matches!(sent, Err(MigrateError::OutcomeUnknown(_))),
+        matches!(sent, Err(MigrateError::ArbiterUnavailable(_))),
         "{:?}",
         sent.err()
     );
-    let (report, dst) = rx.await.unwrap().expect("the destination keeps its copy");
-    assert_eq!(report.outcome, ReceiveOutcome::Unknown);
-    // Both paused: the source's writers stopped, the destination was never resumed.
+    // The source runs: its writers keep writing.
     let w = source.writes();
-    std::thread::sleep(Duration::from_millis(30));
-    assert_eq!(source.writes(), w, "the source stays paused");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(source.writes() > w, "the source VM keeps running");
+    // The destination was told and kept nothing.
+    let received = rx.await.unwrap();
     assert!(
-        same_memory(&source, &dst),
-        "and the destination holds the same memory"
+        matches!(received, Err(MigrateError::PeerAborted { ref message, .. }) if message.contains("arbiter")),
+        "{:?}",
+        received.err()
     );
 }

@@ -567,15 +567,16 @@ async fn record_outcome(
     let now_ms = unix_ms();
     let (record, journal) = lock(&shared.state).record_outcome(caller, id, r.outcome, now_ms)?;
     let Some(entry) = journal else {
-        return Ok(ok_json(&record)); // this exact outcome is already on disk
+        return Ok(ok_json(&record)); // a retry: the record on disk already says so
     };
-    // The answer waits for the fsync, and readers see the outcome only after it: a
-    // recorded outcome survives any crash after the answer, and no destination acts on one
-    // that could still vanish.
+    // The answer waits for the fsync, and readers see the transition only after it: a
+    // recorded outcome survives any crash after the answer, and no host acts on one that
+    // could still vanish (a destination on `committed` or `claimed`, a source on
+    // `reverted`).
     let line = serde_json::to_string(&entry).expect("serializes");
     if let Err(e) = shared.journal.append_durable(line).await {
         // The line may or may not be on disk: memory can no longer say which. Stop, so the
-        // journal alone decides after a restart; the source, without an answer, reads the
+        // journal alone decides after a restart; the caller, without an answer, reads the
         // outcome back then.
         tracing::error!(error = %e, %id, "journal write failed; stopping");
         eprintln!(

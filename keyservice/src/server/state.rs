@@ -45,15 +45,84 @@ struct Migration {
     outcome: OutcomeState,
 }
 
-/// Where a migration's outcome is. An outcome is visible to readers only once its journal
-/// line is on disk: a destination must never see `committed` that a crash could undo.
+/// Where a migration's outcome record is. A transition is visible to readers only once its
+/// journal line is on disk: a destination must never see `committed` (nor a source
+/// `claimed`) that a crash could undo. While one is in flight, readers still see the
+/// previous state and every other write is refused as `unavailable`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct OutcomeState {
+    /// The latest transition on disk, at this time (Unix ms); `None` is `null`.
+    recorded: Option<(Outcome, u64)>,
+    /// A transition accepted, its journal write in flight.
+    pending: Option<Outcome>,
+}
+
+impl OutcomeState {
+    fn current(self) -> Option<Outcome> {
+        self.recorded.map(|(o, _)| o)
+    }
+}
+
+/// Who is asking, relative to a migration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum OutcomeState {
-    None,
-    /// Accepted, journal write in flight.
-    Pending(Outcome),
-    /// On disk, at this time (Unix ms).
-    Recorded(Outcome, u64),
+enum Party {
+    Source,
+    Destination,
+}
+
+/// Whether `party` may ever record `to`, whatever the record's state.
+fn may_record(party: Party, to: Outcome) -> bool {
+    match to {
+        Outcome::Committed | Outcome::Reverted => party == Party::Source,
+        Outcome::Claimed => party == Party::Destination,
+        Outcome::Aborted => true,
+    }
+}
+
+/// Whether `from` → `to` is one arrow of the record's state machine:
+/// `null` → `committed` | `aborted`, `committed` → `claimed` | `reverted`.
+fn is_transition(from: Option<Outcome>, to: Outcome) -> bool {
+    matches!(
+        (from, to),
+        (None, Outcome::Committed | Outcome::Aborted)
+            | (
+                Some(Outcome::Committed),
+                Outcome::Claimed | Outcome::Reverted
+            )
+    )
+}
+
+/// Whether a record at `current` already says that `to` happened, so a retry of `to`
+/// (after a lost answer) is answered with the record as it is. `claimed` and `reverted`
+/// each imply `committed`.
+fn already_recorded(current: Option<Outcome>, to: Outcome) -> bool {
+    current == Some(to)
+        || (to == Outcome::Committed
+            && matches!(current, Some(Outcome::Claimed | Outcome::Reverted)))
+}
+
+fn forbidden(id: MigrationId, to: Outcome) -> Refused {
+    let who = match to {
+        Outcome::Committed | Outcome::Reverted => "source",
+        Outcome::Claimed => "destination",
+        Outcome::Aborted => "source or destination",
+    };
+    Refused(
+        ErrorCode::Forbidden,
+        format!("only migration {id}'s {who} may record `{to}`"),
+    )
+}
+
+fn conflict(id: MigrationId, current: Option<Outcome>, to: Outcome) -> Refused {
+    let message = match current {
+        Some(c) => {
+            format!("the outcome of migration {id} is already `{c}`; it cannot become `{to}`")
+        }
+        None => format!(
+            "the outcome of migration {id} is still `null`; `{to}` can only follow `committed`"
+        ),
+    };
+    Refused(ErrorCode::Conflict, message)
 }
 
 #[derive(Debug)]
@@ -216,7 +285,7 @@ impl State {
                     nonce: MigrationNonce(nonce),
                 }),
                 key_expires: now + ttl,
-                outcome: OutcomeState::None,
+                outcome: OutcomeState::default(),
             },
         );
         let created = Created {
@@ -279,10 +348,11 @@ impl State {
         }
     }
 
-    /// Accepts the outcome; only the source may, and a recorded outcome never changes.
-    /// Returns the journal line to write durably, then [`confirm_outcome`] before
-    /// answering; `None` if this exact outcome is already on disk. A key still waiting for
-    /// its destination is dropped: the migration is over either way.
+    /// Accepts one transition of the outcome record (see [`Outcome`] for the arrows and
+    /// who may take each). Returns the journal line to write durably, then
+    /// [`confirm_outcome`] before answering; `None` if the record already says `outcome`
+    /// happened (an idempotent retry). A key still waiting for its destination is dropped:
+    /// past any outcome, no one may fetch it any more.
     ///
     /// [`confirm_outcome`]: Self::confirm_outcome
     pub(crate) fn record_outcome(
@@ -295,50 +365,51 @@ impl State {
         let Some(m) = self.migrations.get_mut(&id) else {
             return refuse(ErrorCode::NotFound, format!("no migration {id}"));
         };
-        if m.source != caller {
+        let party = if caller == m.source {
+            Some(Party::Source)
+        } else if caller == m.destination {
+            Some(Party::Destination)
+        } else {
+            None
+        };
+        // Checked before the record's state, so a refused caller learns nothing about it.
+        if !party.is_some_and(|p| may_record(p, outcome)) {
+            return Err(forbidden(id, outcome));
+        }
+        if m.outcome.pending.is_some() {
             return refuse(
-                ErrorCode::Forbidden,
-                format!("only migration {id}'s source may record its outcome"),
+                ErrorCode::Unavailable,
+                format!("the outcome of migration {id} is being recorded; read it back"),
             );
         }
-        let journal = match m.outcome {
-            OutcomeState::Recorded(o, _) if o == outcome => None,
-            OutcomeState::Recorded(o, _) => {
-                return refuse(
-                    ErrorCode::Conflict,
-                    format!("migration {id} is already recorded as {o:?}"),
-                );
-            }
-            OutcomeState::Pending(_) => {
-                return refuse(
-                    ErrorCode::Unavailable,
-                    format!("the outcome of migration {id} is being recorded; read it back"),
-                );
-            }
-            OutcomeState::None => {
-                m.outcome = OutcomeState::Pending(outcome);
-                if matches!(m.key, KeyState::Available(_)) {
-                    m.key = KeyState::Expired;
-                }
-                Some(JournalEntry::Outcome {
-                    migration_id: id.to_string(),
-                    outcome,
-                    time_ms: now_ms,
-                })
-            }
+        let current = m.outcome.current();
+        if already_recorded(current, outcome) {
+            return Ok((record(id, m), None));
+        }
+        if !is_transition(current, outcome) {
+            return Err(conflict(id, current, outcome));
+        }
+        m.outcome.pending = Some(outcome);
+        if matches!(m.key, KeyState::Available(_)) {
+            m.key = KeyState::Expired;
+        }
+        let journal = JournalEntry::Outcome {
+            migration_id: id.to_string(),
+            outcome,
+            time_ms: now_ms,
         };
-        Ok((record(id, m), journal))
+        Ok((record(id, m), Some(journal)))
     }
 
-    /// Makes a pending outcome visible once its journal line is on disk.
+    /// Makes a pending transition visible once its journal line is on disk.
     pub(crate) fn confirm_outcome(
         &mut self,
         id: MigrationId,
         time_ms: u64,
     ) -> Option<OutcomeRecord> {
         let m = self.migrations.get_mut(&id)?;
-        if let OutcomeState::Pending(o) = m.outcome {
-            m.outcome = OutcomeState::Recorded(o, time_ms);
+        if let Some(o) = m.outcome.pending.take() {
+            m.outcome.recorded = Some((o, time_ms));
         }
         Some(record(id, m))
     }
@@ -433,7 +504,7 @@ impl State {
                             vm,
                             key: KeyState::Expired,
                             key_expires: now,
-                            outcome: OutcomeState::None,
+                            outcome: OutcomeState::default(),
                         },
                     );
                 }
@@ -441,22 +512,34 @@ impl State {
                     migration_id,
                     outcome,
                     time_ms,
-                } => {
-                    if let Some(m) = parse_id(&migration_id)
-                        .ok()
-                        .and_then(|id| self.migrations.get_mut(&id))
-                    {
-                        // First wins, as it did when it was answered.
-                        if m.outcome == OutcomeState::None {
-                            m.outcome = OutcomeState::Recorded(outcome, time_ms);
-                        } else {
-                            tracing::warn!(%migration_id, "ignoring a second outcome line");
-                        }
-                    }
-                }
+                } => self.replay_outcome(&migration_id, outcome, time_ms),
             }
         }
         self.migrations.len()
+    }
+
+    /// Applies one outcome line with the rules it was answered under: a line that is no
+    /// arrow from the replayed state (a second `committed`, `aborted` after `committed`)
+    /// is ignored, so the first outcome still wins. Lines of unknown (or no longer
+    /// retained) migrations are skipped.
+    fn replay_outcome(&mut self, migration_id: &str, outcome: Outcome, time_ms: u64) {
+        let Some(m) = parse_id(migration_id)
+            .ok()
+            .and_then(|id| self.migrations.get_mut(&id))
+        else {
+            return;
+        };
+        let current = m.outcome.current();
+        if is_transition(current, outcome) {
+            m.outcome.recorded = Some((outcome, time_ms));
+        } else {
+            tracing::warn!(
+                %migration_id,
+                recorded = current.map_or("null", Outcome::as_str),
+                line = %outcome,
+                "ignoring an outcome line that is no transition from the replayed state"
+            );
+        }
     }
 }
 
@@ -466,14 +549,8 @@ fn record(id: MigrationId, m: &Migration) -> OutcomeRecord {
         source: m.source.clone(),
         destination: m.destination.clone(),
         vm: m.vm.clone(),
-        outcome: match m.outcome {
-            OutcomeState::Recorded(o, _) => Some(o),
-            OutcomeState::None | OutcomeState::Pending(_) => None,
-        },
-        recorded_at_ms: match m.outcome {
-            OutcomeState::Recorded(_, t) => Some(t),
-            OutcomeState::None | OutcomeState::Pending(_) => None,
-        },
+        outcome: m.outcome.recorded.map(|(o, _)| o),
+        recorded_at_ms: m.outcome.recorded.map(|(_, t)| t),
     }
 }
 
@@ -723,6 +800,306 @@ mod more_tests {
         assert_eq!(
             s.outcome("a", id).unwrap().outcome,
             Some(Outcome::Committed)
+        );
+    }
+}
+
+#[cfg(test)]
+mod transition_tests {
+    use super::*;
+
+    const ID: MigrationId = MigrationId([4; 16]);
+    const ALL: [Outcome; 4] = [
+        Outcome::Committed,
+        Outcome::Aborted,
+        Outcome::Claimed,
+        Outcome::Reverted,
+    ];
+
+    /// A migration src → dst whose record went through `path` (each step on disk).
+    fn state_at(path: &[(&str, Outcome)]) -> State {
+        let mut s = State::default();
+        let now = Instant::now();
+        s.create(
+            "src",
+            "vm",
+            "dst",
+            ID,
+            [1; 32],
+            [2; 8],
+            now,
+            0,
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        for (i, &(caller, o)) in path.iter().enumerate() {
+            let t = 10 * (i as u64 + 1);
+            let (_, journal) = s.record_outcome(caller, ID, o, t).unwrap();
+            assert!(journal.is_some(), "{caller} {o} is a transition");
+            s.confirm_outcome(ID, t).unwrap();
+        }
+        s
+    }
+
+    /// Steps of a record: who recorded what.
+    type Path = &'static [(&'static str, Outcome)];
+    /// A record as a test sees it: the outcome and when it was recorded.
+    type Seen = (Option<Outcome>, Option<u64>);
+
+    /// The record's five states, each with a path that leads there.
+    fn every_state() -> [(Option<Outcome>, Path); 5] {
+        use Outcome::*;
+        [
+            (None, &[]),
+            (Some(Committed), &[("src", Committed)]),
+            (Some(Aborted), &[("dst", Aborted)]),
+            (Some(Claimed), &[("src", Committed), ("dst", Claimed)]),
+            (Some(Reverted), &[("src", Committed), ("src", Reverted)]),
+        ]
+    }
+
+    fn current(s: &State) -> Option<Outcome> {
+        s.outcome("src", ID).unwrap().outcome
+    }
+
+    #[test]
+    fn every_arrow_by_its_party() {
+        use Outcome::*;
+        for path in [
+            &[("src", Committed), ("dst", Claimed)][..],
+            &[("src", Committed), ("src", Reverted)],
+            &[("src", Aborted)],
+            &[("dst", Aborted)],
+        ] {
+            let mut s = state_at(&path[..path.len() - 1]);
+            let (caller, to) = path[path.len() - 1];
+            let before = s.outcome("dst", ID).unwrap();
+            let (rec, journal) = s.record_outcome(caller, ID, to, 99).unwrap();
+            assert_eq!(
+                journal,
+                Some(JournalEntry::Outcome {
+                    migration_id: ID.to_string(),
+                    outcome: to,
+                    time_ms: 99,
+                })
+            );
+            // In flight: everyone still sees the state before it.
+            assert_eq!(rec, before, "{caller} {to}");
+            assert_eq!(s.outcome("dst", ID).unwrap(), before);
+            let rec = s.confirm_outcome(ID, 99).unwrap();
+            assert_eq!((rec.outcome, rec.recorded_at_ms), (Some(to), Some(99)));
+            assert_eq!(s.outcome("src", ID).unwrap(), rec);
+        }
+    }
+
+    /// Every (state, caller, outcome): written, answered as is, or refused with the
+    /// right code; a refusal changes nothing.
+    #[test]
+    fn the_whole_rule_table() {
+        use Outcome::*;
+        let writes = [
+            (None, "src", Committed),
+            (None, "src", Aborted),
+            (None, "dst", Aborted),
+            (Some(Committed), "dst", Claimed),
+            (Some(Committed), "src", Reverted),
+        ];
+        let retries = [
+            (Some(Committed), "src", Committed),
+            (Some(Claimed), "src", Committed),
+            (Some(Reverted), "src", Committed),
+            (Some(Aborted), "src", Aborted),
+            (Some(Aborted), "dst", Aborted),
+            (Some(Claimed), "dst", Claimed),
+            (Some(Reverted), "src", Reverted),
+        ];
+        let forbidden = |caller: &str, to: Outcome| match caller {
+            "src" => to == Claimed,
+            "dst" => matches!(to, Committed | Reverted),
+            _ => true,
+        };
+        for (state, path) in every_state() {
+            for caller in ["src", "dst", "third"] {
+                for to in ALL {
+                    let mut s = state_at(path);
+                    let before = s.outcome("src", ID).unwrap();
+                    assert_eq!(before.outcome, state);
+                    let case = format!("{state:?} --{caller}: {to}-->");
+                    let got = s.record_outcome(caller, ID, to, 1_000);
+                    if writes.contains(&(state, caller, to)) {
+                        assert!(got.unwrap().1.is_some(), "{case} writes");
+                        continue;
+                    }
+                    if retries.contains(&(state, caller, to)) {
+                        let (rec, journal) = got.unwrap();
+                        assert!(journal.is_none(), "{case} is a retry");
+                        assert_eq!(rec, before, "{case} answers the record as it is");
+                        continue;
+                    }
+                    let Refused(code, message) = got.unwrap_err();
+                    if forbidden(caller, to) {
+                        assert_eq!(code, ErrorCode::Forbidden, "{case}");
+                    } else {
+                        assert_eq!(code, ErrorCode::Conflict, "{case}");
+                        let named = state.map_or("`null`".to_owned(), |o| format!("`{o}`"));
+                        assert!(message.contains(&named), "{case}: {message}");
+                    }
+                    assert_eq!(s.outcome("src", ID).unwrap(), before, "{case}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn at_most_one_of_claimed_and_reverted() {
+        use Outcome::*;
+        let mut s = state_at(&[("src", Committed), ("dst", Claimed)]);
+        let e = s.record_outcome("src", ID, Reverted, 50).unwrap_err();
+        assert_eq!(e.0, ErrorCode::Conflict);
+        assert!(e.1.contains("already `claimed`"), "{}", e.1);
+        let mut s = state_at(&[("src", Committed), ("src", Reverted)]);
+        let e = s.record_outcome("dst", ID, Claimed, 50).unwrap_err();
+        assert_eq!(e.0, ErrorCode::Conflict);
+        assert!(e.1.contains("already `reverted`"), "{}", e.1);
+        assert_eq!(current(&s), Some(Reverted));
+    }
+
+    #[test]
+    fn a_transition_in_flight_makes_every_other_write_wait() {
+        use Outcome::*;
+        let mut s = state_at(&[("src", Committed)]);
+        s.record_outcome("dst", ID, Claimed, 20).unwrap();
+        for (caller, o) in [
+            ("src", Reverted),
+            ("dst", Claimed),
+            ("src", Committed),
+            ("dst", Aborted),
+        ] {
+            assert_eq!(
+                s.record_outcome(caller, ID, o, 21).unwrap_err().0,
+                ErrorCode::Unavailable,
+                "{caller} {o}"
+            );
+        }
+        // A refused caller still gets `forbidden`, not a hint that a write is in flight.
+        assert_eq!(
+            s.record_outcome("third", ID, Aborted, 21).unwrap_err().0,
+            ErrorCode::Forbidden
+        );
+        assert_eq!(current(&s), Some(Committed), "not on disk yet");
+        let rec = s.confirm_outcome(ID, 20).unwrap();
+        assert_eq!((rec.outcome, rec.recorded_at_ms), (Some(Claimed), Some(20)));
+        let (rec, journal) = s.record_outcome("dst", ID, Claimed, 30).unwrap();
+        assert_eq!((rec.outcome, journal), (Some(Claimed), None));
+        assert_eq!(rec.recorded_at_ms, Some(20), "a retry moves nothing");
+    }
+
+    #[test]
+    fn a_destination_abort_drops_the_key_too() {
+        let mut s = state_at(&[]);
+        assert_eq!(s.keys_held(), 1);
+        s.record_outcome("dst", ID, Outcome::Aborted, 5).unwrap();
+        assert_eq!(s.keys_held(), 0);
+        let mut s = state_at(&[]);
+        s.record_outcome("src", ID, Outcome::Committed, 5).unwrap();
+        assert_eq!(s.keys_held(), 0);
+    }
+
+    fn created(n: u8) -> String {
+        format!(
+            r#"{{"event":"created","migration_id":"{}","source":"a","destination":"b","vm":"v","time_ms":1}}"#,
+            MigrationId([n; 16])
+        )
+    }
+
+    fn outcome_line(n: u8, o: &str, t: u64) -> String {
+        format!(
+            r#"{{"event":"outcome","migration_id":"{}","outcome":"{o}","time_ms":{t}}}"#,
+            MigrationId([n; 16])
+        )
+    }
+
+    /// Replays journal text, as the server reads it, and returns each migration's record.
+    fn replayed(lines: &[String]) -> (State, Vec<Seen>) {
+        let entries: Vec<JournalEntry> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let mut s = State::default();
+        s.replay(entries, Instant::now(), 100);
+        let records = (1..=8)
+            .map(|n| {
+                s.outcome("a", MigrationId([n; 16]))
+                    .map(|r| (r.outcome, r.recorded_at_ms))
+                    .unwrap_or((None, None))
+            })
+            .collect();
+        (s, records)
+    }
+
+    #[test]
+    fn replay_applies_the_arrows_in_order() {
+        use Outcome::*;
+        let mut lines: Vec<String> = (1..=7).map(created).collect();
+        lines.extend([
+            outcome_line(1, "committed", 10),
+            outcome_line(2, "committed", 11),
+            outcome_line(1, "claimed", 12),  // 1: committed → claimed
+            outcome_line(2, "reverted", 13), // 2: committed → reverted
+            outcome_line(3, "committed", 14),
+            outcome_line(3, "claimed", 15),
+            outcome_line(3, "reverted", 16), // illegal: claimed stays
+            outcome_line(4, "claimed", 17),  // illegal: from null
+            outcome_line(5, "aborted", 18),
+            outcome_line(5, "committed", 19), // illegal: aborted stays
+            outcome_line(6, "committed", 20),
+            outcome_line(6, "aborted", 21), // illegal: first outcome wins
+            outcome_line(6, "committed", 22), // illegal: a second committed
+            outcome_line(7, "reverted", 23), // illegal: from null
+            outcome_line(7, "committed", 24),
+            outcome_line(9, "committed", 25), // unknown migration: skipped
+        ]);
+        let (mut s, records) = replayed(&lines);
+        assert_eq!(
+            records,
+            vec![
+                (Some(Claimed), Some(12)),
+                (Some(Reverted), Some(13)),
+                (Some(Claimed), Some(15)),
+                (None, None),
+                (Some(Aborted), Some(18)),
+                (Some(Committed), Some(20)),
+                (Some(Committed), Some(24)),
+                (None, None),
+            ]
+        );
+        // The replayed record goes on under the same rules.
+        let m7 = MigrationId([7; 16]);
+        assert!(s.record_outcome("b", m7, Claimed, 30).unwrap().1.is_some());
+        let m2 = MigrationId([2; 16]);
+        assert_eq!(
+            s.record_outcome("b", m2, Claimed, 30).unwrap_err().0,
+            ErrorCode::Conflict
+        );
+    }
+
+    #[test]
+    fn an_old_journal_replays_unchanged() {
+        use Outcome::*;
+        let mut lines: Vec<String> = (1..=3).map(created).collect();
+        lines.extend([
+            outcome_line(1, "committed", 10),
+            outcome_line(2, "aborted", 11),
+            outcome_line(1, "aborted", 12),
+        ]);
+        let (_, records) = replayed(&lines);
+        assert_eq!(
+            &records[..3],
+            &[
+                (Some(Committed), Some(10)),
+                (Some(Aborted), Some(11)),
+                (None, None),
+            ]
         );
     }
 }

@@ -63,9 +63,15 @@ impl vmotion::Sink for DemoSink {
     }
     fn control(&mut self) -> &mut dyn vmotion_mover::VmControl {
         match self {
-            Self::Synthetic(g) => g,
+            Self::Synthetic(g) => vmotion::Sink::control(g),
             Self::Kvm(v) => v.control(),
         }
+    }
+    fn persist(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(()) // both live in this process
+    }
+    fn discard(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        Ok(()) // dropping frees them
     }
 }
 
@@ -183,7 +189,7 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             ..ConvergencePolicy::default()
         })
         .on_progress(move |p| shown.show(p))
-        .build()
+        .build()?
         .migrate(addr, &mut *guest)
         .await
         .context("the migration failed; the VM keeps running at the source")?;
@@ -198,10 +204,15 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     }
     verify(&*guest, &destination)?;
     let outcome = src.outcome(report.migration_id).await?;
-    if outcome.outcome != Some(Outcome::Committed) {
-        bail!("the key service has no committed record");
+    if outcome.outcome != Some(Outcome::Claimed) {
+        bail!(
+            "the key service does not record the destination's claim: {:?}",
+            outcome.outcome
+        );
     }
-    println!("   key service record: committed; the source VM stays stopped for good");
+    println!(
+        "   key service record: claimed by the destination; the source VM stays stopped for good"
+    );
     println!("6. report\n{}", report.summary());
     if let Some(d) = report.engine.downtime {
         println!(

@@ -11,8 +11,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, Receiver, ReceiverKeys, Sink};
+use vmotion_cli::sink_dir::{FileSink, SinkDir};
 use vmotion_keyservice::api::RegisterRequest;
-use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
 
@@ -37,15 +37,24 @@ struct Args {
     /// Where incoming guests go.
     #[arg(long, value_enum, default_value_t = SinkKind::Synthetic)]
     sink: SinkKind,
-    /// Folder for memory files (with `--sink memfile`): one `VM.mem` per migration.
+    /// Folder for memory files (with `--sink memfile`): `VM.receiving/` while a guest
+    /// arrives, `VM.unsettled/` while its claim is not settled, `VM.mem` and `VM.state`
+    /// once it is claimed here (docs/cli.md).
     #[arg(long, default_value = "/dev/shm/vmotion")]
     sink_dir: PathBuf,
+    /// List the unsettled guests in `--sink-dir` (VM, migration id, folder), then exit.
+    #[arg(long)]
+    status: bool,
     /// Largest guest accepted, in MiB (pre-flight: larger guests are refused).
     #[arg(long, default_value_t = 65536)]
     max_guest_mib: u64,
     /// Most data streams per migration.
     #[arg(long, default_value_t = 16)]
     max_streams: u16,
+    /// Seconds a migration may go without a page or control frame from its source before
+    /// it is abandoned (the guest discarded; the source keeps the VM).
+    #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    progress_timeout: u64,
     /// How often to refresh the registration, in seconds.
     #[arg(long, default_value_t = 20)]
     refresh_secs: u64,
@@ -91,7 +100,7 @@ enum SinkKind {
 
 enum AnySink {
     Synthetic(SyntheticGuest),
-    File(MemoryFile),
+    File(FileSink),
     Kvm(vmotion_cli::KvmSink),
 }
 
@@ -105,9 +114,82 @@ impl Sink for AnySink {
     }
     fn control(&mut self) -> &mut dyn VmControl {
         match self {
-            Self::Synthetic(g) => g,
-            Self::File(f) => f,
+            Self::Synthetic(g) => Sink::control(g),
+            Self::File(f) => f.control(),
             Self::Kvm(v) => v.control(),
+        }
+    }
+    fn persist(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        match self {
+            Self::Synthetic(g) => Sink::persist(g),
+            Self::File(f) => f.persist(),
+            Self::Kvm(v) => v.persist(),
+        }
+    }
+    fn discard(&mut self) -> Result<(), vmotion_mover::MoverError> {
+        match self {
+            Self::Synthetic(g) => Sink::discard(g),
+            Self::File(f) => f.discard(),
+            Self::Kvm(v) => v.discard(),
+        }
+    }
+}
+
+/// Prints the unsettled guests of the sink folder (`--status`).
+fn status(dir: &std::path::Path) -> anyhow::Result<()> {
+    let dir = SinkDir::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+    let unsettled = dir.unsettled()?;
+    if unsettled.is_empty() {
+        println!("no unsettled guests in {}", dir.root().display());
+    }
+    for u in unsettled {
+        println!(
+            "unsettled {} migration {} {}",
+            u.vm,
+            u.migration_id,
+            u.path.display()
+        );
+    }
+    Ok(())
+}
+
+/// At start: removes partly received guests (none reached Ready, so no source committed
+/// them) and settles every unsettled one with the arbiter, logging what it did.
+async fn settle_sink_dir(dir: SinkDir, receiver: Arc<Receiver>) {
+    match dir.remove_partial() {
+        Ok(vms) => {
+            for vm in vms {
+                tracing::info!(%vm, "removed a partly received guest (it never reached Ready)");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot clean the sink folder"),
+    }
+    let unsettled = match dir.unsettled() {
+        Ok(u) => u,
+        Err(e) => return tracing::error!(error = %e, "cannot list unsettled guests"),
+    };
+    for u in unsettled {
+        tracing::warn!(vm = %u.vm, migration = %u.migration_id, path = %u.path.display(), "unsettled guest found: asking the arbiter");
+        let mut sink = match dir.reopen(&u) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(vm = %u.vm, migration = %u.migration_id, error = %e, "cannot reopen the unsettled guest; left as it is");
+                continue;
+            }
+        };
+        match receiver.settle(u.migration_id, &mut sink).await {
+            vmotion::DestinationOutcome::Resumed => {
+                tracing::info!(vm = %u.vm, migration = %u.migration_id, file = %sink.claimed_memory().display(), "claimed at the arbiter: the guest is complete here")
+            }
+            vmotion::DestinationOutcome::Discarded(why) => {
+                tracing::info!(vm = %u.vm, migration = %u.migration_id, %why, "discarded: the source keeps the VM")
+            }
+            vmotion::DestinationOutcome::Unsettled(why) => {
+                tracing::warn!(vm = %u.vm, migration = %u.migration_id, %why, "still unsettled: kept")
+            }
+            vmotion::DestinationOutcome::ResumeFailed(why) => {
+                tracing::error!(vm = %u.vm, migration = %u.migration_id, %why, "claimed, but filing the guest failed: kept")
+            }
         }
     }
 }
@@ -122,6 +204,9 @@ async fn shutdown_signal() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if args.status {
+        return status(&args.sink_dir);
+    }
     let client = args
         .keyservice
         .client()
@@ -171,7 +256,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let mut receiver = Receiver::new(keys)
         .require_encryption(args.require_encryption)
-        .max_streams(args.max_streams);
+        .max_streams(args.max_streams)
+        .progress_timeout(Duration::from_secs(args.progress_timeout));
+    // The key service is the arbiter of every switchover here, encrypting or not: this
+    // host claims each VM there before it resumes it.
+    if let Some(c) = &client {
+        receiver = receiver.arbiter(c.clone());
+    }
     if let Some(template) = args.tunnel.clone() {
         // A bad template is a usage error now, not a refusal per migration later.
         tunnel_target(&template, "vm").map_err(|e| anyhow::anyhow!("--tunnel: {e}"))?;
@@ -225,14 +316,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!("listening on {}", listener.local_endpoint()?);
     let (sink_kind, sink_dir, max_bytes) =
         (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
-    let done_dir = sink_dir.clone();
     let running: Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>> = Arc::default();
     let keep = running.clone();
     let held: Arc<std::sync::Mutex<Vec<AnySink>>> = Arc::default();
-    if sink_kind == SinkKind::Memfile {
-        std::fs::create_dir_all(&sink_dir)
-            .with_context(|| format!("creating {}", sink_dir.display()))?;
-    }
+    let files = if sink_kind == SinkKind::Memfile {
+        let dir =
+            SinkDir::open(&sink_dir).with_context(|| format!("opening {}", sink_dir.display()))?;
+        tokio::spawn(settle_sink_dir(dir.clone(), receiver.clone()));
+        Some(dir)
+    } else {
+        None
+    };
     receiver
         .serve(
             listener,
@@ -254,15 +348,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         hello.guest_pages,
                         u64::from(hello.page_size),
                     ))),
-                    // Written as VM.mem.incoming; renamed to VM.mem only on commit, so a
-                    // half-received guest is never taken for a complete one.
-                    SinkKind::Memfile => MemoryFile::create(
-                        &sink_dir.join(format!("{}.mem.incoming", hello.vm_name)),
-                        hello.guest_pages,
-                        u64::from(hello.page_size),
-                    )
-                    .map(AnySink::File)
-                    .map_err(|e| e.to_string()),
+                    // VM.receiving/ while it arrives, VM.unsettled/ from Ready to the claim,
+                    // VM.mem once claimed: a guest is never taken for another.
+                    SinkKind::Memfile => files
+                        .as_ref()
+                        .ok_or_else(|| "no sink folder".to_owned())?
+                        .receive(
+                            &hello.vm_name,
+                            hello.migration_id,
+                            hello.guest_pages,
+                            u64::from(hello.page_size),
+                        )
+                        .map(AnySink::File),
                     SinkKind::Kvm => {
                         vmotion_vmm::MicroVm::incoming(bytes)
                             .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
@@ -270,7 +367,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     }
                 }
             },
-            move |result| match result {
+            move |vmotion::Finished { migration_id, vm_name, result }| match result {
                 Ok(vmotion::Incoming::Tunnel(report)) => {
                     tracing::info!(
                         migration = %report.migration_id,
@@ -285,12 +382,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
                 Ok(vmotion::Incoming::Vm(report, sink)) => {
                     if let AnySink::File(file) = &sink {
-                        match vmotion_cli::settle_memfile(&done_dir, &report.vm_name, &report.outcome, file.device_state()) {
-                            Ok(at) if report.outcome == vmotion::ReceiveOutcome::Committed => {
-                                tracing::info!(file = %at.display(), "guest complete here")
-                            }
-                            Ok(at) => tracing::warn!(file = %at.display(), "kept as incoming, with its device state: the outcome is not settled"),
-                            Err(e) => tracing::error!(error = %e, vm = %report.vm_name, "cannot file the received guest"),
+                        match &report.outcome {
+                            vmotion::ReceiveOutcome::Committed => tracing::info!(migration = %report.migration_id, vm = %report.vm_name, file = %file.claimed_memory().display(), "guest complete here"),
+                            _ => tracing::warn!(migration = %report.migration_id, vm = %report.vm_name, path = %file.path().display(), "kept with its device state: the claim is not settled"),
                         }
                     }
                     tracing::info!(
@@ -333,7 +427,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                         });
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "migration not received"),
+                Err(e) => tracing::warn!(migration = %migration_id, vm = %vm_name, error = %e, "migration not received"),
             },
             shutdown_signal(),
         )

@@ -120,11 +120,20 @@ const ABORTED: u8 = 4;
 const UNKNOWN: u8 = 5;
 
 fn exit_code(e: &MigrateError) -> u8 {
+    use vmotion_proto::{Error, PeerMisbehaved};
     match e {
-        MigrateError::Refused(_) | MigrateError::AlreadyInFlight(_) => REFUSED,
+        MigrateError::Refused(_)
+        | MigrateError::PreflightRefused(_)
+        | MigrateError::AlreadyInFlight(_) => REFUSED,
+        // The negotiation itself was tampered with: refused before any page.
+        MigrateError::Protocol(Error::PeerMisbehaved(
+            PeerMisbehaved::DecisionMismatch { .. }
+            | PeerMisbehaved::IllegalChoice { .. }
+            | PeerMisbehaved::KeyConfirmationFailed,
+        )) => REFUSED,
         MigrateError::OutcomeUnknown(_) | MigrateError::ResumeFailed(_) => UNKNOWN,
         MigrateError::KeyService(_) => NOT_STARTED,
-        MigrateError::Options(_) => USAGE,
+        MigrateError::InvalidOptions(_) => USAGE,
         _ => ABORTED,
     }
 }
@@ -145,7 +154,7 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
         "bytes_sent": r.bytes_sent,
         "total_ms": ms(r.total_time),
         "throughput_bytes_per_sec": r.throughput(),
-        "phases_ms": { "setup": ms(r.phases.setup), "precopy": ms(r.phases.precopy), "switchover": ms(r.phases.switchover) },
+        "phases_ms": { "setup": ms(r.phases.setup), "precopy": ms(r.phases.precopy), "switchover": ms(r.phases.switchover), "claim": ms(r.phases.claim) },
         "downtime_ms": r.engine.downtime.map(|d| json!({
             "total": ms(d.total), "final_pages": ms(d.final_pages), "device_state": ms(d.device_state),
             "ready_wait": ms(d.ready_wait), "outcome_record": ms(d.outcome_record),
@@ -157,7 +166,7 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
         })).collect::<Vec<_>>(),
         "max_throttle_percent": r.engine.max_throttle_percent,
         "key_epochs": r.epochs,
-        "commit_delivered": r.commit_delivered,
+        "claim": r.claim.as_str(),
     })
 }
 
@@ -234,6 +243,7 @@ async fn run_tunnel(
             dscp: args.dscp,
         })
         .build()
+        .map_err(|e| (USAGE, e.to_string()))?
         .negotiate(args.to.clone());
     // A signal during the negotiation ends it too (nothing listens for QEMU yet).
     let negotiated = tokio::select! {
@@ -365,6 +375,8 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
         .streams(args.streams.unwrap_or(policy.streams))
         .convergence(convergence)
         .switchover_timeout(policy.switchover_timeout)
+        .claim_timeout(policy.claim_timeout)
+        .progress_timeout(policy.progress_timeout)
         .max_bandwidth(max_bandwidth)
         .on_progress(move |p| shown.show(p))
         .network(vmotion::NetOptions {
@@ -372,6 +384,7 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
             dscp: args.dscp,
         })
         .build()
+        .map_err(|e| (USAGE, e.to_string()))?
         .migrate(args.to.clone(), &mut *source)
         .await
         .map(|r| Done::Migrated(Box::new(r)))
@@ -415,11 +428,12 @@ fn main() -> ExitCode {
                 println!("{}", report_json(&report));
             } else {
                 println!("{}", report.summary());
-                if let Mode::Plaintext(reason) = report.mode
-                    && reason.is_downgrade()
-                {
-                    eprintln!("vmotion-send: warning: migrated in PLAINTEXT: {reason}");
-                }
+            }
+            // On stderr whatever the output format: a downgrade is never silent.
+            if let Mode::Plaintext(reason) = report.mode
+                && reason.is_downgrade()
+            {
+                eprintln!("vmotion-send: warning: migrated in PLAINTEXT: {reason}");
             }
             ExitCode::from(COMMITTED)
         }

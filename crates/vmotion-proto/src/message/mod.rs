@@ -568,6 +568,37 @@ impl Ready {
     }
 }
 
+/// `Commit`: the source recorded the commit and stopped for good; the destination may
+/// resume — after its claim wins at the arbiter when [`claim_at_arbiter`] says so.
+///
+/// [`claim_at_arbiter`]: Commit::claim_at_arbiter
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Commit {
+    /// The source committed at an arbiter: the destination resumes only once its claim
+    /// (`committed → claimed`) is recorded there. When false, the source has no arbiter
+    /// and this `Commit` is the only decision: the destination resumes on it.
+    pub claim_at_arbiter: bool,
+}
+
+impl Commit {
+    /// Encodes the payload: one byte of flags, bit 0 = claim at the arbiter.
+    pub fn encode(&self) -> Vec<u8> {
+        vec![u8::from(self.claim_at_arbiter)]
+    }
+    /// Decodes the payload; unknown flags are refused.
+    pub fn decode(payload: &[u8]) -> Result<Self, PeerMisbehaved> {
+        let mut r = Reader::new(payload, FrameType::Commit);
+        let flags = r.u8()?;
+        if flags > 1 {
+            return Err(r.malformed("unknown Commit flags"));
+        }
+        r.finish()?;
+        Ok(Self {
+            claim_at_arbiter: flags == 1,
+        })
+    }
+}
+
 /// `Abort`: the migration ends; the reason code and a human-readable message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Abort {
@@ -623,15 +654,16 @@ pub enum Message<'a> {
     Complete(Complete),
     /// See [`Ready`].
     Ready(Ready),
-    /// `Commit`: the source recorded the outcome and stopped; the destination resumes.
-    /// Empty payload.
-    Commit,
+    /// See [`Commit`].
+    Commit(Commit),
     /// See [`Abort`].
     Abort(Abort),
     /// Opaque bytes of a tunnelled stream.
     TunnelData(&'a [u8]),
     /// The tunnelled stream's writer closed its half. Empty payload.
     TunnelShutdown,
+    /// `Claimed`: the destination won the VM at the arbiter and resumes it. Empty payload.
+    Claimed,
 }
 
 impl<'a> Message<'a> {
@@ -658,15 +690,16 @@ impl<'a> Message<'a> {
             FrameType::EndOfStream => Self::EndOfStream(EndOfStream::decode(payload)?),
             FrameType::Complete => Self::Complete(Complete::decode(payload)?),
             FrameType::Ready => Self::Ready(Ready::decode(payload)?),
-            FrameType::Commit => {
-                empty(frame_type)?;
-                Self::Commit
-            }
+            FrameType::Commit => Self::Commit(Commit::decode(payload)?),
             FrameType::Abort => Self::Abort(Abort::decode(payload)?),
             FrameType::TunnelData => Self::TunnelData(payload),
             FrameType::TunnelShutdown => {
                 empty(frame_type)?;
                 Self::TunnelShutdown
+            }
+            FrameType::Claimed => {
+                empty(frame_type)?;
+                Self::Claimed
             }
         })
     }
@@ -684,10 +717,11 @@ impl<'a> Message<'a> {
             Self::EndOfStream(_) => FrameType::EndOfStream,
             Self::Complete(_) => FrameType::Complete,
             Self::Ready(_) => FrameType::Ready,
-            Self::Commit => FrameType::Commit,
+            Self::Commit(_) => FrameType::Commit,
             Self::Abort(_) => FrameType::Abort,
             Self::TunnelData(_) => FrameType::TunnelData,
             Self::TunnelShutdown => FrameType::TunnelShutdown,
+            Self::Claimed => FrameType::Claimed,
         }
     }
 
@@ -723,7 +757,8 @@ impl<'a> Message<'a> {
             Self::EndOfStream(m) => m.encode(),
             Self::Complete(m) => m.encode()?,
             Self::Ready(m) => m.encode(),
-            Self::Commit | Self::TunnelShutdown => Vec::new(),
+            Self::Commit(m) => m.encode(),
+            Self::TunnelShutdown | Self::Claimed => Vec::new(),
             Self::Abort(m) => m.encode(),
             Self::TunnelData(d) => d.to_vec(),
         })

@@ -1,0 +1,211 @@
+//! Runs the claim machines of `vmotion-session` against the arbiter, the control
+//! connection and the VM: the driver's half of the claim step.
+
+use std::time::{Duration, Instant};
+
+use vmotion_arbiter::{Arbiter, ArbiterError, Record, Transition};
+use vmotion_mover::{Sink, VmControl};
+use vmotion_proto::{FrameType, MigrationId};
+use vmotion_session::{
+    Answer, ClaimConfig, DestinationAction, DestinationClaim, DestinationOutcome, SourceAction,
+    SourceClaim, SourceOutcome,
+};
+
+use crate::control::{ControlEvent, ControlReader, ControlWriter};
+
+/// One request to the arbiter never takes longer: past it, the answer is "unreachable"
+/// and the machine retries within its own deadline.
+pub(crate) const ARBITER_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the arbiter (a read, or a transition), bounded.
+pub(crate) async fn consult(
+    arbiter: Option<&dyn Arbiter>,
+    id: MigrationId,
+    t: Option<Transition>,
+) -> Answer {
+    let Some(a) = arbiter else {
+        return Answer::Unreachable("there is no arbiter".into());
+    };
+    match record(a, id, t).await {
+        Ok(r) => Answer::Record(r),
+        Err(e) => Answer::Unreachable(e.to_string()),
+    }
+}
+
+/// Asks the arbiter for `t` (or reads the record), bounded: for the steps outside the
+/// claim machines (commit, abort, the pre-pause check), which tell a refusal from no
+/// answer.
+pub(crate) async fn record(
+    arbiter: &dyn Arbiter,
+    id: MigrationId,
+    t: Option<Transition>,
+) -> Result<Record, ArbiterError> {
+    let request = match t {
+        None => arbiter.read(id),
+        Some(t) => arbiter.ask(id, t),
+    };
+    tokio::time::timeout(ARBITER_REQUEST_TIMEOUT, request)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ArbiterError::Unreachable(format!(
+                "no answer within {ARBITER_REQUEST_TIMEOUT:?}"
+            )))
+        })
+}
+
+/// Sleeps until `origin + at`, or for ever when nothing is due.
+async fn until(origin: Instant, at: Option<Duration>) {
+    match at {
+        Some(at) => tokio::time::sleep_until((origin + at).into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Where the destination's machine starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DestinationStart {
+    /// `Ready` was just sent.
+    AfterReady,
+    /// A restarted destination settles a guest it kept.
+    Settle,
+}
+
+/// The destination's claim step: `Commit` (or its absence) → claim at the arbiter →
+/// `Claimed` and resume, or discard; or nothing settled.
+pub(crate) async fn destination(
+    start: DestinationStart,
+    cfg: ClaimConfig,
+    arbiter: Option<&dyn Arbiter>,
+    id: MigrationId,
+    mut control: Option<(&mut ControlReader, &mut ControlWriter)>,
+    sink: &mut dyn Sink,
+) -> DestinationOutcome {
+    let origin = Instant::now();
+    let now = || origin.elapsed();
+    let mut m = match start {
+        DestinationStart::AfterReady => DestinationClaim::new(now(), cfg),
+        DestinationStart::Settle => DestinationClaim::settle(now(), cfg),
+    };
+    let mut listening = control.is_some();
+    loop {
+        while let Some(action) = m.poll_action() {
+            match action {
+                DestinationAction::Read => m.handle_answer(now(), consult(arbiter, id, None).await),
+                DestinationAction::Ask(t) => {
+                    let answer = consult(arbiter, id, Some(t)).await;
+                    tracing::info!(step = %t, ?answer, "arbiter");
+                    m.handle_answer(now(), answer);
+                }
+                DestinationAction::SendClaimed => {
+                    if let Some((_, w)) = control.as_mut() {
+                        if let Err(e) = w.send(FrameType::Claimed, Vec::new()).await {
+                            tracing::warn!(error = %e, "Claimed not delivered: the source will read the record");
+                        }
+                        w.finish().await;
+                    }
+                }
+                DestinationAction::Resume => {
+                    let r = sink.control().resume().map_err(|e| e.to_string());
+                    m.handle_resumed(r);
+                }
+                DestinationAction::Discard => crate::receiver::discard_sink(sink),
+            }
+        }
+        if let Some(o) = m.outcome() {
+            if let Some((_, w)) = control.as_mut() {
+                w.finish().await;
+            }
+            return o.clone();
+        }
+        let due = m.poll_timeout();
+        if due.is_none() && !listening {
+            return DestinationOutcome::Unsettled(format!(
+                "nothing left to wait for while waiting for {}",
+                m.waiting_for()
+            ));
+        }
+        tokio::select! {
+            event = next_event(&mut control), if listening => match event {
+                ControlEvent::Frame(FrameType::Commit, payload) => {
+                    match vmotion_proto::message::Commit::decode(&payload) {
+                        Ok(c) => m.handle_commit(now(), c.claim_at_arbiter),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "a malformed Commit: treated as no word");
+                            listening = false;
+                            m.handle_control_lost(now());
+                        }
+                    }
+                }
+                ControlEvent::Abort(a) => m.handle_abort(&a.message),
+                other => {
+                    if let ControlEvent::Frame(t, _) = other {
+                        tracing::warn!(frame = ?t, "unexpected frame after Ready");
+                    }
+                    listening = false;
+                    m.handle_control_lost(now());
+                }
+            },
+            () = until(origin, due) => m.handle_timeout(now()),
+        }
+    }
+}
+
+async fn next_event(
+    control: &mut Option<(&mut ControlReader, &mut ControlWriter)>,
+) -> ControlEvent {
+    match control {
+        Some((r, _)) => r.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The source's claim step after `Commit`: `Claimed` (confirmed at the arbiter), or the
+/// revert when no claim came, or nothing known.
+pub(crate) async fn source(
+    cfg: ClaimConfig,
+    arbiter: Option<&dyn Arbiter>,
+    id: MigrationId,
+    reader: &mut ControlReader,
+    vm: &mut dyn VmControl,
+) -> SourceOutcome {
+    let origin = Instant::now();
+    let now = || origin.elapsed();
+    let mut m = SourceClaim::new(now(), cfg);
+    let mut listening = true;
+    loop {
+        while let Some(action) = m.poll_action() {
+            match action {
+                SourceAction::Read => m.handle_answer(now(), consult(arbiter, id, None).await),
+                SourceAction::Ask(t) => {
+                    let answer = consult(arbiter, id, Some(t)).await;
+                    tracing::info!(step = %t, ?answer, "arbiter");
+                    m.handle_answer(now(), answer);
+                }
+                SourceAction::Resume => m.handle_resumed(vm.resume().map_err(|e| e.to_string())),
+            }
+        }
+        if let Some(o) = m.outcome() {
+            return o.clone();
+        }
+        let due = m.poll_timeout();
+        if due.is_none() && !listening {
+            return SourceOutcome::Unknown(format!(
+                "nothing left to wait for while waiting for {}",
+                m.waiting_for()
+            ));
+        }
+        tokio::select! {
+            event = reader.next(), if listening => match event {
+                ControlEvent::Frame(FrameType::Claimed, _) => m.handle_claimed(now()),
+                other => {
+                    if let ControlEvent::Frame(t, _) = other {
+                        tracing::warn!(frame = ?t, "unexpected frame after Commit");
+                    }
+                    listening = false;
+                    m.handle_control_lost();
+                }
+            },
+            () = until(origin, due) => m.handle_timeout(now()),
+        }
+    }
+}
