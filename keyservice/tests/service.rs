@@ -691,6 +691,77 @@ async fn claims_and_reverts_survive_a_restart() {
     assert_eq!(late.outcome, Some(Outcome::Claimed));
 }
 
+/// A client that goes away while its step is being written (a destination killed
+/// mid-claim: a reset, or a close without TLS close_notify) does not leave the record
+/// stuck: the step completes, and the retry gets the record as it is, not `unavailable`
+/// for ever. (Before request handlers ran on tasks of their own, hyper dropped the
+/// handler of a closed connection between marking the step pending and confirming it.)
+#[tokio::test]
+async fn a_step_whose_client_vanished_still_completes() {
+    let (dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let config = Arc::new(
+        vmotion_keyservice::tls::client_config(&ClientIdentity {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("hosts/dst.pem"),
+            key: dir.path().join("hosts/dst-key.pem"),
+        })
+        .unwrap(),
+    );
+    for round in 0..100 {
+        let issued = src.create_migration("vm-1", "dst").await.unwrap();
+        src.record_outcome(issued.id, Outcome::Committed)
+            .await
+            .unwrap();
+        let tcp = tokio::net::TcpStream::connect(&svc.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config.clone())
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        let body = r#"{"outcome":"claimed"}"#;
+        tls.write_all(
+            format!(
+                "PUT /v1/migrations/{}/outcome HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                issued.id,
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        tls.flush().await.unwrap();
+        // Gone at once, without reading the answer: every other round with a reset.
+        if round % 2 == 0 {
+            tls.get_ref().0.set_zero_linger().unwrap();
+        }
+        drop(tls);
+        let mut answer = None;
+        for _ in 0..40 {
+            match dst.record_outcome(issued.id, Outcome::Claimed).await {
+                Ok(r) => {
+                    answer = Some(r);
+                    break;
+                }
+                Err(e) => {
+                    assert_eq!(code(&e), ErrorCode::Unavailable, "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        let answer = answer.expect("the step stayed `being recorded` for 2 s");
+        assert_eq!(answer.outcome, Some(Outcome::Claimed));
+        assert_conflict(
+            &src.record_outcome(issued.id, Outcome::Reverted)
+                .await
+                .unwrap_err(),
+            "claimed",
+        );
+    }
+}
+
 /// The audit log records every action, and no file the service writes holds key bytes
 /// (searched as hex and as base64).
 #[tokio::test]

@@ -152,6 +152,22 @@ impl SinkDir {
         Ok(names)
     }
 
+    /// Deletes every `VM.unsettled/` that no longer holds its guest's memory: a daemon
+    /// died while filing it (the claim won: `memory` was already renamed to `VM.mem`) or
+    /// discarding it (`memory` goes first). Left alone, such a folder names no migration
+    /// that can settle it and refuses every later migration of the VM. Returns their VMs.
+    pub fn remove_emptied(&self) -> io::Result<Vec<String>> {
+        let mut emptied = Vec::new();
+        for vm in self.names(UNSETTLED)? {
+            let dir = self.entry(&vm, UNSETTLED);
+            if !dir.join("memory").exists() {
+                fs::remove_dir_all(&dir)?;
+                emptied.push(vm);
+            }
+        }
+        Ok(emptied)
+    }
+
     fn names(&self, suffix: &str) -> io::Result<Vec<String>> {
         let mut names = Vec::new();
         for e in fs::read_dir(&self.root)? {
@@ -226,7 +242,14 @@ impl Sink for FileSink {
         Ok(())
     }
 
+    /// The memory goes first: a crash partway leaves a folder without a guest, which
+    /// the restarted daemon deletes ([`SinkDir::remove_emptied`]), never one whose
+    /// migration id is gone.
     fn discard(&mut self) -> Result<(), MoverError> {
+        match fs::remove_file(self.dir.join("memory")) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e.into()),
+            _ => {}
+        }
         match fs::remove_dir_all(&self.dir) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
@@ -241,7 +264,8 @@ impl VmControl for FileSink {
     }
 
     /// The claim won: `VM.mem` and `VM.state` for the VMM that runs the guest, then the
-    /// unsettled folder goes.
+    /// unsettled folder goes (a crash after the rename leaves it without `memory`: the
+    /// restarted daemon deletes it, [`SinkDir::remove_emptied`]).
     fn resume(&mut self) -> Result<(), MoverError> {
         let state = self.root.join(format!("{}.state", self.vm));
         fs::write(&state, self.file.device_state())?;
@@ -331,5 +355,24 @@ mod tests {
         let mut c = dir.reopen(&dir.unsettled().unwrap()[0]).unwrap();
         c.discard().unwrap();
         assert!(names(tmp.path()).is_empty());
+    }
+
+    /// A daemon that died while filing a claimed guest (its memory already `VM.mem`, the
+    /// unsettled folder partly deleted) leaves a folder the restart deletes; a guest
+    /// still in its folder is kept.
+    #[test]
+    fn an_interrupted_filing_is_finished_at_start() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = SinkDir::open(tmp.path()).unwrap();
+        for vm in ["filed", "kept"] {
+            let mut s = dir.receive(vm, ID, 4, 4096).unwrap();
+            s.persist().unwrap();
+        }
+        let filed = tmp.path().join("filed.unsettled");
+        fs::rename(filed.join("memory"), tmp.path().join("filed.mem")).unwrap();
+        fs::remove_file(filed.join("migration")).unwrap();
+        assert_eq!(dir.remove_emptied().unwrap(), vec!["filed".to_owned()]);
+        assert_eq!(names(tmp.path()), ["filed.mem", "kept.unsettled"]);
+        assert!(dir.receive("filed", ID, 4, 4096).is_ok());
     }
 }

@@ -261,7 +261,20 @@ async fn connection(
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let caller = caller.clone();
-        async move { Ok::<_, Infallible>(handle(&shared, &caller, peer, req).await) }
+        // Each request runs to its end on a task of its own, even if its client goes away
+        // (hyper drops the service future of a closed connection): an outcome step must
+        // never stop between marking the record as being written and confirming its
+        // journal line, or every later step of that migration is refused `unavailable`.
+        let request = tokio::spawn(async move { handle(&shared, &caller, peer, req).await });
+        async move {
+            Ok::<_, Infallible>(request.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "a request handler failed");
+                error_response(Refused(
+                    ErrorCode::Internal,
+                    "the request handler failed".into(),
+                ))
+            }))
+        }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())

@@ -154,12 +154,21 @@ fn status(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// At start: removes partly received guests (none reached Ready, so no source committed
-/// them) and settles every unsettled one with the arbiter, logging what it did.
+/// them) and unsettled folders whose guest is gone (filed or discarded when the daemon
+/// stopped), and settles every unsettled one with the arbiter, logging what it did.
 async fn settle_sink_dir(dir: SinkDir, receiver: Arc<Receiver>) {
     match dir.remove_partial() {
         Ok(vms) => {
             for vm in vms {
                 tracing::info!(%vm, "removed a partly received guest (it never reached Ready)");
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot clean the sink folder"),
+    }
+    match dir.remove_emptied() {
+        Ok(vms) => {
+            for vm in vms {
+                tracing::info!(%vm, "removed an unsettled folder whose guest was already filed or discarded (the daemon had stopped in between)");
             }
         }
         Err(e) => tracing::error!(error = %e, "cannot clean the sink folder"),

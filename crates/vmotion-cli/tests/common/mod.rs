@@ -55,7 +55,7 @@ pub fn spawn_listening_logged(cmd: &mut Command, stderr: Stdio) -> (Proc, String
 
 pub struct World {
     pub dir: tempfile::TempDir,
-    _ks: Proc,
+    ks: Option<Proc>,
     pub ks_url: String,
 }
 
@@ -77,11 +77,95 @@ impl World {
         std::fs::write(&cfg, text).unwrap();
         let (proc_, addr) =
             spawn_listening(Command::new(&ks).args(["serve", "--config"]).arg(&cfg));
+        // A restarted key service (`start_keyservice`) comes back on the same port, with
+        // the same journal.
+        let text = std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replace("127.0.0.1:0", &addr);
+        std::fs::write(&cfg, text).unwrap();
         std::fs::create_dir(dir.path().join("policy")).unwrap();
         Self {
             ks_url: format!("https://{addr}"),
-            _ks: proc_,
+            ks: Some(proc_),
             dir,
+        }
+    }
+
+    /// The key service's process id (while it runs).
+    pub fn keyservice_pid(&self) -> Option<u32> {
+        self.ks.as_ref().map(|p| p.0.id())
+    }
+
+    /// SIGKILL to the key service, and reaps it.
+    pub fn kill_keyservice(&mut self) {
+        if let Some(mut p) = self.ks.take() {
+            let _ = p.0.kill();
+            let _ = p.0.wait();
+        }
+    }
+
+    /// Starts the key service again on the same address and journal (after
+    /// `kill_keyservice`).
+    pub fn start_keyservice(&mut self) {
+        assert!(self.ks.is_none(), "the key service is running");
+        let cfg = self.p("keyservice.toml");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let mut child = Command::new(keyservice_bin())
+                .args(["serve", "--config"])
+                .arg(&cfg)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            if line.starts_with("listening on ") {
+                self.ks = Some(Proc(child));
+                return;
+            }
+            // The port may not be free yet.
+            let _ = child.wait();
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key service did not restart"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    /// The key service's record of migration `id` (32 hex digits), read as the source:
+    /// `None` while nothing is recorded, else "committed", "claimed", "reverted" or
+    /// "aborted".
+    pub fn outcome(&self, id: &str) -> Option<String> {
+        let bytes: Vec<u8> = (0..16)
+            .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let mid = vmotion_proto::MigrationId(bytes.try_into().unwrap());
+        let identity = vmotion_keyservice::ClientIdentity {
+            ca: self.p("ca.pem"),
+            cert: self.p("hosts/src.pem"),
+            key: self.p("hosts/src-key.pem"),
+        };
+        let client = vmotion_keyservice::KeyServiceClient::new(&self.ks_url, &identity).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut tries = 0;
+        loop {
+            match rt.block_on(client.outcome(mid)) {
+                Ok(r) => return r.outcome.map(|o| o.as_str().to_owned()),
+                // A step being written: read it back in a moment.
+                Err(e) if tries < 50 => {
+                    tries += 1;
+                    eprintln!("reading the outcome of {id}: {e}; again");
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                Err(e) => panic!("reading the outcome of {id}: {e}"),
+            }
         }
     }
 
@@ -120,16 +204,23 @@ impl World {
     }
 
     pub fn send(&self, vm: &str, to: &str, with_keys: bool, extra: &[&str]) -> Output {
+        let mut cmd = self.send_command(vm, to, with_keys);
+        cmd.args(["--synthetic-mib", "8", "--dirty-rate", "5000"])
+            .args(extra);
+        cmd.output().unwrap()
+    }
+
+    /// A vmotion-send of `vm` to `to` (with the key service as "src" to "dst" if
+    /// `with_keys`), without a source: add one.
+    pub fn send_command(&self, vm: &str, to: &str, with_keys: bool) -> Command {
         let mut cmd = Command::new(SEND);
         cmd.args(["--vm", vm, "--to", to, "--policy-dir"])
-            .arg(self.p("policy"))
-            .args(["--synthetic-mib", "8", "--dirty-rate", "5000"])
-            .args(extra);
+            .arg(self.p("policy"));
         if with_keys {
             cmd.args(self.identity("src"))
                 .args(["--destination", "dst"]);
         }
-        cmd.output().unwrap()
+        cmd
     }
 }
 
