@@ -115,7 +115,7 @@ impl TunnelReport {
 /// // Negotiate first: a refused migration never opens the socket QEMU connects to.
 /// let tunnel = TunnelSender::builder("web-1")
 ///     .key(KeySource::Service { client, destination: "dst.example".into() })
-///     .build()
+///     .build()?
 ///     .negotiate(to)
 ///     .await?;
 /// let qemu = Listener::bind(&"unix:/run/vmotion/web-1.migrate".parse().unwrap()).await?;

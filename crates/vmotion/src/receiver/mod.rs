@@ -128,6 +128,7 @@ pub enum ReceiveOutcome {
 ///         .policy(VmPolicy { encryption: EncryptionPolicy::Disabled, vm_encrypted: false })
 ///         .key(KeySource::None { migration_id: MigrationId([3; 16]) })
 ///         .build()
+///         .unwrap()
 ///         .migrate(addr, &mut guest)
 ///         .await
 ///         .map(|_| guest.snapshot())
