@@ -387,3 +387,25 @@ fn a_kvm_micro_vm_migrates_between_the_binaries() {
     }
     drop(recv);
 }
+
+/// A sender without a key service has no key: it says so, instead of blaming a destination
+/// that may well encrypt (this one is registered and able to).
+#[test]
+fn a_sender_without_a_key_service_names_the_missing_key_service() {
+    let w = World::new();
+    let (_enc, addr) = w.recv(Some("dst"), &[]);
+    w.policy("opp", "encryption = \"opportunistic\"\n");
+    w.policy("req", "encryption = \"required\"\n");
+    let o = w.send("opp", &addr, false, &[]);
+    expect(&o, 0, &["PLAINTEXT", "no key service"]);
+    assert!(
+        !text(&o).contains("destination cannot encrypt"),
+        "{}",
+        text(&o)
+    );
+    expect(
+        &w.send("req", &addr, false, &[]),
+        3,
+        &["refused", "no key service"],
+    );
+}

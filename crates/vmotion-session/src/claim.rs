@@ -529,15 +529,17 @@ impl DestinationClaim {
     /// The source's `Commit` arrived; `claim_at_arbiter` is its flag: the source
     /// committed at an arbiter, so the VM is won there.
     ///
-    /// A destination with an arbiter always claims there (a plaintext `Commit` could be
-    /// forged or its flag flipped). One without resumes on `Commit` only when the source
-    /// has no arbiter either; otherwise it cannot claim, and keeps its copy paused (the
-    /// source takes the VM back at its claim deadline).
+    /// With the flag, the destination claims at its arbiter before it resumes; without an
+    /// arbiter it cannot claim, and keeps its copy paused (the source takes the VM back
+    /// at its claim deadline). Without the flag the source has no arbiter (a sender
+    /// without a key service): this `Commit` is the decision, and the destination resumes
+    /// on it even if it has an arbiter of its own, where no record of this migration
+    /// exists.
     pub fn handle_commit(&mut self, now: Duration, claim_at_arbiter: bool) {
         if !matches!(self.state, DestinationState::ExpectCommit { .. }) {
             return;
         }
-        if self.config.arbiter {
+        if claim_at_arbiter && self.config.arbiter {
             self.consult(
                 now,
                 Request::Ask(Transition::Claim),

@@ -443,8 +443,8 @@ fn a_restarted_destination_aborts_an_open_record() {
 
 /// The two ends disagree about the arbiter: a destination without one that hears a
 /// `Commit` made at an arbiter must not resume (it cannot claim), so the source's revert
-/// at its deadline is safe; and one with an arbiter claims there even when `Commit` says
-/// the wire decides (a plaintext flag could be flipped on the path).
+/// at its deadline is safe; one with an arbiter that hears a `Commit` from a source
+/// without one resumes on it (no record of the migration exists to claim).
 #[test]
 fn a_destination_never_resumes_on_a_commit_it_cannot_claim() {
     let no_arbiter = ClaimConfig {
@@ -461,6 +461,11 @@ fn a_destination_never_resumes_on_a_commit_it_cannot_claim() {
 
     let mut dst = DestinationClaim::new(Duration::ZERO, ClaimConfig::default());
     dst.handle_commit(Duration::ZERO, false);
+    assert_eq!(dst.poll_action(), Some(DestinationAction::SendClaimed));
+    assert_eq!(dst.poll_action(), Some(DestinationAction::Resume));
+
+    let mut dst = DestinationClaim::new(Duration::ZERO, ClaimConfig::default());
+    dst.handle_commit(Duration::ZERO, true);
     assert_eq!(
         dst.poll_action(),
         Some(DestinationAction::Ask(Transition::Claim))

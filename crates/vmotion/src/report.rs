@@ -62,6 +62,9 @@ pub struct MigrationReport {
     pub phases: Phases,
     /// How this side knows the destination claimed the VM.
     pub claim: ClaimEvidence,
+    /// This side had no key at all ([`crate::KeySource::None`]): that, not the destination,
+    /// is why a downgraded migration went plaintext.
+    pub keyless: bool,
 }
 
 impl MigrationReport {
@@ -88,6 +91,7 @@ impl MigrationReport {
         Self {
             phases,
             claim: claim.0,
+            keyless: false,
             migration_id,
             vm_name: vm_name.to_owned(),
             mode,
@@ -108,6 +112,10 @@ impl MigrationReport {
     pub fn summary(&self) -> String {
         let mode = match self.mode {
             Mode::Encrypted(_) => "encrypted (AES-256-GCM)".to_owned(),
+            Mode::Plaintext(r) if self.keyless && r.is_downgrade() => {
+                "PLAINTEXT: this host has no key (no key service), so nothing could be encrypted"
+                    .to_owned()
+            }
             Mode::Plaintext(r) => format!("PLAINTEXT: {r}"),
         };
         let downtime = self.engine.downtime.map_or_else(

@@ -55,6 +55,14 @@ struct Args {
     /// it is abandoned (the guest discarded; the source keeps the VM).
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=86400))]
     progress_timeout: u64,
+    /// Seconds to wait for each step of a source (the handshake, its data connections, the
+    /// end of its streams after Complete, Commit after Ready).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    step_timeout: u64,
+    /// Seconds the claim step keeps asking a key service that does not answer before the
+    /// received guest is kept unsettled (paused).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    settle_timeout: u64,
     /// How often to refresh the registration, in seconds.
     #[arg(long, default_value_t = 20)]
     refresh_secs: u64,
@@ -266,7 +274,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut receiver = Receiver::new(keys)
         .require_encryption(args.require_encryption)
         .max_streams(args.max_streams)
-        .progress_timeout(Duration::from_secs(args.progress_timeout));
+        .progress_timeout(Duration::from_secs(args.progress_timeout))
+        .timeout(Duration::from_secs(args.step_timeout))
+        .settle_timeout(Duration::from_secs(args.settle_timeout));
     // The key service is the arbiter of every switchover here, encrypting or not: this
     // host claims each VM there before it resumes it.
     if let Some(c) = &client {

@@ -150,6 +150,7 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
         "vm": r.vm_name,
         "mode": mode,
         "plaintext_reason": reason,
+        "no_key_service": r.keyless,
         "streams": r.streams,
         "bytes_sent": r.bytes_sent,
         "total_ms": ms(r.total_time),
@@ -401,6 +402,9 @@ fn main() -> ExitCode {
         .init();
     let args = Args::parse();
     let json = args.json;
+    // Without a key service this host has no keys at all: that, not the destination, is
+    // why a migration is plaintext or refused.
+    let keyless = args.keyservice.keyservice.is_none();
     let tunnel = args.tunnel.is_some();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
@@ -433,11 +437,24 @@ fn main() -> ExitCode {
             if let Mode::Plaintext(reason) = report.mode
                 && reason.is_downgrade()
             {
-                eprintln!("vmotion-send: warning: migrated in PLAINTEXT: {reason}");
+                if report.keyless {
+                    eprintln!(
+                        "vmotion-send: warning: migrated in PLAINTEXT: this host has no key \
+                         service (--keyservice), so there was no key to encrypt with"
+                    );
+                } else {
+                    eprintln!("vmotion-send: warning: migrated in PLAINTEXT: {reason}");
+                }
             }
             ExitCode::from(COMMITTED)
         }
-        Err((code, message)) => {
+        Err((code, mut message)) => {
+            if keyless && code == REFUSED && message.contains("requires encryption") {
+                message.push_str(
+                    " (this host has no key service, --keyservice: without one no migration \
+                     can be encrypted, whatever the destination can do)",
+                );
+            }
             let what = match code {
                 REFUSED if tunnel => "tunnel refused, nothing listened for QEMU",
                 REFUSED => "refused, the VM keeps running at the source",

@@ -372,6 +372,7 @@ impl Sender {
             progress_timeout: self.progress_timeout,
             claim_timeout: self.claim_timeout,
             net: self.net,
+            keyless: keyed.material.is_none(),
             claim_at_arbiter: keyed.arbiter.is_some()
                 && keyed.destination != vmotion_proto::DestinationCapability::Unregistered,
         };

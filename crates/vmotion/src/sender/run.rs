@@ -41,6 +41,8 @@ pub(super) struct Settings {
     /// arbiter, or with a destination the key service does not know (it has none to claim
     /// at): then `Commit` decides and `Claimed` is the only proof.
     pub(super) claim_at_arbiter: bool,
+    /// No key at all (`KeySource::None`), for the report.
+    pub(super) keyless: bool,
 }
 
 /// Counted as the migration goes.
@@ -520,7 +522,7 @@ impl<'a> Run<'a> {
         match outcome {
             SourceOutcome::Claimed => {
                 self.report_progress(Stage::Done);
-                Ok(MigrationReport::new(
+                let mut done = MigrationReport::new(
                     self.id,
                     &self.s.vm_name,
                     self.mode,
@@ -531,7 +533,9 @@ impl<'a> Run<'a> {
                     self.started.elapsed(),
                     self.setup,
                     (evidence, claim_started.elapsed()),
-                ))
+                );
+                done.keyless = self.s.keyless;
+                Ok(done)
             }
             SourceOutcome::Reverted => Err(MigrateError::Reverted(format!(
                 "no claim from the destination within {:?} of Commit",
