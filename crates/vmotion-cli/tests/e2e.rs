@@ -290,6 +290,10 @@ fn sigterm_mid_migration_leaves_nothing_marked_done() {
         !sinks.join("slow.mem").exists(),
         "a half-received guest is never marked done"
     );
+    assert!(
+        !sinks.join("slow.receiving").exists(),
+        "and nothing of it is left behind"
+    );
 }
 
 /// A migration on one host over a Unix socket: encrypted with the key service's keys like

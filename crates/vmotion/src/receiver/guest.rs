@@ -42,8 +42,8 @@ impl Receiver {
         let ctrl = session.take_control()?;
         let (r, w) = control.into_split();
         let mut out = ControlWriter::new(w, ctrl.sealer, self.progress_timeout);
-        let mut sink = match make_sink(prepare, hello) {
-            Ok(s) => s,
+        let mut unverified = match make_sink(prepare, hello) {
+            Ok(s) => Unverified(Some(s)),
             Err(reason) => {
                 out.abort(AbortCode::PreflightRefused, &reason).await;
                 return Err(MigrateError::PreflightRefused(reason));
@@ -51,16 +51,24 @@ impl Receiver {
         };
         let mut reader = ControlReader::spawn(r, ctrl.opener);
         let verified = self
-            .transfer(&mut session, &mut data, &mut reader, hello, &mut sink)
+            .transfer(
+                &mut session,
+                &mut data,
+                &mut reader,
+                hello,
+                unverified.sink(),
+            )
             .await;
         let v = match verified {
             Ok(v) => v,
             Err(e) => {
                 out.abort_for(&e, AbortCode::DestinationFailed).await;
-                discard(&mut sink);
-                return Err(e);
+                return Err(e); // `unverified` discards the sink
             }
         };
+        // Verified and persisted: from here the copy may be the only one allowed to run,
+        // and nothing but the claim step may discard it.
+        let mut sink = unverified.keep();
         let ready = Ready {
             pages: v.pages,
             device_state_len: v.device_state_len,
@@ -257,6 +265,28 @@ impl Receiver {
             return Err(PeerMisbehaved::PagesMissing { missing }.into());
         }
         Ok((pages, bytes))
+    }
+}
+
+/// A sink before its guest is verified and persisted: discarded when dropped (a failure,
+/// or the daemon stopping mid-migration), so nothing half-received is left behind.
+struct Unverified<S: Sink>(Option<S>);
+
+impl<S: Sink> Unverified<S> {
+    fn sink(&mut self) -> &mut S {
+        self.0.as_mut().expect("a sink until it is kept")
+    }
+
+    fn keep(mut self) -> S {
+        self.0.take().expect("a sink until it is kept")
+    }
+}
+
+impl<S: Sink> Drop for Unverified<S> {
+    fn drop(&mut self) {
+        if let Some(s) = &mut self.0 {
+            discard(s);
+        }
     }
 }
 
