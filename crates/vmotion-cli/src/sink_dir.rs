@@ -36,18 +36,6 @@ pub struct Unsettled {
     pub path: PathBuf,
 }
 
-fn parse_id(s: &str) -> Option<MigrationId> {
-    let s = s.trim();
-    if s.len() != 32 {
-        return None;
-    }
-    let mut id = [0u8; 16];
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(MigrationId(id))
-}
-
 /// Makes a rename or a new file in `dir` durable.
 fn sync_dir(dir: &Path) -> io::Result<()> {
     fs::File::open(dir)?.sync_all()
@@ -122,7 +110,7 @@ impl SinkDir {
         }
         let id = fs::read_to_string(path.join("migration"))
             .ok()
-            .and_then(|s| parse_id(&s))
+            .and_then(|s| s.trim().parse().ok())
             .unwrap_or(MigrationId([0; 16]));
         Some(Unsettled {
             vm: vm.to_owned(),

@@ -218,6 +218,16 @@ fn wait_for_path(p: &Path, sending: &mut Sending, limit: Duration) {
 
 /// The exit code agrees with the key service's record: 0 only if `claimed`; 4 only if
 /// `reverted` or `aborted`; 5 only if `committed`.
+/// Waits until `vm` is arriving at the daemon and half a second into its pre-copy; its
+/// folder and its migration id.
+fn mid_precopy(sinks: &Path, vm: &str, sending: &mut Sending) -> (PathBuf, String) {
+    let receiving = sinks.join(format!("{vm}.receiving"));
+    wait_for_path(&receiving, sending, Duration::from_secs(10));
+    std::thread::sleep(Duration::from_millis(500));
+    let id = id_in(&receiving).expect("the arriving guest names its migration");
+    (receiving, id)
+}
+
 fn check_exit_against_record(o: &Output, record: Option<&str>) {
     let t = text(o);
     match o.status.code() {
@@ -561,10 +571,7 @@ fn kill_9_of_the_daemon_mid_precopy_leaves_a_partial_guest_the_restart_removes()
     let sinks = w.p("sinks");
     let mut d1 = daemon(&w, &sinks, &w.p("recv-a.log"), &[]);
     let mut sending = start_send(&w, "slow", &d1.addr, 8, &[]);
-    let receiving = sinks.join("slow.receiving");
-    wait_for_path(&receiving, &mut sending, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
-    let id = id_in(&receiving).unwrap();
+    let (receiving, id) = mid_precopy(&sinks, "slow", &mut sending);
     d1.kill9();
     let o = sending.wait(Duration::from_secs(20));
     expect(&o, 4, &["aborted, the VM keeps running at the source"]);
@@ -602,10 +609,7 @@ fn kill_9_of_the_sender_leaves_the_destination_clean() {
 
     // During pre-copy.
     let mut sending = start_send(&w, "slow", &d.addr, 8, &[]);
-    let receiving = sinks.join("slow.receiving");
-    wait_for_path(&receiving, &mut sending, Duration::from_secs(10));
-    std::thread::sleep(Duration::from_millis(500));
-    let id = id_in(&receiving).unwrap();
+    let (_, id) = mid_precopy(&sinks, "slow", &mut sending);
     sending.kill9();
     let killed = Instant::now();
     let limit = Duration::from_secs(RECV_PROGRESS_SECS + 5);

@@ -47,6 +47,23 @@ impl fmt::Display for MigrationId {
     }
 }
 
+/// Parses the form [`Display`](fmt::Display) prints: 32 lowercase hex digits, nothing else.
+impl std::str::FromStr for MigrationId {
+    type Err = &'static str;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const BAD: &str = "a migration id is 32 lowercase hex digits";
+        if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(BAD);
+        }
+        let mut id = [0u8; 16];
+        for (i, b) in id.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|_| BAD)?;
+        }
+        Ok(Self(id))
+    }
+}
+
 /// The 256-bit migration key. Zeroized on drop; `Debug` prints `[redacted]`.
 #[derive(Zeroize, ZeroizeOnDrop)]
 pub struct MigrationKey([u8; 32]);
@@ -110,6 +127,22 @@ pub struct KeyMaterial {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn migration_ids_parse_back_only_in_their_printed_form() {
+        let id = MigrationId([0xab, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xff]);
+        assert_eq!(id.to_string().parse::<MigrationId>(), Ok(id));
+        for bad in [
+            "",
+            "ab",
+            "AB0102030405060708090a0b0c0d0eff",
+            "ab0102030405060708090a0b0c0d0eff0",
+            "+b0102030405060708090a0b0c0d0eff",
+            "ab0102030405060708090a0b0c0d0éf",
+        ] {
+            assert!(bad.parse::<MigrationId>().is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn debug_never_prints_key_bytes() {

@@ -455,7 +455,7 @@ impl NegotiatedTunnel {
             if let Err(e) = carried {
                 // Tell the receiver, which drops its hypervisor's connections, and drop
                 // ours.
-                let (code, message) = (abort_code(&e, AbortCode::SourceFailed), e.to_string());
+                let (code, message) = (e.abort_code(AbortCode::SourceFailed), e.to_string());
                 if let Ok(f) = sealer.seal(FrameType::Abort, Abort { code, message }.encode()) {
                     let _ = tokio::time::timeout(ABORT_SEND_TIMEOUT, write_frame(&mut control_w, &f))
                         .await;
@@ -525,13 +525,6 @@ struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 impl<T> Drop for AbortOnDrop<T> {
     fn drop(&mut self) {
         self.0.abort();
-    }
-}
-
-fn abort_code(e: &MigrateError, default: AbortCode) -> AbortCode {
-    match e {
-        MigrateError::Protocol(p) => p.abort_code(),
-        _ => default,
     }
 }
 
@@ -891,7 +884,7 @@ pub(crate) async fn receive_tunnel(
     let carried = first_at.map(|t| t.elapsed()).unwrap_or_default();
     if let Err(e) = verified {
         streams.abort_all();
-        let code = abort_code(&e, AbortCode::DestinationFailed);
+        let code = e.abort_code(AbortCode::DestinationFailed);
         if let Ok(f) = sealer.seal(
             FrameType::Abort,
             Abort {
