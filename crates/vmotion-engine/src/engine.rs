@@ -498,7 +498,7 @@ impl SenderEngine {
             Phase::FinalFetch | Phase::FinalSend | Phase::DeviceState | Phase::AwaitReady
         );
         if let (true, Some(paused_at)) = (waiting, self.paused_at)
-            && now.saturating_sub(paused_at) > self.config.switchover_timeout
+            && now.saturating_sub(paused_at) >= self.config.switchover_timeout
         {
             self.abort(now, AbortReason::SwitchoverTimeout);
         }

@@ -2,8 +2,25 @@
 //!
 //! The protocol crate (`vmotion-proto`) seals and parses frames and runs the handshake;
 //! the engine (`vmotion-engine`) decides what to send and when to pause. This crate holds
-//! the part of a session that decides **where the VM runs** when the switchover ends:
-//! the *claim step* at the arbiter (the key service, or an orchestrator's own record).
+//! the rest of a session after the handshake — what goes on the control connection, what
+//! each side checks, every deadline — and the part that decides **where the VM runs**
+//! when the switchover ends: the *claim step* at the arbiter (the key service, or an
+//! orchestrator's own record).
+//!
+//! - [`SourceSession`]: the engine's decisions as control frames and page batches per
+//!   stream; the arbiter checked before the pause; the device state in chunks;
+//!   `Complete` with its totals; `Ready` checked against them; the commit recorded;
+//!   `Commit`; then [`SourceClaim`].
+//! - [`DestinationSession`]: binds within their deadline; iteration markers and
+//!   device-state chunks (in order, bounded) until `Complete`; every stream's totals and
+//!   every page checked; the guest persisted; `Ready`; then [`DestinationClaim`].
+//! - An unexpected frame is [`PeerMisbehaved::UnexpectedFrame`](vmotion_proto::PeerMisbehaved)
+//!   naming the state and the frame; every failure is a [`SessionError`] that says only
+//!   what its side knows, and reaches the peer as a sealed `Abort` with its code.
+//!
+//! `tests/migration.rs` runs whole migrations through both machines, the engine and a
+//! guest that keeps writing, in memory with simulated time and bandwidth, under every
+//! fault it can inject.
 //!
 //! ```text
 //!  source                          arbiter                         destination
@@ -39,10 +56,42 @@
 #![forbid(unsafe_code)]
 
 mod claim;
+mod destination;
+mod error;
 mod record;
+mod source;
 
 pub use claim::{
     ClaimConfig, DestinationAction, DestinationClaim, DestinationOutcome, SourceAction,
     SourceClaim, SourceOutcome,
 };
+pub use destination::{
+    DestinationConfig, DestinationEnd, DestinationSession, DestinationStep, StreamStats,
+};
+pub use error::SessionError;
 pub use record::{Answer, Record, Transition};
+pub use source::{
+    COMMIT_ATTEMPTS, SentTotals, SourceConfig, SourceEnd, SourceSession, SourceStep, engine_reason,
+};
+
+use vmotion_proto::FrameType;
+
+/// A frame for the control connection, for the driver to seal and send.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// Its type.
+    pub frame_type: FrameType,
+    /// Its payload, encoded.
+    pub payload: Vec<u8>,
+}
+
+impl std::fmt::Debug for Transmit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Transmit({:?}, {} bytes)",
+            self.frame_type,
+            self.payload.len()
+        )
+    }
+}
