@@ -37,9 +37,10 @@ use vmotion_proto::{
     VmPolicy, WireFrame, handshake_random,
 };
 
+use crate::accept::{DataSource, first_frame};
+use crate::connect::{HANDSHAKE_TIMEOUT, KeySource, NetOptions, connect, handshake, resolve_key};
 use crate::control::ABORT_SEND_TIMEOUT;
 use crate::error::MigrateError;
-use crate::sender::{HANDSHAKE_TIMEOUT, KeySource, NetOptions, connect, handshake, resolve_key};
 use crate::transport::{Accept, Conn, Endpoint, ReadHalf, WriteHalf};
 use crate::wire::{read_frame, read_open, write_frame, write_parts};
 
@@ -262,7 +263,7 @@ impl TunnelSender {
                 .map_err(|_| MigrateError::Internal("no OS randomness".into()))?,
         };
         let record_aborted = async || {
-            crate::sender::abort_record(arbiter.as_deref(), migration_id).await;
+            crate::claim::abort_record(arbiter.as_deref(), migration_id).await;
         };
         let (expect_ack, hello) = match SenderHandshake::start(config) {
             Ok(x) => x,
@@ -745,7 +746,7 @@ async fn inbound(
 pub(crate) async fn receive_tunnel(
     mut session: vmotion_proto::ReceiverSession,
     control: Conn,
-    mut data: crate::receiver::DataSource<'_, impl Accept>,
+    mut data: DataSource<'_, impl Accept>,
     target: Endpoint,
     timeout: Duration,
     setup: Duration,
@@ -784,10 +785,7 @@ pub(crate) async fn receive_tunnel(
                         Some(f) => bind_stream(&mut session, conn, Ok(f), &peer)?,
                         None => {
                             binding.spawn(async move {
-                                let f = match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut conn, 4096)).await {
-                                    Ok(Ok(Some(f))) => Ok(f),
-                                    _ => Err(()),
-                                };
+                                let f = first_frame(&mut conn).await.ok_or(());
                                 (conn, f, peer)
                             });
                             None
