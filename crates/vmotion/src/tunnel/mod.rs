@@ -7,7 +7,7 @@
 //! [`Receiver`](crate::Receiver) connects each stream to the destination hypervisor's
 //! incoming address, in the order the streams bind. Policy, key service, negotiation and
 //! downgrade rules are those of any migration: the `Hello` only says the migration is a
-//! tunnel ([`MigrationKind::Tunnel`]).
+//! tunnel ([`MigrationKind::Tunnel`](vmotion_proto::MigrationKind::Tunnel)).
 //!
 //! Both ends run the same pump per connection: bytes read from the local hypervisor go
 //! out in `TunnelData` frames; a local end of file (or reset) goes out as

@@ -171,7 +171,7 @@ async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, 
 }
 
 /// Deep socket buffers: fewer wake-ups per byte on the relay's two hops (measured in
-/// docs/performance.md; the kernel caps them at net.core.[rw]mem_max). (TCP connections
+/// docs/performance.md; the kernel caps them at `net.core.[rw]mem_max`). (TCP connections
 /// to and from the peer also probe it: `transport::keepalive`.)
 pub(super) fn tune(c: &Conn) {
     let s = match c {
