@@ -53,6 +53,15 @@ pub(crate) async fn record(
         })
 }
 
+/// Records `aborted` (best effort): the migration ended before any commit.
+pub(crate) async fn abort_record(arbiter: Option<&dyn Arbiter>, id: MigrationId) {
+    if let Some(a) = arbiter
+        && let Err(e) = record(a, id, Some(Transition::Abort)).await
+    {
+        tracing::warn!(error = %e, "could not record the abort");
+    }
+}
+
 /// Sleeps until `origin + at`, or for ever when nothing is due.
 async fn until(origin: Instant, at: Option<Duration>) {
     match at {

@@ -17,7 +17,9 @@
 
 #![forbid(unsafe_code)]
 
+mod accept;
 mod claim;
+mod connect;
 mod control;
 mod error;
 mod in_flight;
@@ -28,11 +30,12 @@ mod transport;
 mod tunnel;
 mod wire;
 
+pub use connect::{KeySource, NetOptions};
 pub use error::MigrateError;
 pub use in_flight::InFlight;
 pub use receiver::{Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys};
 pub use report::{ClaimEvidence, MigrationReport, Phases};
-pub use sender::{KeySource, NetOptions, Progress, Sender, SenderBuilder, Stage};
+pub use sender::{Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
 pub use tunnel::{
     DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, NegotiatedTunnel, TunnelReport, TunnelSender,

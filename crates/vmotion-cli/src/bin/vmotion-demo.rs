@@ -75,126 +75,14 @@ impl vmotion::Sink for DemoSink {
     }
 }
 
-fn identity(files: &pki::PkiFiles, host: &str) -> ClientIdentity {
-    ClientIdentity {
-        ca: files.ca(),
-        cert: files.host_cert(host),
-        key: files.host_key(host),
-    }
-}
-
 async fn demo(args: Args) -> anyhow::Result<()> {
-    let kvm = match (args.guest, vmotion_vmm::kvm_available()) {
-        (GuestKind::Synthetic, _) => false,
-        (_, Ok(())) => true,
-        (GuestKind::Kvm, Err(why)) => bail!("--guest kvm: {why}"),
-        (GuestKind::Auto, Err(why)) => {
-            println!("note: {why}; the demo uses a synthetic guest instead of a KVM micro-VM");
-            false
-        }
-    };
-    let dir = tempfile::tempdir().context("creating a temporary folder")?;
-    println!(
-        "1. development PKI for hosts src and dst in {}",
-        dir.path().display()
-    );
-    let files = pki::init(dir.path(), &["src".into(), "dst".into()], &[])?;
-
-    let mut config = Config::load(&files.config())?;
-    config.listen = "127.0.0.1:0".parse()?;
-    let server = Server::bind(&config).await?;
-    let ks_url = format!("https://{}", server.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let service = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
-    println!("2. key service (mutual TLS 1.3) on {ks_url}");
-
-    let src = Arc::new(KeyServiceClient::new(&ks_url, &identity(&files, "src"))?);
-    let dst = Arc::new(KeyServiceClient::new(&ks_url, &identity(&files, "dst"))?);
-    dst.register(&RegisterRequest {
-        can_encrypt: true,
-        protocol_versions: vec![1],
-        ciphers: vec!["aes-256-gcm".into()],
-    })
-    .await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let receiver = Receiver::new(ReceiverKeys::Service(dst.clone()));
-    let received = tokio::spawn(async move {
-        receiver
-            .receive(&listener, |hello| {
-                println!(
-                    "   receiver: migration {} of {} ({} pages), sink ready",
-                    hello.migration_id, hello.vm_name, hello.guest_pages
-                );
-                if kvm {
-                    let vm = vmotion_vmm::MicroVm::incoming(
-                        hello.guest_pages * u64::from(hello.page_size),
-                    )
-                    .map_err(|e| e.to_string())?;
-                    // Its first act when it resumes: checksum the memory it woke up with.
-                    vm.checksum_on_resume();
-                    Ok(DemoSink::Kvm(vmotion_cli::KvmSink(vm)))
-                } else {
-                    Ok(DemoSink::Synthetic(SyntheticGuest::blank(
-                        hello.guest_pages,
-                        u64::from(hello.page_size),
-                    )))
-                }
-            })
-            .await
-    });
-    println!("3. receiver (host dst, registered as able to encrypt) on {addr}");
-
-    let pages = args.size_mib * 256;
-    let mut guest: Box<dyn vmotion_mover::Source> = if kvm {
-        let vm = vmotion_vmm::MicroVm::start(vmotion_vmm::MicroVmConfig {
-            memory_mib: args.size_mib,
-            rate: args.dirty_rate,
-            ..vmotion_vmm::MicroVmConfig::default()
-        })?;
-        println!(
-            "4. running KVM micro-VM: {} MiB, one vCPU writing {:.0} pages/s with a heartbeat; migrating it encrypted over {} stream(s)",
-            args.size_mib, args.dirty_rate, args.streams
-        );
-        Box::new(vm)
-    } else {
-        println!(
-            "4. running synthetic guest: {} MiB, 2 writer threads dirtying {:.0} pages/s; migrating it encrypted over {} stream(s)",
-            args.size_mib, args.dirty_rate, args.streams
-        );
-        Box::new(SyntheticGuest::start(SyntheticConfig {
-            pages,
-            dirty_rate: args.dirty_rate,
-            pattern: Pattern::Uniform,
-            writers: 2,
-            ..SyntheticConfig::default()
-        }))
-    };
-    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
-    let shown = display.clone();
-    let report = Sender::builder("demo-vm")
-        .policy(VmPolicy {
-            encryption: EncryptionPolicy::Required,
-            vm_encrypted: false,
-        })
-        .key(KeySource::Service {
-            client: src.clone(),
-            destination: "dst".into(),
-        })
-        .streams(args.streams)
-        .convergence(ConvergencePolicy {
-            max_downtime: Duration::from_millis(args.max_downtime_ms),
-            ..ConvergencePolicy::default()
-        })
-        .on_progress(move |p| shown.show(p))
-        .build()?
-        .migrate(addr, &mut *guest)
-        .await
-        .context("the migration failed; the VM keeps running at the source")?;
+    let kvm = use_kvm(args.guest)?;
+    let key_service = KeyService::start().await?;
+    let src = key_service.client("src")?;
+    let (addr, received) = start_receiver(key_service.client("dst")?, kvm).await?;
+    let mut guest = start_guest(&args, kvm)?;
+    let report = migrate(&args, src.clone(), addr, &mut *guest).await?;
     let (rr, destination) = received.await?.context("the receiver failed")?;
-
     println!("5. checks");
     if !matches!(report.mode, Mode::Encrypted(_)) || !matches!(rr.mode, Mode::Encrypted(_)) {
         bail!("the migration was not encrypted");
@@ -213,6 +101,185 @@ async fn demo(args: Args) -> anyhow::Result<()> {
     println!(
         "   key service record: claimed by the destination; the source VM stays stopped for good"
     );
+    print_report(&report);
+    key_service.stop().await
+}
+
+/// Whether the guest is a KVM micro-VM (else a synthetic guest), as `--guest` asks and
+/// /dev/kvm allows.
+fn use_kvm(guest: GuestKind) -> anyhow::Result<bool> {
+    Ok(match (guest, vmotion_vmm::kvm_available()) {
+        (GuestKind::Synthetic, _) => false,
+        (_, Ok(())) => true,
+        (GuestKind::Kvm, Err(why)) => bail!("--guest kvm: {why}"),
+        (GuestKind::Auto, Err(why)) => {
+            println!("note: {why}; the demo uses a synthetic guest instead of a KVM micro-VM");
+            false
+        }
+    })
+}
+
+/// The key service of the demo, with a development PKI in a temporary folder.
+struct KeyService {
+    dir: tempfile::TempDir,
+    files: pki::PkiFiles,
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl KeyService {
+    /// Steps 1 and 2: the PKI for hosts `src` and `dst`, and the service on loopback.
+    async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir().context("creating a temporary folder")?;
+        println!(
+            "1. development PKI for hosts src and dst in {}",
+            dir.path().display()
+        );
+        let files = pki::init(dir.path(), &["src".into(), "dst".into()], &[])?;
+        let mut config = Config::load(&files.config())?;
+        config.listen = "127.0.0.1:0".parse()?;
+        let server = Server::bind(&config).await?;
+        let url = format!("https://{}", server.local_addr()?);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        println!("2. key service (mutual TLS 1.3) on {url}");
+        Ok(Self {
+            dir,
+            files,
+            url,
+            stop,
+            running,
+        })
+    }
+
+    /// A client with host `host`'s certificate.
+    fn client(&self, host: &str) -> anyhow::Result<Arc<KeyServiceClient>> {
+        let identity = ClientIdentity {
+            ca: self.files.ca(),
+            cert: self.files.host_cert(host),
+            key: self.files.host_key(host),
+        };
+        Ok(Arc::new(KeyServiceClient::new(&self.url, &identity)?))
+    }
+
+    /// Step 7: stops the service and removes the folder.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.running.await?;
+        println!("7. cleaned up {}", self.dir.path().display());
+        Ok(())
+    }
+}
+
+/// Step 3: host `dst` registers as able to encrypt, and its receiver takes one migration
+/// on loopback.
+async fn start_receiver(
+    dst: Arc<KeyServiceClient>,
+    kvm: bool,
+) -> anyhow::Result<(
+    std::net::SocketAddr,
+    tokio::task::JoinHandle<Result<(vmotion::ReceiveReport, DemoSink), vmotion::MigrateError>>,
+)> {
+    dst.register(&RegisterRequest {
+        can_encrypt: true,
+        protocol_versions: vec![1],
+        ciphers: vec!["aes-256-gcm".into()],
+    })
+    .await?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let receiver = Receiver::new(ReceiverKeys::Service(dst));
+    let received = tokio::spawn(async move {
+        receiver
+            .receive(&listener, |hello| {
+                println!(
+                    "   receiver: migration {} of {} ({} pages), sink ready",
+                    hello.migration_id, hello.vm_name, hello.guest_pages
+                );
+                demo_sink(hello, kvm)
+            })
+            .await
+    });
+    println!("3. receiver (host dst, registered as able to encrypt) on {addr}");
+    Ok((addr, received))
+}
+
+/// The destination of the guest `hello` announces.
+fn demo_sink(hello: &vmotion_proto::message::Hello, kvm: bool) -> Result<DemoSink, String> {
+    if !kvm {
+        return Ok(DemoSink::Synthetic(SyntheticGuest::blank(
+            hello.guest_pages,
+            u64::from(hello.page_size),
+        )));
+    }
+    let vm = vmotion_vmm::MicroVm::incoming(hello.guest_pages * u64::from(hello.page_size))
+        .map_err(|e| e.to_string())?;
+    // Its first act when it resumes: checksum the memory it woke up with.
+    vm.checksum_on_resume();
+    Ok(DemoSink::Kvm(vmotion_cli::KvmSink(vm)))
+}
+
+/// Step 4: the running guest to migrate.
+fn start_guest(args: &Args, kvm: bool) -> anyhow::Result<Box<dyn vmotion_mover::Source>> {
+    if kvm {
+        let vm = vmotion_vmm::MicroVm::start(vmotion_vmm::MicroVmConfig {
+            memory_mib: args.size_mib,
+            rate: args.dirty_rate,
+            ..vmotion_vmm::MicroVmConfig::default()
+        })?;
+        println!(
+            "4. running KVM micro-VM: {} MiB, one vCPU writing {:.0} pages/s with a heartbeat; migrating it encrypted over {} stream(s)",
+            args.size_mib, args.dirty_rate, args.streams
+        );
+        return Ok(Box::new(vm));
+    }
+    println!(
+        "4. running synthetic guest: {} MiB, 2 writer threads dirtying {:.0} pages/s; migrating it encrypted over {} stream(s)",
+        args.size_mib, args.dirty_rate, args.streams
+    );
+    Ok(Box::new(SyntheticGuest::start(SyntheticConfig {
+        pages: args.size_mib * 256,
+        dirty_rate: args.dirty_rate,
+        pattern: Pattern::Uniform,
+        writers: 2,
+        ..SyntheticConfig::default()
+    })))
+}
+
+/// The migration itself, encrypted as the policy requires, with a progress display.
+async fn migrate(
+    args: &Args,
+    src: Arc<KeyServiceClient>,
+    to: std::net::SocketAddr,
+    guest: &mut dyn vmotion_mover::Source,
+) -> anyhow::Result<vmotion::MigrationReport> {
+    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
+    Sender::builder("demo-vm")
+        .policy(VmPolicy {
+            encryption: EncryptionPolicy::Required,
+            vm_encrypted: false,
+        })
+        .key(KeySource::Service {
+            client: src,
+            destination: "dst".into(),
+        })
+        .streams(args.streams)
+        .convergence(ConvergencePolicy {
+            max_downtime: Duration::from_millis(args.max_downtime_ms),
+            ..ConvergencePolicy::default()
+        })
+        .on_progress(move |p| display.show(p))
+        .build()?
+        .migrate(to, guest)
+        .await
+        .context("the migration failed; the VM keeps running at the source")
+}
+
+/// Step 6: the report, with the downtime in its parts.
+fn print_report(report: &vmotion::MigrationReport) {
     println!("6. report\n{}", report.summary());
     if let Some(d) = report.engine.downtime {
         println!(
@@ -224,10 +291,6 @@ async fn demo(args: Args) -> anyhow::Result<()> {
             d.outcome_record.as_secs_f64() * 1e3
         );
     }
-    let _ = stop.send(());
-    service.await?;
-    println!("7. cleaned up {}", dir.path().display());
-    Ok(())
 }
 
 /// The destination holds the source's guest as it was at the pause.

@@ -10,11 +10,13 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
-use vmotion::{Endpoint, Listener, Receiver, ReceiverKeys, Sink};
+use vmotion::{Endpoint, Listener, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 use vmotion_cli::sink_dir::{FileSink, SinkDir};
+use vmotion_keyservice::KeyServiceClient;
 use vmotion_keyservice::api::RegisterRequest;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
+use vmotion_proto::message::Hello;
 
 /// vmotion's destination daemon.
 #[derive(Parser)]
@@ -230,47 +232,89 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("key service client")?
         .map(Arc::new);
     let can_encrypt = !args.no_encryption;
-    let keys = match &client {
-        Some(c) => {
-            let record = c
-                .register(&RegisterRequest {
-                    can_encrypt,
-                    protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
-                    ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
-                })
-                .await
-                .context("registering with the key service")?;
-            tracing::info!(host = %record.host, can_encrypt, "registered with the key service");
-            if can_encrypt {
-                ReceiverKeys::Service(c.clone())
-            } else {
-                ReceiverKeys::None
-            }
-        }
-        None => {
-            tracing::warn!("no key service: this host cannot encrypt (plaintext migrations only)");
-            ReceiverKeys::None
-        }
-    };
-    // Keep the registration alive.
+    let keys = register(client.as_ref(), can_encrypt).await?;
     if let Some(c) = client.clone() {
-        let every = Duration::from_secs(args.refresh_secs.max(1));
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(every).await;
-                let r = c
-                    .register(&RegisterRequest {
-                        can_encrypt,
-                        protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
-                        ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
-                    })
-                    .await;
-                if let Err(e) = r {
-                    tracing::warn!(error = %e, "registration refresh failed");
-                }
-            }
-        });
+        keep_registered(
+            c,
+            can_encrypt,
+            Duration::from_secs(args.refresh_secs.max(1)),
+        );
     }
+    let receiver = Arc::new(receiver(&args, keys, client.as_ref())?);
+    let listener = Listener::bind(&args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    println!("listening on {}", listener.local_endpoint()?);
+    let sinks = Sinks::open(&args, &receiver)?;
+    // Micro-VMs committed here run until the daemon stops: held to the end of `run`.
+    let running: Running = Arc::default();
+    let arrivals = Arrivals {
+        running: running.clone(),
+        held: std::sync::Mutex::default(),
+    };
+    receiver
+        .serve(
+            listener,
+            move |hello| sinks.make(hello),
+            move |finished| arrivals.finished(finished),
+            shutdown_signal(),
+        )
+        .await;
+    tracing::info!("stopped");
+    drop(running);
+    Ok(())
+}
+
+/// What this host registers at the key service.
+fn registration(can_encrypt: bool) -> RegisterRequest {
+    RegisterRequest {
+        can_encrypt,
+        protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
+        ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+    }
+}
+
+/// Registers this host with the key service, when there is one, and says where the keys
+/// of its migrations come from.
+async fn register(
+    client: Option<&Arc<KeyServiceClient>>,
+    can_encrypt: bool,
+) -> anyhow::Result<ReceiverKeys> {
+    let Some(c) = client else {
+        tracing::warn!("no key service: this host cannot encrypt (plaintext migrations only)");
+        return Ok(ReceiverKeys::None);
+    };
+    let record = c
+        .register(&registration(can_encrypt))
+        .await
+        .context("registering with the key service")?;
+    tracing::info!(host = %record.host, can_encrypt, "registered with the key service");
+    Ok(if can_encrypt {
+        ReceiverKeys::Service(c.clone())
+    } else {
+        ReceiverKeys::None
+    })
+}
+
+/// Keeps the registration alive: renews it `every` so often, for as long as the daemon
+/// runs.
+fn keep_registered(c: Arc<KeyServiceClient>, can_encrypt: bool, every: Duration) {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = c.register(&registration(can_encrypt)).await {
+                tracing::warn!(error = %e, "registration refresh failed");
+            }
+        }
+    });
+}
+
+/// The receiver the flags describe: its limits, its arbiter, tunnels and announcements.
+fn receiver(
+    args: &Args,
+    keys: ReceiverKeys,
+    client: Option<&Arc<KeyServiceClient>>,
+) -> anyhow::Result<Receiver> {
     let mut receiver = Receiver::new(keys)
         .require_encryption(args.require_encryption)
         .max_streams(args.max_streams)
@@ -279,20 +323,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .settle_timeout(Duration::from_secs(args.settle_timeout));
     // The key service is the arbiter of every switchover here, encrypting or not: this
     // host claims each VM there before it resumes it.
-    if let Some(c) = &client {
+    if let Some(c) = client {
         receiver = receiver.arbiter(c.clone());
     }
     if let Some(template) = args.tunnel.clone() {
-        // A bad template is a usage error now, not a refusal per migration later.
-        tunnel_target(&template, "vm").map_err(|e| anyhow::anyhow!("--tunnel: {e}"))?;
-        if template.contains("{vm}") && !template.starts_with("unix:") {
-            anyhow::bail!(
-                "--tunnel: {{vm}} may only stand in a unix: path (in a TCP address the sender \
-                 would choose where this host connects)"
-            );
-        }
-        receiver = receiver.allow_plaintext_tunnels(args.allow_plaintext_tunnels);
-        receiver = receiver.tunnel_to(move |hello| {
+        receiver = take_tunnels(receiver, template, args.allow_plaintext_tunnels)?;
+    }
+    if let (Some(interface), Some(dir)) = (args.announce_interface.clone(), args.policy_dir.clone())
+    {
+        receiver = receiver.on_resumed(announcer(interface, dir));
+    }
+    Ok(receiver)
+}
+
+/// `receiver`, taking tunnels to the address the `--tunnel` template names for each VM.
+fn take_tunnels(
+    receiver: Receiver,
+    template: String,
+    allow_plaintext: bool,
+) -> anyhow::Result<Receiver> {
+    // A bad template is a usage error now, not a refusal per migration later.
+    tunnel_target(&template, "vm").map_err(|e| anyhow::anyhow!("--tunnel: {e}"))?;
+    if template.contains("{vm}") && !template.starts_with("unix:") {
+        anyhow::bail!(
+            "--tunnel: {{vm}} may only stand in a unix: path (in a TCP address the sender \
+             would choose where this host connects)"
+        );
+    }
+    Ok(receiver
+        .allow_plaintext_tunnels(allow_plaintext)
+        .tunnel_to(move |hello| {
             if !vmotion_policy::valid_vm_name(&hello.vm_name) {
                 return Err(format!(
                     "`{}` is not an acceptable VM name here",
@@ -300,159 +360,200 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ));
             }
             tunnel_target(&template, &hello.vm_name)
-        });
-    }
-    if let (Some(interface), Some(dir)) = (args.announce_interface.clone(), args.policy_dir.clone())
-    {
-        receiver = receiver.on_resumed(move |report| {
-            let policy = match vmotion_policy::load(&dir, &report.vm_name) {
-                Ok(p) => p,
-                Err(e) => {
-                    tracing::warn!(migration = %report.migration_id, error = %e, "no addresses to announce");
-                    return;
-                }
-            };
-            if policy.macs.is_empty() {
+        }))
+}
+
+/// The post-resume hook: announces the VM's addresses from its policy file in `dir` on
+/// `interface`, from a thread of its own.
+fn announcer(interface: String, dir: PathBuf) -> impl Fn(&ReceiveReport) + Send + Sync + 'static {
+    move |report| {
+        let policy = match vmotion_policy::load(&dir, &report.vm_name) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(migration = %report.migration_id, error = %e, "no addresses to announce");
                 return;
             }
-            let what = vmotion_announce::Announcement {
-                ips: policy.ips.iter().map(|ip| (policy.macs[0], *ip)).collect(),
-                macs: policy.macs,
-            };
-            let (interface, id) = (interface.clone(), report.migration_id);
-            std::thread::spawn(move || {
-                match vmotion_announce::announce(&interface, &what, vmotion_announce::Schedule::default()) {
-                    Ok(n) => tracing::info!(migration = %id, frames = n, %interface, "announced"),
-                    Err(e) => tracing::warn!(migration = %id, error = %e, "announcement failed"),
-                }
-            });
+        };
+        if policy.macs.is_empty() {
+            return;
+        }
+        let what = vmotion_announce::Announcement {
+            ips: policy.ips.iter().map(|ip| (policy.macs[0], *ip)).collect(),
+            macs: policy.macs,
+        };
+        let (interface, id) = (interface.clone(), report.migration_id);
+        std::thread::spawn(move || {
+            match vmotion_announce::announce(
+                &interface,
+                &what,
+                vmotion_announce::Schedule::default(),
+            ) {
+                Ok(n) => tracing::info!(migration = %id, frames = n, %interface, "announced"),
+                Err(e) => tracing::warn!(migration = %id, error = %e, "announcement failed"),
+            }
         });
     }
-    let receiver = Arc::new(receiver);
-    let listener = Listener::bind(&args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
-    println!("listening on {}", listener.local_endpoint()?);
-    let (sink_kind, sink_dir, max_bytes) =
-        (args.sink, args.sink_dir.clone(), args.max_guest_mib << 20);
-    let running: Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>> = Arc::default();
-    let keep = running.clone();
-    let held: Arc<std::sync::Mutex<Vec<AnySink>>> = Arc::default();
-    let files = if sink_kind == SinkKind::Memfile {
-        let dir =
-            SinkDir::open(&sink_dir).with_context(|| format!("opening {}", sink_dir.display()))?;
-        tokio::spawn(settle_sink_dir(dir.clone(), receiver.clone()));
-        Some(dir)
-    } else {
-        None
-    };
-    receiver
-        .serve(
-            listener,
-            move |hello| {
-                let bytes = hello.guest_pages.saturating_mul(u64::from(hello.page_size));
-                if bytes > max_bytes {
-                    return Err(format!(
-                        "the guest needs {} MiB; this host accepts at most {} MiB",
-                        bytes >> 20,
-                        max_bytes >> 20
-                    ));
+}
+
+/// Pre-flight: builds the sink of each incoming guest, or refuses it.
+struct Sinks {
+    kind: SinkKind,
+    /// The sink folder (`--sink memfile`).
+    files: Option<SinkDir>,
+    max_bytes: u64,
+}
+
+impl Sinks {
+    /// The sinks the flags ask for. A sink folder is opened now, and its unsettled guests
+    /// settled in the background.
+    fn open(args: &Args, receiver: &Arc<Receiver>) -> anyhow::Result<Self> {
+        let files = if args.sink == SinkKind::Memfile {
+            let dir = SinkDir::open(&args.sink_dir)
+                .with_context(|| format!("opening {}", args.sink_dir.display()))?;
+            tokio::spawn(settle_sink_dir(dir.clone(), receiver.clone()));
+            Some(dir)
+        } else {
+            None
+        };
+        Ok(Self {
+            kind: args.sink,
+            files,
+            max_bytes: args.max_guest_mib << 20,
+        })
+    }
+
+    fn make(&self, hello: &Hello) -> Result<AnySink, String> {
+        let bytes = hello.guest_pages.saturating_mul(u64::from(hello.page_size));
+        if bytes > self.max_bytes {
+            return Err(format!(
+                "the guest needs {} MiB; this host accepts at most {} MiB",
+                bytes >> 20,
+                self.max_bytes >> 20
+            ));
+        }
+        // The name comes from the sender: it must not be able to name a path.
+        if !vmotion_policy::valid_vm_name(&hello.vm_name) {
+            return Err(format!(
+                "`{}` is not an acceptable VM name here",
+                hello.vm_name
+            ));
+        }
+        match self.kind {
+            SinkKind::Synthetic => Ok(AnySink::Synthetic(SyntheticGuest::blank(
+                hello.guest_pages,
+                u64::from(hello.page_size),
+            ))),
+            // VM.receiving/ while it arrives, VM.unsettled/ from Ready to the claim,
+            // VM.mem once claimed: a guest is never taken for another.
+            SinkKind::Memfile => self
+                .files
+                .as_ref()
+                .ok_or_else(|| "no sink folder".to_owned())?
+                .receive(
+                    &hello.vm_name,
+                    hello.migration_id,
+                    hello.guest_pages,
+                    u64::from(hello.page_size),
+                )
+                .map(AnySink::File),
+            SinkKind::Kvm => vmotion_vmm::MicroVm::incoming(bytes)
+                .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The micro-VMs running here.
+type Running = Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>>;
+
+/// What the daemon keeps of the migrations it received.
+struct Arrivals {
+    running: Running,
+    /// Guests whose claim did not settle: perhaps the only copy allowed to run.
+    held: std::sync::Mutex<Vec<AnySink>>,
+}
+
+impl Arrivals {
+    /// Logs how a migration ended, and keeps what must outlive it.
+    fn finished(&self, f: vmotion::Finished<AnySink>) {
+        match f.result {
+            Ok(vmotion::Incoming::Tunnel(report)) => {
+                tracing::info!(
+                    migration = %report.migration_id,
+                    vm = %report.vm_name,
+                    mode = ?report.mode,
+                    connections = report.connections,
+                    bytes_to_destination = report.bytes_to_destination,
+                    bytes_from_destination = report.bytes_from_destination,
+                    epochs = report.epochs,
+                    "tunnel closed"
+                );
+            }
+            Ok(vmotion::Incoming::Vm(report, sink)) => self.received(report, sink),
+            Err(e) => {
+                tracing::warn!(migration = %f.migration_id, vm = %f.vm_name, error = %e, "migration not received")
+            }
+        }
+    }
+
+    /// A guest received here: an unsettled one is held (paused), a committed micro-VM
+    /// kept running.
+    fn received(&self, report: ReceiveReport, sink: AnySink) {
+        if let AnySink::File(file) = &sink {
+            match &report.outcome {
+                ReceiveOutcome::Committed => {
+                    tracing::info!(migration = %report.migration_id, vm = %report.vm_name, file = %file.claimed_memory().display(), "guest complete here")
                 }
-                // The name comes from the sender: it must not be able to name a path.
-                if !vmotion_policy::valid_vm_name(&hello.vm_name) {
-                    return Err(format!("`{}` is not an acceptable VM name here", hello.vm_name));
+                _ => {
+                    tracing::warn!(migration = %report.migration_id, vm = %report.vm_name, path = %file.path().display(), "kept with its device state: the claim is not settled")
                 }
-                match sink_kind {
-                    SinkKind::Synthetic => Ok(AnySink::Synthetic(SyntheticGuest::blank(
-                        hello.guest_pages,
-                        u64::from(hello.page_size),
-                    ))),
-                    // VM.receiving/ while it arrives, VM.unsettled/ from Ready to the claim,
-                    // VM.mem once claimed: a guest is never taken for another.
-                    SinkKind::Memfile => files
-                        .as_ref()
-                        .ok_or_else(|| "no sink folder".to_owned())?
-                        .receive(
-                            &hello.vm_name,
-                            hello.migration_id,
-                            hello.guest_pages,
-                            u64::from(hello.page_size),
-                        )
-                        .map(AnySink::File),
-                    SinkKind::Kvm => {
-                        vmotion_vmm::MicroVm::incoming(bytes)
-                            .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
-                            .map_err(|e| e.to_string())
-                    }
-                }
-            },
-            move |vmotion::Finished { migration_id, vm_name, result }| match result {
-                Ok(vmotion::Incoming::Tunnel(report)) => {
-                    tracing::info!(
-                        migration = %report.migration_id,
-                        vm = %report.vm_name,
-                        mode = ?report.mode,
-                        connections = report.connections,
-                        bytes_to_destination = report.bytes_to_destination,
-                        bytes_from_destination = report.bytes_from_destination,
-                        epochs = report.epochs,
-                        "tunnel closed"
-                    );
-                }
-                Ok(vmotion::Incoming::Vm(report, sink)) => {
-                    if let AnySink::File(file) = &sink {
-                        match &report.outcome {
-                            vmotion::ReceiveOutcome::Committed => tracing::info!(migration = %report.migration_id, vm = %report.vm_name, file = %file.claimed_memory().display(), "guest complete here"),
-                            _ => tracing::warn!(migration = %report.migration_id, vm = %report.vm_name, path = %file.path().display(), "kept with its device state: the claim is not settled"),
-                        }
-                    }
-                    tracing::info!(
-                        migration = %report.migration_id,
-                        vm = %report.vm_name,
-                        mode = ?report.mode,
-                        outcome = ?report.outcome,
-                        pages = report.pages,
-                        "migration received"
-                    );
-                    if report.outcome != vmotion::ReceiveOutcome::Committed {
-                        // It may be the only copy allowed to run: keep it (paused) until
-                        // the daemon stops; never drop it.
-                        tracing::warn!(
-                            migration = %report.migration_id,
-                            vm = %report.vm_name,
-                            outcome = ?report.outcome,
-                            "the received guest is kept PAUSED here: settle the outcome at the key service (GET /v1/migrations/ID/outcome)"
-                        );
-                        held.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(sink);
-                    } else if let AnySink::Kvm(vm) = sink {
-                        // It runs until the daemon stops; whether it runs is logged from
-                        // a thread, not this async worker.
-                        let vm = Arc::new(vm);
-                        keep.lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push(vm.clone());
-                        let name = report.vm_name;
-                        std::thread::spawn(move || {
-                            let alive = vm.0.wait_beats(1, Duration::from_secs(5));
-                            tracing::info!(
-                                vm = %name,
-                                first_heartbeat = ?vm.0.first_heartbeat(),
-                                alive,
-                                failure = ?vm.0.failure(),
-                                "micro-VM running here"
-                            );
-                        });
-                    }
-                }
-                Err(e) => tracing::warn!(migration = %migration_id, vm = %vm_name, error = %e, "migration not received"),
-            },
-            shutdown_signal(),
-        )
-        .await;
-    tracing::info!("stopped");
-    Ok(())
+            }
+        }
+        tracing::info!(
+            migration = %report.migration_id,
+            vm = %report.vm_name,
+            mode = ?report.mode,
+            outcome = ?report.outcome,
+            pages = report.pages,
+            "migration received"
+        );
+        if report.outcome != ReceiveOutcome::Committed {
+            // It may be the only copy allowed to run: keep it (paused) until the daemon
+            // stops; never drop it.
+            tracing::warn!(
+                migration = %report.migration_id,
+                vm = %report.vm_name,
+                outcome = ?report.outcome,
+                "the received guest is kept PAUSED here: settle the outcome at the key service (GET /v1/migrations/ID/outcome)"
+            );
+            self.held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(sink);
+        } else if let AnySink::Kvm(vm) = sink {
+            self.keep_running(vm, report.vm_name);
+        }
+    }
+
+    /// A committed micro-VM runs until the daemon stops; whether it runs is logged from a
+    /// thread, not the async worker.
+    fn keep_running(&self, vm: vmotion_cli::KvmSink, name: String) {
+        let vm = Arc::new(vm);
+        self.running
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(vm.clone());
+        std::thread::spawn(move || {
+            let alive = vm.0.wait_beats(1, Duration::from_secs(5));
+            tracing::info!(
+                vm = %name,
+                first_heartbeat = ?vm.0.first_heartbeat(),
+                alive,
+                failure = ?vm.0.failure(),
+                "micro-VM running here"
+            );
+        });
+    }
 }
 
 fn main() -> ExitCode {

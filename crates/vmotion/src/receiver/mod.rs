@@ -25,6 +25,9 @@ use vmotion_proto::{
 };
 use vmotion_session::ClaimConfig;
 
+// Where data connections come from, shared with the tunnel.
+pub(crate) use crate::accept::DataSource;
+use crate::accept::first_frame;
 use crate::error::MigrateError;
 use crate::in_flight::InFlight;
 use crate::wire::{read_frame, write_frame};
@@ -429,14 +432,10 @@ impl Receiver {
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
         done: impl FnOnce(Finished<S>),
     ) {
-        let first =
-            match tokio::time::timeout(Duration::from_secs(5), read_frame(&mut tcp, 4096)).await {
-                Ok(Ok(Some(f))) => f,
-                _ => {
-                    tracing::warn!(%peer, "dropping a connection without a first frame");
-                    return;
-                }
-            };
+        let Some(first) = first_frame(&mut tcp).await else {
+            tracing::warn!(%peer, "dropping a connection without a first frame");
+            return;
+        };
         match FrameType::from_u8(first.header[3]) {
             Some(FrameType::Hello) => {
                 let Ok(h) = Hello::decode(&first.payload) else {
@@ -734,39 +733,3 @@ type Routes = Arc<
         std::collections::HashMap<MigrationId, tokio::sync::mpsc::Sender<(Conn, WireFrame, Peer)>>,
     >,
 >;
-
-/// Where a migration's data connections come from.
-pub(crate) enum DataSource<'a, L> {
-    /// Accepted from the listener (one migration per `receive`).
-    Listener(&'a L),
-    /// Routed here by [`Receiver::serve`], their first frame already read.
-    Routed(tokio::sync::mpsc::Receiver<(Conn, WireFrame, Peer)>),
-}
-
-impl<L: Accept> DataSource<'_, L> {
-    pub(crate) async fn next(
-        &mut self,
-        deadline: tokio::time::Instant,
-        patience: Duration,
-    ) -> Result<(Conn, Option<WireFrame>, Peer), MigrateError> {
-        let late = || MigrateError::Timeout {
-            waiting_for: "the data connections",
-            after: patience,
-        };
-        match self {
-            Self::Listener(l) => {
-                let (tcp, peer) = tokio::time::timeout_at(deadline, l.accept_conn())
-                    .await
-                    .map_err(|_| late())??;
-                Ok((tcp, None, peer))
-            }
-            Self::Routed(rx) => {
-                let (tcp, first, peer) = tokio::time::timeout_at(deadline, rx.recv())
-                    .await
-                    .map_err(|_| late())?
-                    .ok_or_else(late)?;
-                Ok((tcp, Some(first), peer))
-            }
-        }
-    }
-}

@@ -1,11 +1,10 @@
 //! The source side: [`Sender`].
 //!
-//! - `mod.rs`: the API (builder, progress) and the migration's setup;
-//! - `connect.rs`: keys and the arbiter from a [`KeySource`], connections, handshake;
+//! - `mod.rs`: the API (builder, progress) and the migration's setup (keys, connections
+//!   and the handshake come from [`crate::connect`], which the tunnel shares);
 //! - `streams.rs`: the data streams (batching, sealing, pacing);
 //! - `run.rs`: the engine's actions carried out, the switchover and the claim step.
 
-mod connect;
 mod run;
 mod streams;
 
@@ -13,54 +12,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
-use vmotion_arbiter::{Arbiter, Transition};
+use vmotion_arbiter::Arbiter;
 use vmotion_engine::ConvergencePolicy;
-use vmotion_keyservice::KeyServiceClient;
 use vmotion_mover::Source;
 use vmotion_proto::{
-    AbortCode, EpochLimits, KeyMaterial, MigrationId, SenderConfig, SenderHandshake, VmPolicy,
-    handshake_random,
+    AbortCode, EpochLimits, MigrationId, SenderConfig, SenderHandshake, VmPolicy, handshake_random,
 };
 
-pub(crate) use connect::{HANDSHAKE_TIMEOUT, connect, connect_within, handshake, resolve_key};
+// Shared with the tunnel: setup in `crate::connect`, the abort record in `crate::claim`.
+pub(crate) use crate::claim::abort_record;
+pub(crate) use crate::connect::connect_within;
+pub(crate) use crate::connect::{KeySource, NetOptions};
+use crate::connect::{handshake, resolve_key};
 
 use crate::error::MigrateError;
 use crate::in_flight::InFlight;
 use crate::report::MigrationReport;
-
-/// Where the migration key comes from.
-pub enum KeySource {
-    /// The key service creates the migration (id, key, nonce) and says whether the
-    /// destination can encrypt.
-    Service {
-        /// A client with this host's certificate.
-        client: Arc<KeyServiceClient>,
-        /// The destination host's identity at the key service.
-        destination: String,
-    },
-    /// An orchestrator handed the key in, vouching that the destination holds it too.
-    Direct {
-        /// The migration id both ends use.
-        migration_id: MigrationId,
-        /// The key.
-        material: KeyMaterial,
-    },
-    /// No key: the migration can only be plaintext (the policy must allow it).
-    None {
-        /// The migration id both ends use.
-        migration_id: MigrationId,
-    },
-}
-
-impl std::fmt::Debug for KeySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Service { destination, .. } => write!(f, "KeySource::Service({destination})"),
-            Self::Direct { migration_id, .. } => write!(f, "KeySource::Direct({migration_id})"),
-            Self::None { migration_id } => write!(f, "KeySource::None({migration_id})"),
-        }
-    }
-}
 
 /// Builds and runs the source side of one migration.
 ///
@@ -125,16 +92,6 @@ pub struct Sender {
     progress_timeout: Duration,
     claim_timeout: Duration,
     in_flight: InFlight,
-}
-
-/// How the sender's connections go out: from which local address, with which DSCP mark.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct NetOptions {
-    /// Local address to send from (a dedicated migration network's address).
-    pub bind: Option<std::net::IpAddr>,
-    /// DSCP code point (0 to 63) marked on every migration packet, so the network can
-    /// give migration traffic its own class (e.g. 10 = AF11, 46 = EF).
-    pub dscp: Option<u8>,
 }
 
 /// Where a migration is, for progress displays.
@@ -420,15 +377,6 @@ impl Sender {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// Records `aborted` (best effort): the migration ended before any commit.
-pub(crate) async fn abort_record(arbiter: Option<&dyn Arbiter>, id: MigrationId) {
-    if let Some(a) = arbiter
-        && let Err(e) = crate::claim::record(a, id, Some(Transition::Abort)).await
-    {
-        tracing::warn!(error = %e, "could not record the abort");
     }
 }
 

@@ -1,5 +1,6 @@
-//! Setting a migration up at the source: the key (and the arbiter) from its
-//! [`KeySource`], connections as [`NetOptions`] say, and the handshake.
+//! Setting a migration up at the source, for a guest ([`crate::Sender`]) or a tunnel
+//! ([`crate::TunnelSender`]): the key (and the arbiter) from its [`KeySource`],
+//! connections as [`NetOptions`] say, and the handshake.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,15 +8,59 @@ use std::time::Duration;
 
 use tokio::net::TcpStream;
 use vmotion_arbiter::Arbiter;
+use vmotion_keyservice::KeyServiceClient;
 use vmotion_proto::{
     DestinationCapability, ExpectHelloAck, KeyMaterial, MigrationId, SenderNext, SenderSession,
     WireFrame,
 };
 
-use super::{KeySource, NetOptions};
 use crate::error::MigrateError;
 use crate::transport::{Conn, Endpoint};
 use crate::wire::{read_frame, write_frame};
+
+/// Where the migration key comes from.
+pub enum KeySource {
+    /// The key service creates the migration (id, key, nonce) and says whether the
+    /// destination can encrypt.
+    Service {
+        /// A client with this host's certificate.
+        client: Arc<KeyServiceClient>,
+        /// The destination host's identity at the key service.
+        destination: String,
+    },
+    /// An orchestrator handed the key in, vouching that the destination holds it too.
+    Direct {
+        /// The migration id both ends use.
+        migration_id: MigrationId,
+        /// The key.
+        material: KeyMaterial,
+    },
+    /// No key: the migration can only be plaintext (the policy must allow it).
+    None {
+        /// The migration id both ends use.
+        migration_id: MigrationId,
+    },
+}
+
+impl std::fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Service { destination, .. } => write!(f, "KeySource::Service({destination})"),
+            Self::Direct { migration_id, .. } => write!(f, "KeySource::Direct({migration_id})"),
+            Self::None { migration_id } => write!(f, "KeySource::None({migration_id})"),
+        }
+    }
+}
+
+/// How the sender's connections go out: from which local address, with which DSCP mark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetOptions {
+    /// Local address to send from (a dedicated migration network's address).
+    pub bind: Option<std::net::IpAddr>,
+    /// DSCP code point (0 to 63) marked on every migration packet, so the network can
+    /// give migration traffic its own class (e.g. 10 = AF11, 46 = EF).
+    pub dscp: Option<u8>,
+}
 
 /// Connecting and each handshake read must finish within this.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -52,7 +97,7 @@ pub(crate) async fn connect_within(
     }
 }
 
-pub(super) async fn connect_tcp(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpStream> {
+async fn connect_tcp(addr: SocketAddr, net: NetOptions) -> std::io::Result<TcpStream> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
