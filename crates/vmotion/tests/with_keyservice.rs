@@ -14,8 +14,8 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use vmotion::{KeySource, MigrateError, ReceiveOutcome, Receiver, ReceiverKeys, Sender};
 use vmotion_engine::ConvergencePolicy;
-use vmotion_keyservice::api::{Outcome, RegisterRequest};
-use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
+use vmotion_keyservice_client::api::{Outcome, RegisterRequest};
+use vmotion_keyservice_client::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
 use vmotion_proto::{EncryptionPolicy, Mode, PlaintextReason, Refusal, VmPolicy};
 

@@ -12,7 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, Receiver, ReceiverKeys, Sink};
 use vmotion_cli::sink_dir::{FileSink, SinkDir};
-use vmotion_keyservice::api::RegisterRequest;
+use vmotion_keyservice_client::api::RegisterRequest;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
 
@@ -236,7 +236,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .register(&RegisterRequest {
                     can_encrypt,
                     protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
-                    ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+                    ciphers: vec![vmotion_keyservice_client::api::CIPHER_AES_256_GCM.into()],
                 })
                 .await
                 .context("registering with the key service")?;
@@ -262,7 +262,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .register(&RegisterRequest {
                         can_encrypt,
                         protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
-                        ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+                        ciphers: vec![vmotion_keyservice_client::api::CIPHER_AES_256_GCM.into()],
                     })
                     .await;
                 if let Err(e) = r {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use vmotion_arbiter::Arbiter;
+use vmotion_authority::Arbiter;
 use vmotion_proto::{
     DestinationCapability, ExpectHelloAck, KeyMaterial, MigrationId, SenderNext, SenderSession,
     WireFrame,
@@ -82,7 +82,7 @@ pub(crate) struct Keyed {
     pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
 }
 
-/// Resolves `key`; `arbiter` is the builder's (used unless the key service is the
+/// Resolves `key`; `arbiter` is the builder's (used unless the key authority is the
 /// arbiter).
 pub(crate) async fn resolve_key(
     key: KeySource,
@@ -97,7 +97,7 @@ pub(crate) async fn resolve_key(
             let issued = client.create_migration(vm_name, &destination).await?;
             Keyed {
                 id: issued.id,
-                destination: issued.destination_capability(),
+                destination: issued.destination,
                 material: Some(issued.material),
                 arbiter: Some(client),
             }

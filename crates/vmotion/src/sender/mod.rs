@@ -13,9 +13,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
-use vmotion_arbiter::{Arbiter, Transition};
+use vmotion_authority::{Arbiter, Authority, Transition};
 use vmotion_engine::ConvergencePolicy;
-use vmotion_keyservice::KeyServiceClient;
 use vmotion_mover::Source;
 use vmotion_proto::{
     AbortCode, EpochLimits, KeyMaterial, MigrationId, SenderConfig, SenderHandshake, VmPolicy,
@@ -30,11 +29,12 @@ use crate::report::MigrationReport;
 
 /// Where the migration key comes from.
 pub enum KeySource {
-    /// The key service creates the migration (id, key, nonce) and says whether the
-    /// destination can encrypt.
+    /// The key authority creates the migration (id, key, nonce), says whether the
+    /// destination can encrypt, and is the arbiter of the switchover.
     Service {
-        /// A client with this host's certificate.
-        client: Arc<KeyServiceClient>,
+        /// This host's client of the authority: the key service's
+        /// (`vmotion_keyservice_client::KeyServiceClient`, with this host's certificate).
+        client: Arc<dyn Authority>,
         /// The destination host's identity at the key service.
         destination: String,
     },
