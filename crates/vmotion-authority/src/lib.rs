@@ -20,17 +20,21 @@
 //! - `vmotion_keyservice_client::KeyServiceClient`: the key service over mutual TLS
 //!   (`POST /v1/migrations`, `POST /v1/migrations/{id}/key`, `PUT`/`GET
 //!   /v1/migrations/{id}/outcome`).
+//! - [`MemoryAuthority`]: keys, a host registry and records in this process, one
+//!   [`MemoryClient`] per host; for tests and for orchestrators that run both ends.
 //! - [`MemoryArbiter`]: records only, for orchestrators that hand keys in directly. An
 //!   orchestrator with a record of its own implements [`Arbiter`] over it.
 
 #![forbid(unsafe_code)]
 
 mod memory;
+mod memory_authority;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use memory::MemoryArbiter;
+pub use memory_authority::{MemoryAuthority, MemoryClient};
 pub use vmotion_session::{Record, Transition};
 
 use vmotion_proto::{DestinationCapability, KeyMaterial, MigrationId};
@@ -102,7 +106,7 @@ pub struct FetchedKey {
 }
 
 /// Issues per-migration keys. Each implementation is one host's view: the caller's
-/// identity (its certificate) says who is the source and who may
+/// identity (its certificate, its [`MemoryClient`]) says who is the source and who may
 /// fetch.
 pub trait KeyAuthority: Send + Sync {
     /// At the source: creates the migration of `vm` from this host to `destination`, with

@@ -10,8 +10,9 @@
 //! never runs twice or nowhere.
 //!
 //! Keys come from a key authority ([`KeySource::Service`], [`ReceiverKeys::Service`]: an
-//! [`Authority`], i.e. the key service's client `vmotion_keyservice_client::KeyServiceClient`)
-//! or are handed in by an orchestrator ([`KeySource::Direct`], [`ReceiverKeys::Direct`]).
+//! [`Authority`], i.e. the key service's client `vmotion_keyservice_client::KeyServiceClient`
+//! or, in one process, a [`MemoryAuthority`]'s [`MemoryClient`]) or are handed in by an
+//! orchestrator ([`KeySource::Direct`], [`ReceiverKeys::Direct`]).
 //!
 //! [`Receiver::receive`] takes one migration; [`Receiver::serve`] takes several at once on
 //! one listener, routing each data connection to its migration by the id it binds with.
@@ -41,7 +42,7 @@ pub use tunnel::{
 };
 pub use vmotion_authority::{
     Arbiter, ArbiterError, Authority, AuthorityError, BoxFuture, FetchedKey, IssuedKey,
-    KeyAuthority, MemoryArbiter, Record, Transition,
+    KeyAuthority, MemoryArbiter, MemoryAuthority, MemoryClient, Record, Transition,
 };
 pub use vmotion_mover::Sink;
 pub use vmotion_session::DestinationOutcome;

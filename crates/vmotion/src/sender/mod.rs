@@ -33,7 +33,8 @@ pub enum KeySource {
     /// destination can encrypt, and is the arbiter of the switchover.
     Service {
         /// This host's client of the authority: the key service's
-        /// (`vmotion_keyservice_client::KeyServiceClient`, with this host's certificate).
+        /// (`vmotion_keyservice_client::KeyServiceClient`, with this host's certificate)
+        /// or a [`MemoryClient`](crate::MemoryClient).
         client: Arc<dyn Authority>,
         /// The destination host's identity at the key service.
         destination: String,
