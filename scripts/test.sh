@@ -20,7 +20,7 @@ if cargo nextest --version >/dev/null 2>&1; then
   # nextest runs every test in a process of its own; `cargo test` runs a file's tests in
   # one process, where state shared by accident (a process-wide static) shows up. Run the
   # driver crates that way too, so the fallback below is exercised on every CI run.
-  cargo test --all-features --no-fail-fast -p vmotion -p vmotion-session -p vmotion-arbiter --lib --tests
+  cargo test --all-features --no-fail-fast -p vmotion -p vmotion-session -p vmotion-authority --lib --tests
 else
   echo "cargo-nextest not found; falling back to cargo test" >&2
   cargo test --workspace --all-features --no-fail-fast --lib --bins --tests

@@ -15,7 +15,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vmotion_keyservice::{ClientIdentity, Config, KeyServiceClient, Server, pki};
+use vmotion_keyservice::{Config, Server, pki};
+use vmotion_keyservice_client::{ClientIdentity, KeyServiceClient};
 
 fn identity(files: &pki::PkiFiles, host: &str) -> ClientIdentity {
     ClientIdentity {

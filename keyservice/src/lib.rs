@@ -11,9 +11,10 @@
 //! live only in memory, in zeroizing types, and never in logs.
 //!
 //! - [`server::Server`]: the HTTPS service (`vmotion-keyservice serve`).
-//! - [`client::KeyServiceClient`]: what `vmotion-send` and `vmotion-recv` use.
-//! - [`api`]: the JSON types both share (documented for operators in
-//!   `docs/keyservice-api.md`).
+//! - [`api`]: the JSON types it shares with its client, re-exported from
+//!   `vmotion-keyservice-client` (documented for operators in `docs/keyservice-api.md`).
+//!   The client, `KeyServiceClient`, lives in that crate: what `vmotion-send` and
+//!   `vmotion-recv` use, and what the driver sees only as a `vmotion_authority::Authority`.
 //! - [`pki`]: a development PKI (`vmotion-keyservice pki init`).
 //!
 //! Host identity is the DNS name in the client certificate; a connection without a
@@ -21,14 +22,11 @@
 
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod client;
+pub use vmotion_keyservice_client::api;
 pub mod config;
 pub mod pki;
 pub mod server;
 pub mod tls;
 
-pub use client::{ClientError, FetchedKey, IssuedMigration, KeyServiceClient};
 pub use config::Config;
 pub use server::Server;
-pub use tls::ClientIdentity;

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use vmotion_keyservice::api::{ErrorCode, Outcome, RegisterRequest};
-use vmotion_keyservice::{ClientError, ClientIdentity, KeyServiceClient};
+use vmotion_keyservice_client::api::{ErrorCode, Outcome, RegisterRequest};
+use vmotion_keyservice_client::{ClientError, ClientIdentity, KeyServiceClient};
 use vmotion_proto::{DestinationCapability, MigrationId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmotion-keyservice");
@@ -701,7 +701,7 @@ async fn a_step_whose_client_vanished_still_completes() {
     let (dir, svc) = setup();
     let (src, dst) = (svc.client("src"), svc.client("dst"));
     let config = Arc::new(
-        vmotion_keyservice::tls::client_config(&ClientIdentity {
+        vmotion_keyservice_client::tls::client_config(&ClientIdentity {
             ca: dir.path().join("ca.pem"),
             cert: dir.path().join("hosts/dst.pem"),
             key: dir.path().join("hosts/dst-key.pem"),

@@ -147,12 +147,15 @@ impl KeyServiceArgs {
     /// A client for the key service, or `None` without `--keyservice`.
     pub fn client(
         &self,
-    ) -> Result<Option<vmotion_keyservice::KeyServiceClient>, vmotion_keyservice::ClientError> {
+    ) -> Result<
+        Option<vmotion_keyservice_client::KeyServiceClient>,
+        vmotion_keyservice_client::ClientError,
+    > {
         match (&self.keyservice, &self.ca, &self.cert, &self.key) {
             (Some(url), Some(ca), Some(cert), Some(key)) => {
-                vmotion_keyservice::KeyServiceClient::new(
+                vmotion_keyservice_client::KeyServiceClient::new(
                     url,
-                    &vmotion_keyservice::ClientIdentity {
+                    &vmotion_keyservice_client::ClientIdentity {
                         ca: ca.clone(),
                         cert: cert.clone(),
                         key: key.clone(),

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use vmotion_arbiter::{Arbiter, ArbiterError, Record, Transition};
+use vmotion_authority::{Arbiter, ArbiterError, Record, Transition};
 use vmotion_mover::{Sink, VmControl};
 use vmotion_proto::{FrameType, MigrationId};
 use vmotion_session::{

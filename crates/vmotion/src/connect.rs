@@ -7,8 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use vmotion_arbiter::Arbiter;
-use vmotion_keyservice::KeyServiceClient;
+use vmotion_authority::{Arbiter, Authority};
 use vmotion_proto::{
     DestinationCapability, ExpectHelloAck, KeyMaterial, MigrationId, SenderNext, SenderSession,
     WireFrame,
@@ -20,11 +19,13 @@ use crate::wire::{read_frame, write_frame};
 
 /// Where the migration key comes from.
 pub enum KeySource {
-    /// The key service creates the migration (id, key, nonce) and says whether the
-    /// destination can encrypt.
+    /// The key authority creates the migration (id, key, nonce), says whether the
+    /// destination can encrypt, and is the arbiter of the switchover.
     Service {
-        /// A client with this host's certificate.
-        client: Arc<KeyServiceClient>,
+        /// This host's client of the authority: the key service's
+        /// (`vmotion_keyservice_client::KeyServiceClient`, with this host's certificate)
+        /// or a [`MemoryClient`](crate::MemoryClient).
+        client: Arc<dyn Authority>,
         /// The destination host's identity at the key service.
         destination: String,
     },
@@ -127,7 +128,7 @@ pub(crate) struct Keyed {
     pub(crate) arbiter: Option<Arc<dyn Arbiter>>,
 }
 
-/// Resolves `key`; `arbiter` is the builder's (used unless the key service is the
+/// Resolves `key`; `arbiter` is the builder's (used unless the key authority is the
 /// arbiter).
 pub(crate) async fn resolve_key(
     key: KeySource,
@@ -142,7 +143,7 @@ pub(crate) async fn resolve_key(
             let issued = client.create_migration(vm_name, &destination).await?;
             Keyed {
                 id: issued.id,
-                destination: issued.destination_capability(),
+                destination: issued.destination,
                 material: Some(issued.material),
                 arbiter: Some(client),
             }

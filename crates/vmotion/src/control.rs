@@ -159,11 +159,12 @@ impl ControlReader {
 
     /// The next event; a reader that already ended yields `Failed` (connection gone).
     pub(crate) async fn next(&mut self) -> ControlEvent {
-        self.events.recv().await.unwrap_or_else(|| {
-            ControlEvent::Failed(MigrateError::ConnectionClosed {
+        self.events
+            .recv()
+            .await
+            .unwrap_or(ControlEvent::Failed(MigrateError::ConnectionClosed {
                 during: "the migration (the control reader ended)",
-            })
-        })
+            }))
     }
 }
 

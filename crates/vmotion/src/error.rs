@@ -48,9 +48,9 @@ pub enum MigrateError {
     /// The receiver could not get this migration's key (the reason).
     #[error("no key for this migration: {0}")]
     NoKey(String),
-    /// The key service failed or refused.
+    /// The key authority (the key service) failed or refused to create the migration.
     #[error("key service: {0}")]
-    KeyService(#[from] vmotion_keyservice::ClientError),
+    KeyService(#[from] vmotion_authority::AuthorityError),
     /// The arbiter did not answer before the pause, so the VM was never paused: without it
     /// no switchover could be recorded.
     #[error("the arbiter does not answer, so the VM was not paused: {0}")]

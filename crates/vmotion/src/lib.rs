@@ -9,8 +9,10 @@
 //! and the three-phase switchover (Complete → Ready → outcome recorded → Commit) so the VM
 //! never runs twice or nowhere.
 //!
-//! Keys come from the key service ([`KeySource::Service`], [`ReceiverKeys::Service`]) or
-//! are handed in by an orchestrator ([`KeySource::Direct`], [`ReceiverKeys::Direct`]).
+//! Keys come from a key authority ([`KeySource::Service`], [`ReceiverKeys::Service`]: an
+//! [`Authority`], i.e. the key service's client `vmotion_keyservice_client::KeyServiceClient`
+//! or, in one process, a [`MemoryAuthority`]'s [`MemoryClient`]) or are handed in by an
+//! orchestrator ([`KeySource::Direct`], [`ReceiverKeys::Direct`]).
 //!
 //! [`Receiver::receive`] takes one migration; [`Receiver::serve`] takes several at once on
 //! one listener, routing each data connection to its migration by the id it binds with.
@@ -41,7 +43,10 @@ pub use tunnel::{
     DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, NegotiatedTunnel, TunnelReport, TunnelSender,
     TunnelSenderBuilder,
 };
-pub use vmotion_arbiter::{Arbiter, ArbiterError, BoxFuture, MemoryArbiter, Record, Transition};
+pub use vmotion_authority::{
+    Arbiter, ArbiterError, Authority, AuthorityError, BoxFuture, FetchedKey, IssuedKey,
+    KeyAuthority, MemoryArbiter, MemoryAuthority, MemoryClient, Record, Transition,
+};
 pub use vmotion_mover::Sink;
 pub use vmotion_session::DestinationOutcome;
 

@@ -1,9 +1,12 @@
-//! Migrations with a real `vmotion-keyservice` process over mutual TLS: the sender creates
-//! the migration (key, nonce, the registry's word on the destination), the receiver
-//! fetches the key with its own certificate, and the outcome is recorded before Commit.
+//! Migrations through a key authority: the sender creates the migration (key, nonce, the
+//! registry's word on the destination), the receiver fetches the key as the destination,
+//! and the outcome is recorded before Commit.
 //!
-//! The key service binary must be built (`scripts/test.sh` builds every workspace binary
-//! before the tests); it is looked up next to the test executable's folder.
+//! Most tests use the in-memory authority (`MemoryAuthority`: the key service's rules in
+//! this process). Two run a real `vmotion-keyservice` process over mutual TLS, so the real
+//! path stays covered: an encrypted migration, and the key service dying mid-migration.
+//! Its binary must be built (`scripts/test.sh` builds every workspace binary before the
+//! tests); it is looked up next to the test executable's folder.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -12,10 +15,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use vmotion::{KeySource, MigrateError, ReceiveOutcome, Receiver, ReceiverKeys, Sender};
+use vmotion::{
+    Authority, KeySource, MemoryAuthority, MigrateError, ReceiveOutcome, Receiver, ReceiverKeys,
+    Record, Sender,
+};
 use vmotion_engine::ConvergencePolicy;
-use vmotion_keyservice::api::{Outcome, RegisterRequest};
-use vmotion_keyservice::{ClientIdentity, KeyServiceClient};
+use vmotion_keyservice_client::api::{Outcome, RegisterRequest};
+use vmotion_keyservice_client::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
 use vmotion_proto::{EncryptionPolicy, Mode, PlaintextReason, Refusal, VmPolicy};
 
@@ -109,10 +115,12 @@ fn guest() -> SyntheticGuest {
     })
 }
 
-/// The receiver reaches the key service as its arbiter (to claim the VM) whatever its
-/// keys: a destination that cannot encrypt still claims before it resumes.
+/// The receiver reaches the authority as its arbiter (to claim the VM) whatever its
+/// keys: a destination that cannot encrypt still claims before it resumes. `src` and
+/// `dst` are the two hosts' clients of one authority.
 async fn migrate(
-    ks: &KeyService,
+    src: Arc<dyn Authority>,
+    dst: Arc<dyn Authority>,
     policy: EncryptionPolicy,
     receiver_keys: ReceiverKeys,
     streams: u16,
@@ -123,7 +131,7 @@ async fn migrate(
 ) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let receiver = Receiver::new(receiver_keys).arbiter(ks.client("dst"));
+    let receiver = Receiver::new(receiver_keys).arbiter(dst);
     let rx = tokio::spawn(async move {
         receiver
             .receive(&listener, |h| {
@@ -138,7 +146,7 @@ async fn migrate(
             vm_encrypted: false,
         })
         .key(KeySource::Service {
-            client: ks.client("src"),
+            client: src,
             destination: "dst".into(),
         })
         .streams(streams)
@@ -168,25 +176,46 @@ async fn register(ks: &KeyService, can_encrypt: bool) {
         .unwrap();
 }
 
-async fn encrypted_via_key_service(streams: u16) {
-    let ks = KeyService::start();
-    register(&ks, true).await;
+/// An encrypted migration from `src` to `dst` (which the authority knows can encrypt):
+/// committed, then claimed at the authority, and the key handed out once.
+async fn encrypted_via(
+    src: Arc<dyn Authority>,
+    dst: Arc<dyn Authority>,
+    streams: u16,
+) -> vmotion::MigrationReport {
     let (sent, received, source) = migrate(
-        &ks,
+        src,
+        dst.clone(),
         EncryptionPolicy::Required,
-        ReceiverKeys::Service(ks.client("dst")),
+        ReceiverKeys::Service(dst.clone()),
         streams,
     )
     .await;
     let report = sent.expect("committed");
     assert!(matches!(report.mode, Mode::Encrypted(_)));
-    let (rr, dst) = received.expect("received");
+    let (rr, dst_guest) = received.expect("received");
     assert!(matches!(rr.mode, Mode::Encrypted(_)));
     assert_eq!(rr.outcome, ReceiveOutcome::Committed);
     assert!(
-        same_memory(&source, &dst),
+        same_memory(&source, &dst_guest),
         "destination memory differs from the source at pause"
     );
+    assert_eq!(
+        dst.read(report.migration_id).await,
+        Ok(Record::Claimed),
+        "claimed at the authority"
+    );
+    assert!(
+        dst.fetch_key(report.migration_id).await.is_err(),
+        "the key was handed out once"
+    );
+    report
+}
+
+async fn encrypted_via_key_service(streams: u16) {
+    let ks = KeyService::start();
+    register(&ks, true).await;
+    let report = encrypted_via(ks.client("src"), ks.client("dst"), streams).await;
     // The outcome is on record, for either host to read: committed, then claimed by the
     // destination before it resumed.
     let o = ks.client("dst").outcome(report.migration_id).await.unwrap();
@@ -206,19 +235,23 @@ async fn encrypted_one_stream_with_key_service() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn encrypted_four_streams_with_key_service() {
-    encrypted_via_key_service(4).await;
+async fn encrypted_four_streams_with_an_authority() {
+    let authority = MemoryAuthority::new();
+    authority.register("dst", true);
+    let report = encrypted_via(authority.client("src"), authority.client("dst"), 4).await;
+    assert_eq!(authority.record(report.migration_id), Some(Record::Claimed));
 }
 
 /// Opportunistic policy, destination registered as unable to encrypt: plaintext, with the
 /// reason in the report, over 1 and 4 streams.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plaintext_downgrade_with_key_service() {
-    let ks = KeyService::start();
-    register(&ks, false).await;
+async fn plaintext_downgrade_with_an_authority() {
+    let authority = MemoryAuthority::new();
+    authority.register("dst", false);
     for streams in [1, 4] {
         let (sent, received, source) = migrate(
-            &ks,
+            authority.client("src"),
+            authority.client("dst"),
             EncryptionPolicy::Opportunistic,
             ReceiverKeys::None,
             streams,
@@ -234,11 +267,11 @@ async fn plaintext_downgrade_with_key_service() {
     }
 }
 
-/// Required policy, destination not registered: refused before connecting; the key
-/// service records the migration as aborted.
+/// Required policy, destination not registered: refused before connecting; the
+/// authority records the migration as aborted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn required_policy_refused_for_an_unregistered_destination() {
-    let ks = KeyService::start();
+    let authority = MemoryAuthority::new();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut source = guest();
@@ -248,7 +281,7 @@ async fn required_policy_refused_for_an_unregistered_destination() {
             vm_encrypted: false,
         })
         .key(KeySource::Service {
-            client: ks.client("src"),
+            client: authority.client("src"),
             destination: "dst".into(),
         })
         .build()
@@ -263,6 +296,9 @@ async fn required_policy_refused_for_an_unregistered_destination() {
         "{:?}",
         r.err()
     );
+    let created = authority.migrations();
+    assert_eq!(created.len(), 1);
+    assert_eq!(authority.record(created[0]), Some(Record::Aborted));
     // Nothing connected to the destination.
     assert!(
         tokio::time::timeout(Duration::from_millis(100), listener.accept())
@@ -279,10 +315,32 @@ async fn required_policy_refused_for_an_unregistered_destination() {
 async fn an_unreachable_key_service_is_found_before_the_pause() {
     let ks = KeyService::start();
     register(&ks, true).await;
+    let pid = ks.child.id().to_string();
+    unreachable_before_the_pause(ks.client("src"), ks.client("dst"), move || {
+        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+    })
+    .await;
+}
+
+/// The same with the in-memory authority going silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_authority_is_found_before_the_pause() {
+    let authority = MemoryAuthority::new();
+    authority.register("dst", true);
+    let (src, dst) = (authority.client("src"), authority.client("dst"));
+    unreachable_before_the_pause(src, dst, move || authority.set_unreachable(true)).await;
+}
+
+/// The authority stops answering (`go_silent`) 0.5 s into pre-copy of an encrypted
+/// migration from `src` to `dst`.
+async fn unreachable_before_the_pause(
+    src: Arc<dyn Authority>,
+    dst: Arc<dyn Authority>,
+    go_silent: impl FnOnce() + Send + 'static,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let receiver =
-        Receiver::new(ReceiverKeys::Service(ks.client("dst"))).timeout(Duration::from_secs(2));
+    let receiver = Receiver::new(ReceiverKeys::Service(dst)).timeout(Duration::from_secs(2));
     let rx = tokio::spawn(async move {
         receiver
             .receive(&listener, |h| {
@@ -291,10 +349,9 @@ async fn an_unreachable_key_service_is_found_before_the_pause() {
             .await
     });
     // 32 MiB at 20 MB/s: the switchover comes after about 1.7 s; the service dies at 0.5 s.
-    let pid = ks.child.id().to_string();
     tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let _ = Command::new("kill").args(["-KILL", &pid]).status();
+        go_silent();
     });
     let mut source = SyntheticGuest::start(SyntheticConfig {
         pages: 8192,
@@ -308,7 +365,7 @@ async fn an_unreachable_key_service_is_found_before_the_pause() {
             vm_encrypted: false,
         })
         .key(KeySource::Service {
-            client: ks.client("src"),
+            client: src,
             destination: "dst".into(),
         })
         .max_bandwidth(Some(20_000_000))

@@ -16,8 +16,9 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use vmotion::{KeySource, ReceiveOutcome, Receiver, ReceiverKeys, Sender};
 use vmotion_engine::ConvergencePolicy;
-use vmotion_keyservice::api::{Outcome, RegisterRequest};
-use vmotion_keyservice::{ClientIdentity, Config, KeyServiceClient, Server, pki};
+use vmotion_keyservice::{Config, Server, pki};
+use vmotion_keyservice_client::api::{Outcome, RegisterRequest};
+use vmotion_keyservice_client::{ClientIdentity, KeyServiceClient};
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
 use vmotion_proto::{EncryptionPolicy, Mode, VmPolicy};
 

@@ -12,8 +12,8 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 use vmotion_cli::sink_dir::{FileSink, SinkDir};
-use vmotion_keyservice::KeyServiceClient;
-use vmotion_keyservice::api::RegisterRequest;
+use vmotion_keyservice_client::KeyServiceClient;
+use vmotion_keyservice_client::api::RegisterRequest;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
 use vmotion_proto::message::Hello;
@@ -270,7 +270,7 @@ fn registration(can_encrypt: bool) -> RegisterRequest {
     RegisterRequest {
         can_encrypt,
         protocol_versions: vmotion_proto::frame::SUPPORTED_VERSIONS.collect(),
-        ciphers: vec![vmotion_keyservice::api::CIPHER_AES_256_GCM.into()],
+        ciphers: vec![vmotion_keyservice_client::api::CIPHER_AES_256_GCM.into()],
     }
 }
 

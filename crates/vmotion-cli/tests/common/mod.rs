@@ -144,12 +144,13 @@ impl World {
             .map(|i| u8::from_str_radix(&id[2 * i..2 * i + 2], 16).unwrap())
             .collect();
         let mid = vmotion_proto::MigrationId(bytes.try_into().unwrap());
-        let identity = vmotion_keyservice::ClientIdentity {
+        let identity = vmotion_keyservice_client::ClientIdentity {
             ca: self.p("ca.pem"),
             cert: self.p("hosts/src.pem"),
             key: self.p("hosts/src-key.pem"),
         };
-        let client = vmotion_keyservice::KeyServiceClient::new(&self.ks_url, &identity).unwrap();
+        let client =
+            vmotion_keyservice_client::KeyServiceClient::new(&self.ks_url, &identity).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -15,8 +15,7 @@ use std::time::Duration;
 
 use crate::transport::{Accept, Conn, Endpoint, Peer};
 use tracing::Instrument as _;
-use vmotion_arbiter::Arbiter;
-use vmotion_keyservice::KeyServiceClient;
+use vmotion_authority::{Arbiter, Authority};
 use vmotion_mover::Sink;
 use vmotion_proto::message::Hello;
 use vmotion_proto::{
@@ -65,8 +64,9 @@ type TunnelTarget = Arc<dyn Fn(&Hello) -> Result<Endpoint, String> + Send + Sync
 
 /// How a [`Receiver`] gets migration keys.
 pub enum ReceiverKeys {
-    /// Fetch by migration id from the key service (with this host's certificate).
-    Service(Arc<KeyServiceClient>),
+    /// Fetch by migration id from the key authority (the key service, with this host's
+    /// certificate), which is also the arbiter.
+    Service(Arc<dyn Authority>),
     /// An orchestrator handed this key in for this migration id.
     Direct {
         /// The migration.

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tracing::Instrument as _;
-use vmotion_arbiter::Arbiter;
+use vmotion_authority::Arbiter;
 use vmotion_engine::ConvergencePolicy;
 use vmotion_mover::Source;
 use vmotion_proto::{

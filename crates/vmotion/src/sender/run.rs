@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
-use vmotion_arbiter::{Arbiter, ArbiterError, Record, Transition};
+use vmotion_authority::{Arbiter, ArbiterError, Record, Transition};
 use vmotion_engine::bitmap::{split_at_chunks, stream_for};
 use vmotion_engine::{Action, ConvergencePolicy, EngineConfig, Outcome, PageRange, SenderEngine};
 use vmotion_mover::{DirtyTracking, GuestMemory, Source};

@@ -27,7 +27,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(3 * HANDSHAKE_TIMEOUT.as_s
 /// Builds the source end of a tunnel.
 ///
 /// ```no_run
-/// # async fn f(client: std::sync::Arc<vmotion_keyservice::KeyServiceClient>) -> Result<(), vmotion::MigrateError> {
+/// # async fn f(client: std::sync::Arc<dyn vmotion::Authority>) -> Result<(), vmotion::MigrateError> {
 /// use vmotion::{Endpoint, KeySource, Listener, TunnelSender};
 /// let to: Endpoint = "198.51.100.7:7000".parse().unwrap();
 /// // Negotiate first: a refused migration never opens the socket QEMU connects to.
@@ -222,7 +222,7 @@ pub struct NegotiatedTunnel {
     control: Conn,
     to: Endpoint,
     net: NetOptions,
-    _arbiter: Option<Arc<dyn vmotion_arbiter::Arbiter>>,
+    _arbiter: Option<Arc<dyn vmotion_authority::Arbiter>>,
     _in_flight: crate::in_flight::InFlightGuard,
     started: Instant,
     setup: Duration,
@@ -291,7 +291,7 @@ struct Carrier {
     linger: Duration,
     /// Held to the end: the arbiter, and this VM's in-flight slot.
     _held: (
-        Option<Arc<dyn vmotion_arbiter::Arbiter>>,
+        Option<Arc<dyn vmotion_authority::Arbiter>>,
         crate::in_flight::InFlightGuard,
     ),
 }

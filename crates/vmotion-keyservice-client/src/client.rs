@@ -12,6 +12,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
+use vmotion_authority::FetchedKey;
 use vmotion_proto::{
     DestinationCapability, KeyMaterial, MigrationId, MigrationKey, MigrationNonce,
 };
@@ -103,17 +104,6 @@ impl IssuedMigration {
             Some(_) => DestinationCapability::DoesNotEncrypt,
         }
     }
-}
-
-/// A key as the destination receives it from [`KeyServiceClient::fetch_key`].
-#[derive(Debug)]
-pub struct FetchedKey {
-    /// Key and nonce.
-    pub material: KeyMaterial,
-    /// The source host.
-    pub source: String,
-    /// The VM.
-    pub vm: String,
 }
 
 /// A client of the key service, authenticated by a host certificate.
@@ -302,7 +292,7 @@ impl KeyServiceClient {
 
     /// A host's registry entry, or `None` if it is not registered.
     pub async fn host(&self, host: &str) -> Result<Option<HostRecord>, ClientError> {
-        if !crate::pki::valid_host_name(host) {
+        if !crate::api::valid_host_name(host) {
             return Err(ClientError::Url(format!("invalid host name {host}")));
         }
         match self

@@ -239,6 +239,27 @@ pub struct ErrorBody {
     pub message: String,
 }
 
+/// Whether `name` is usable as a host identity: a lowercase DNS name whose last label is
+/// not all digits (so it can never be read as an IP address).
+pub fn valid_host_name(name: &str) -> bool {
+    let numeric_tld = name
+        .rsplit('.')
+        .next()
+        .is_some_and(|last| last.bytes().all(|b| b.is_ascii_digit()));
+    !name.is_empty()
+        && name.len() <= 253
+        && !numeric_tld
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -258,5 +279,28 @@ mod tests {
             assert_eq!(req.outcome, o);
         }
         assert!(serde_json::from_str::<OutcomeRequest>(r#"{"outcome":"Claimed"}"#).is_err());
+    }
+
+    #[test]
+    fn host_names_are_checked() {
+        for good in ["a", "host-1", "src.example.test", "x1.y2"] {
+            assert!(valid_host_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-a",
+            "a-",
+            "a..b",
+            "a b",
+            "a/b",
+            "ä",
+            "Upper",
+            "10.0.0.5",
+            "host.123",
+            "*.x",
+            &"a".repeat(64),
+        ] {
+            assert!(!valid_host_name(bad), "{bad}");
+        }
     }
 }

@@ -1,0 +1,129 @@
+//! # vmotion-authority: the keys, and who holds the VM
+//!
+//! The driver (`vmotion`) answers to one authority per migration — vCenter's role in
+//! Encrypted vMotion — and names it only through the traits here:
+//!
+//! - [`KeyAuthority`]: at the source, creates a migration (a fresh id, key and nonce, and
+//!   the host registry's word on whether the destination encrypts, DESIGN §2–3); at the
+//!   destination, hands that migration's key out, once.
+//! - [`Arbiter`]: the switchover's decisions that must happen exactly once — the source
+//!   commits, the destination claims, the source reverts, either side aborts — as
+//!   compare-and-set steps on one record per migration ([`Record`], [`Transition`];
+//!   DESIGN §9). The driver feeds its answers to the session machines of
+//!   `vmotion-session`, which decide.
+//! - [`Authority`]: both at once, which is what `vmotion::KeySource::Service` and
+//!   `vmotion::ReceiverKeys::Service` take: the authority that issued the key also keeps
+//!   the record.
+//!
+//! Implementations:
+//!
+//! - `vmotion_keyservice_client::KeyServiceClient`: the key service over mutual TLS
+//!   (`POST /v1/migrations`, `POST /v1/migrations/{id}/key`, `PUT`/`GET
+//!   /v1/migrations/{id}/outcome`).
+//! - [`MemoryAuthority`]: keys, a host registry and records in this process, one
+//!   [`MemoryClient`] per host; for tests and for orchestrators that run both ends.
+//! - [`MemoryArbiter`]: records only, for orchestrators that hand keys in directly. An
+//!   orchestrator with a record of its own implements [`Arbiter`] over it.
+
+#![forbid(unsafe_code)]
+
+mod memory;
+mod memory_authority;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use memory::MemoryArbiter;
+pub use memory_authority::{MemoryAuthority, MemoryClient};
+pub use vmotion_session::{Record, Transition};
+
+use vmotion_proto::{DestinationCapability, KeyMaterial, MigrationId};
+
+/// A boxed future, so that [`Arbiter`] and [`KeyAuthority`] can be used as trait objects.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why an arbiter gave no record.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArbiterError {
+    /// No answer (network, timeout, the service busy or shutting down): the request may or
+    /// may not have taken effect; read the record back.
+    #[error("the arbiter did not answer: {0}")]
+    Unreachable(String),
+    /// The arbiter refused the request for a reason that will not change by retrying
+    /// (this host is not a party to the migration, no such migration): it took no effect.
+    #[error("the arbiter refused: {0}")]
+    Refused(String),
+}
+
+/// Keeps the record of each migration and applies compare-and-set steps to it.
+///
+/// Both calls answer with the record **as it stands after the request**, whether the
+/// requested step won or lost the race: a lost race ([`Record::step`] is `None` from the
+/// current record) is not an error. Implementations must make a step durable before they
+/// answer with its result.
+pub trait Arbiter: Send + Sync {
+    /// The migration's record.
+    fn read(&self, id: MigrationId) -> BoxFuture<'_, Result<Record, ArbiterError>>;
+    /// Applies `t` if it is legal from the current record; answers with the record after.
+    fn ask(&self, id: MigrationId, t: Transition) -> BoxFuture<'_, Result<Record, ArbiterError>>;
+}
+
+/// Why a key authority gave no key. The message is the authority's own, whole.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthorityError {
+    /// No answer (network, TLS, timeout, the service busy): a migration may or may not
+    /// have been created; a retry, or another replica, may answer.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The authority refused, for a reason that will not change by retrying: this host
+    /// is not the migration's destination, the key was already handed out or expired, no
+    /// such migration, a request it cannot take (the destination is the caller itself).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// A migration as its source receives it from [`KeyAuthority::create_migration`].
+#[derive(Debug)]
+pub struct IssuedKey {
+    /// The id both ends use.
+    pub id: MigrationId,
+    /// Key and nonce, fresh for this migration.
+    pub material: KeyMaterial,
+    /// What the authority's host registry says of the destination, for the policy
+    /// decision (never the wire's word: DESIGN §3).
+    pub destination: DestinationCapability,
+}
+
+/// A migration's key as its destination receives it from [`KeyAuthority::fetch_key`].
+#[derive(Debug)]
+pub struct FetchedKey {
+    /// Key and nonce.
+    pub material: KeyMaterial,
+    /// The source host.
+    pub source: String,
+    /// The VM the migration was created for.
+    pub vm: String,
+}
+
+/// Issues per-migration keys. Each implementation is one host's view: the caller's
+/// identity (its certificate, its [`MemoryClient`]) says who is the source and who may
+/// fetch.
+pub trait KeyAuthority: Send + Sync {
+    /// At the source: creates the migration of `vm` from this host to `destination`, with
+    /// a fresh id, key and nonce and what the registry knows of the destination (an
+    /// unregistered destination is [`DestinationCapability::Unregistered`], not an
+    /// error).
+    fn create_migration<'a>(
+        &'a self,
+        vm: &'a str,
+        destination: &'a str,
+    ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>>;
+    /// At the destination: migration `id`'s key. Only its destination gets it, and only
+    /// once.
+    fn fetch_key(&self, id: MigrationId) -> BoxFuture<'_, Result<FetchedKey, AuthorityError>>;
+}
+
+/// A key authority that is also the arbiter of the migrations it creates.
+pub trait Authority: KeyAuthority + Arbiter {}
+
+impl<T: KeyAuthority + Arbiter + ?Sized> Authority for T {}
