@@ -11,7 +11,7 @@ use vmotion_session::{
     SourceClaim, SourceOutcome,
 };
 
-use crate::control::{ControlEvent, ControlReader, ControlWriter};
+use crate::control::{ControlEvent, ControlReader};
 
 /// One request to the arbiter never takes longer: past it, the answer is "unreachable"
 /// and the machine retries within its own deadline.
@@ -70,32 +70,18 @@ async fn until(origin: Instant, at: Option<Duration>) {
     }
 }
 
-/// Where the destination's machine starts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum DestinationStart {
-    /// `Ready` was just sent.
-    AfterReady,
-    /// A restarted destination settles a guest it kept.
-    Settle,
-}
-
-/// The destination's claim step: `Commit` (or its absence) → claim at the arbiter →
-/// `Claimed` and resume, or discard; or nothing settled.
-pub(crate) async fn destination(
-    start: DestinationStart,
+/// A restarted destination settles a guest it kept: claim at the arbiter and resume, or
+/// discard; or nothing settled. (A live migration's claim step runs inside
+/// [`vmotion_session::DestinationSession`], driven by `receiver/guest.rs`.)
+pub(crate) async fn settle(
     cfg: ClaimConfig,
     arbiter: Option<&dyn Arbiter>,
     id: MigrationId,
-    mut control: Option<(&mut ControlReader, &mut ControlWriter)>,
     sink: &mut dyn Sink,
 ) -> DestinationOutcome {
     let origin = Instant::now();
     let now = || origin.elapsed();
-    let mut m = match start {
-        DestinationStart::AfterReady => DestinationClaim::new(now(), cfg),
-        DestinationStart::Settle => DestinationClaim::settle(now(), cfg),
-    };
-    let mut listening = control.is_some();
+    let mut m = DestinationClaim::settle(now(), cfg);
     loop {
         while let Some(action) = m.poll_action() {
             match action {
@@ -105,14 +91,8 @@ pub(crate) async fn destination(
                     tracing::info!(step = %t, ?answer, "arbiter");
                     m.handle_answer(now(), answer);
                 }
-                DestinationAction::SendClaimed => {
-                    if let Some((_, w)) = control.as_mut() {
-                        if let Err(e) = w.send(FrameType::Claimed, Vec::new()).await {
-                            tracing::warn!(error = %e, "Claimed not delivered: the source will read the record");
-                        }
-                        w.finish().await;
-                    }
-                }
+                // No connection to say it on: the source reads the record.
+                DestinationAction::SendClaimed => {}
                 DestinationAction::Resume => {
                     let r = sink.control().resume().map_err(|e| e.to_string());
                     m.handle_resumed(r);
@@ -121,50 +101,18 @@ pub(crate) async fn destination(
             }
         }
         if let Some(o) = m.outcome() {
-            if let Some((_, w)) = control.as_mut() {
-                w.finish().await;
-            }
             return o.clone();
         }
-        let due = m.poll_timeout();
-        if due.is_none() && !listening {
-            return DestinationOutcome::Unsettled(format!(
-                "nothing left to wait for while waiting for {}",
-                m.waiting_for()
-            ));
+        match m.poll_timeout() {
+            Some(due) => until(origin, Some(due)).await,
+            None => {
+                return DestinationOutcome::Unsettled(format!(
+                    "nothing left to wait for while waiting for {}",
+                    m.waiting_for()
+                ));
+            }
         }
-        tokio::select! {
-            event = next_event(&mut control), if listening => match event {
-                ControlEvent::Frame(FrameType::Commit, payload) => {
-                    match vmotion_proto::message::Commit::decode(&payload) {
-                        Ok(c) => m.handle_commit(now(), c.claim_at_arbiter),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "a malformed Commit: treated as no word");
-                            listening = false;
-                            m.handle_control_lost(now());
-                        }
-                    }
-                }
-                ControlEvent::Abort(a) => m.handle_abort(&a.message),
-                other => {
-                    if let ControlEvent::Frame(t, _) = other {
-                        tracing::warn!(frame = ?t, "unexpected frame after Ready");
-                    }
-                    listening = false;
-                    m.handle_control_lost(now());
-                }
-            },
-            () = until(origin, due) => m.handle_timeout(now()),
-        }
-    }
-}
-
-async fn next_event(
-    control: &mut Option<(&mut ControlReader, &mut ControlWriter)>,
-) -> ControlEvent {
-    match control {
-        Some((r, _)) => r.next().await,
-        None => std::future::pending().await,
+        m.handle_timeout(now());
     }
 }
 

@@ -165,3 +165,26 @@ impl From<vmotion_engine::UnexpectedInput> for MigrateError {
         Self::Internal(e.to_string())
     }
 }
+
+/// A session machine's reason, as the driver's error.
+pub(crate) fn from_session(e: vmotion_session::SessionError) -> MigrateError {
+    use vmotion_session::SessionError as E;
+    match e {
+        E::PeerAborted { code, message } => {
+            vmotion_proto::Error::PeerAborted { code, message }.into()
+        }
+        E::PeerMisbehaved(p) => p.into(),
+        E::Timeout { waiting_for, after } => MigrateError::Timeout { waiting_for, after },
+        E::ControlLost {
+            waiting_for,
+            reason,
+        } => {
+            tracing::debug!(%reason, "the control connection ended");
+            MigrateError::ConnectionClosed {
+                during: waiting_for,
+            }
+        }
+        E::ArbiterUnavailable(why) => MigrateError::ArbiterUnavailable(why),
+        E::Engine(why) | E::Local { message: why, .. } => MigrateError::Internal(why),
+    }
+}

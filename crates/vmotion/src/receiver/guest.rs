@@ -1,35 +1,33 @@
 //! One guest migration at the destination, after the handshake: pre-flight (the sink),
-//! the data streams, the control stream until `Complete`, verification and persistence,
-//! `Ready`, and the claim step that decides whether the guest runs here.
+//! the data streams bound, then [`DestinationSession`] decides everything else — the
+//! control stream until `Complete`, every total and every page checked, the guest
+//! persisted, `Ready`, and the claim step. This file only carries out its steps and
+//! feeds it what the connections, the stream tasks and the timers say.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use vmotion_mover::Sink;
-use vmotion_proto::message::{Complete, DeviceStateChunk, Hello, MAX_DEVICE_STATE, Message, Ready};
-use vmotion_proto::{AbortCode, FrameType, PeerMisbehaved, ReceiverSession};
-use vmotion_session::{ClaimConfig, DestinationOutcome};
+use vmotion_proto::message::{Abort, Hello};
+use vmotion_proto::{AbortCode, FrameType, MigrationId, ReceiverSession};
+use vmotion_session::{
+    ClaimConfig, DestinationConfig, DestinationEnd, DestinationOutcome, DestinationSession,
+    DestinationStep, StreamStats,
+};
 
-use super::streams::{Activity, Received, StreamContext, StreamTasks, bind_all, run_stream};
+use super::streams::{Activity, Received, StreamContext, bind_all, run_stream};
 use super::{DataSource, Prepared, ReceiveOutcome, ReceiveReport, Receiver};
 use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::error::MigrateError;
 use crate::transport::{Accept, Conn};
 
-/// What arrived and was verified.
-struct Verified {
-    pages: u64,
-    bytes: u64,
-    device_state_len: u64,
-}
-
-const BEFORE_COMPLETE: &str = "receiving a migration, before Complete";
-
 impl Receiver {
     /// Pre-flight, now that the sender is who it claims (or the migration is plaintext,
-    /// which this host accepted): the sink must take this guest. Then everything up to
-    /// `Ready`, and the claim step. A refusal or failure goes back as a sealed `Abort`, and
-    /// a sink that was made is discarded (nothing left behind).
+    /// which this host accepted): the sink must take this guest. Then the data streams
+    /// are bound and the session machine runs to its end. A refusal or failure goes back
+    /// as a sealed `Abort`, and a sink that was made is discarded (nothing left behind).
     pub(super) async fn receive_guest<S: Sink>(
         &self,
         mut session: ReceiverSession,
@@ -42,249 +40,341 @@ impl Receiver {
         let ctrl = session.take_control()?;
         let (r, w) = control.into_split();
         let mut out = ControlWriter::new(w, ctrl.sealer, self.progress_timeout);
-        let mut unverified = match make_sink(prepare, hello) {
-            Ok(s) => Unverified(Some(s)),
+        let sink = match make_sink(prepare, hello) {
+            Ok(s) => Held::new(s),
             Err(reason) => {
                 out.abort(AbortCode::PreflightRefused, &reason).await;
                 return Err(MigrateError::PreflightRefused(reason));
             }
         };
-        let mut reader = ControlReader::spawn(r, ctrl.opener);
-        let verified = self
-            .transfer(
-                &mut session,
-                &mut data,
-                &mut reader,
-                hello,
-                unverified.sink(),
-            )
-            .await;
-        let v = match verified {
-            Ok(v) => v,
+        let reader = ControlReader::spawn(r, ctrl.opener);
+        let n = session.negotiated().streams;
+        let bound = match bind_all(&mut data, &mut session, n, self.timeout).await {
+            Ok(b) => b,
             Err(e) => {
                 out.abort_for(&e, AbortCode::DestinationFailed).await;
-                return Err(e); // `unverified` discards the sink
+                return Err(e); // `sink` is discarded
             }
         };
-        // Verified and persisted: from here the copy may be the only one allowed to run,
-        // and nothing but the claim step may discard it.
-        let mut sink = unverified.keep();
-        let ready = Ready {
-            pages: v.pages,
-            device_state_len: v.device_state_len,
+        let config = DestinationConfig {
+            streams: n,
+            guest_pages: hello.guest_pages,
+            step_timeout: self.timeout,
+            progress_timeout: self.progress_timeout,
+            claim: ClaimConfig {
+                arbiter: self.arbiter.is_some(),
+                peer_timeout: self.timeout,
+                authenticated: matches!(mode, vmotion_proto::Mode::Encrypted(_)),
+                ..self.claim
+            },
         };
-        // A Ready that may not have arrived is settled like any lost answer: the claim
-        // step asks the arbiter.
-        if let Err(e) = out.send(FrameType::Ready, ready.encode()).await {
-            tracing::warn!(error = %e, "Ready may not have reached the source");
-        }
-        let cfg = ClaimConfig {
-            arbiter: self.arbiter.is_some(),
-            peer_timeout: self.timeout,
-            authenticated: matches!(mode, vmotion_proto::Mode::Encrypted(_)),
-            ..self.claim
-        };
-        let outcome = crate::claim::destination(
-            crate::claim::DestinationStart::AfterReady,
-            cfg,
-            self.arbiter.as_deref(),
-            hello.migration_id,
-            Some((&mut reader, &mut out)),
-            &mut sink,
-        )
-        .await;
-        let report = |outcome| ReceiveReport {
+        let mut run = Arrival::start(self, hello, config, sink, reader, out, bound);
+        run.drive().await;
+        let report = |m: &DestinationSession, outcome| ReceiveReport {
             migration_id: hello.migration_id,
             vm_name: hello.vm_name.clone(),
             mode,
-            pages: v.pages,
-            bytes: v.bytes,
-            device_state_len: v.device_state_len,
+            pages: m.verified().map_or(0, |v| v.pages),
+            bytes: m.streams().values().map(|s| s.bytes).sum(),
+            device_state_len: m.verified().map_or(0, |v| v.device_state_len),
             outcome,
         };
-        let outcome = match outcome {
-            DestinationOutcome::Resumed => {
-                let r = report(ReceiveOutcome::Committed);
+        let outcome = match run.m.outcome().cloned() {
+            Some(DestinationEnd::Settled(DestinationOutcome::Resumed)) => {
+                let r = report(&run.m, ReceiveOutcome::Committed);
                 if let Some(hook) = &self.on_resumed {
                     hook(&r);
                 }
-                return Ok((r, sink));
+                return Ok((r, run.sink.take()));
             }
-            DestinationOutcome::ResumeFailed(e) => ReceiveOutcome::CommittedNotResumed(e),
-            DestinationOutcome::Discarded(why) => return Err(MigrateError::Discarded(why)),
-            DestinationOutcome::Unsettled(why) => {
+            Some(DestinationEnd::Settled(DestinationOutcome::ResumeFailed(e))) => {
+                ReceiveOutcome::CommittedNotResumed(e)
+            }
+            Some(DestinationEnd::Settled(DestinationOutcome::Discarded(why))) => {
+                return Err(MigrateError::Discarded(why));
+            }
+            Some(DestinationEnd::Settled(DestinationOutcome::Unsettled(why))) => {
                 tracing::warn!(reason = %why, "the received guest stays PAUSED and unsettled here");
                 ReceiveOutcome::Unsettled(why)
             }
+            Some(DestinationEnd::Failed(e)) => return Err(run.error(e)),
+            None => return Err(MigrateError::Internal("the session ended undecided".into())),
         };
-        Ok((report(outcome), sink))
+        let r = report(&run.m, outcome);
+        Ok((r, run.sink.take()))
     }
+}
 
-    /// Data streams bound and received, the control stream read to `Complete`, every
-    /// total checked, the device state loaded and the guest persisted.
-    async fn transfer<S: Sink>(
-        &self,
-        session: &mut ReceiverSession,
-        data: &mut DataSource<'_, impl Accept>,
-        reader: &mut ControlReader,
+/// One arriving guest: the machine, and what carries out its steps.
+struct Arrival<'a, S: Sink> {
+    m: DestinationSession,
+    origin: Instant,
+    id: MigrationId,
+    receiver: &'a Receiver,
+    sink: Held<S>,
+    reader: ControlReader,
+    listening: bool,
+    out: ControlWriter,
+    ctx: Arc<StreamContext>,
+    tasks: JoinSet<(u16, Option<StreamStats>)>,
+    failed: mpsc::Receiver<MigrateError>,
+    /// A local failure's own error (richer than the machine's sentence).
+    local: Option<MigrateError>,
+}
+
+impl<'a, S: Sink> Arrival<'a, S> {
+    fn start(
+        receiver: &'a Receiver,
         hello: &Hello,
-        sink: &mut S,
-    ) -> Result<Verified, MigrateError> {
-        let n = session.negotiated().streams;
-        let bound = bind_all(data, session, n, self.timeout).await?;
-        let (failures, mut failed) = mpsc::channel(usize::from(n).max(1));
+        config: DestinationConfig,
+        mut sink: Held<S>,
+        reader: ControlReader,
+        out: ControlWriter,
+        bound: Vec<(crate::transport::ReadHalf, vmotion_proto::Opener)>,
+    ) -> Self {
+        let (failures, failed) = mpsc::channel(usize::from(config.streams).max(1));
         let ctx = Arc::new(StreamContext {
-            memory: sink.memory(),
+            memory: sink.get().memory(),
             guest_pages: hello.guest_pages,
             received: Arc::new(Received::new(hello.guest_pages)),
             activity: Arc::new(Activity::new()),
             failures,
         });
-        let mut tasks = StreamTasks(
-            bound
-                .into_iter()
-                .map(|(r, opener)| {
-                    let id = opener.stream();
-                    (id, tokio::spawn(run_stream(r, opener, ctx.clone())))
-                })
-                .collect(),
-        );
-        let (complete, device_state) = self.until_complete(reader, &mut failed, &ctx).await?;
-        let (pages, bytes) = self
-            .verify(&mut tasks, &mut failed, &complete, &ctx.received)
-            .await?;
-        check_total("pages", complete.pages, pages)?;
-        check_total(
-            "device state bytes",
-            complete.device_state_len,
-            device_state.len() as u64,
-        )?;
-        sink.control().load_device_state(&device_state)?;
-        sink.persist()?;
-        Ok(Verified {
-            pages,
-            bytes,
-            device_state_len: device_state.len() as u64,
-        })
+        let origin = Instant::now();
+        let mut m = DestinationSession::new(Duration::ZERO, config);
+        let mut tasks = JoinSet::new();
+        for (r, opener) in bound {
+            let id = opener.stream();
+            m.handle_bound(origin.elapsed(), id);
+            let ctx = ctx.clone();
+            tasks.spawn(async move { (id, run_stream(r, opener, ctx).await) });
+        }
+        Self {
+            m,
+            origin,
+            id: hello.migration_id,
+            receiver,
+            sink,
+            reader,
+            listening: true,
+            out,
+            ctx,
+            tasks,
+            failed,
+            local: None,
+        }
     }
 
-    /// Reads the control stream until `Complete`, collecting the device state; a failing
-    /// data stream or a source silent for the progress timeout ends it.
-    async fn until_complete(
-        &self,
-        reader: &mut ControlReader,
-        failed: &mut mpsc::Receiver<MigrateError>,
-        ctx: &StreamContext,
-    ) -> Result<(Complete, Vec<u8>), MigrateError> {
-        let mut device_state = Vec::new();
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    /// Runs the machine to its end.
+    async fn drive(&mut self) {
         loop {
-            let deadline = ctx.activity.last() + self.progress_timeout;
-            tokio::select! {
-                event = reader.next() => {
-                    ctx.activity.touch();
-                    let ControlEvent::Frame(t, payload) = event else {
-                        return Err(event.into_error(BEFORE_COMPLETE));
-                    };
-                    match Message::decode(t, &payload)? {
-                        Message::IterationMarker(m) => tracing::debug!(?m, "iteration"),
-                        Message::DeviceState(c) => add_chunk(&mut device_state, &c)?,
-                        Message::Complete(c) => return Ok((c, device_state)),
-                        other => {
-                            return Err(PeerMisbehaved::UnexpectedFrame {
-                                state: BEFORE_COMPLETE,
-                                frame_type: other.frame_type(),
-                            }
-                            .into());
-                        }
-                    }
+            while let Some(step) = self.m.poll_action() {
+                self.step(step).await;
+            }
+            if self.m.outcome().is_some() {
+                return;
+            }
+            let due = self.m.poll_timeout();
+            if due.is_none() && !self.listening && self.tasks.is_empty() {
+                // Nothing can move the machine any more; its own steps are synchronous.
+                let now = self.now();
+                self.m.handle_control_lost(now, "nothing left to wait for");
+                continue;
+            }
+            self.wait(due).await;
+        }
+    }
+
+    /// Waits for the next input: the control stream, a stream task, a timer.
+    async fn wait(&mut self, due: Option<Duration>) {
+        let origin = self.origin;
+        let timer = async move {
+            match due {
+                Some(at) => tokio::time::sleep_until((origin + at).into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            event = self.reader.next(), if self.listening => self.control(event),
+            Some(e) = self.failed.recv() => self.stream_failed(e),
+            Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
+                if let Ok((id, Some(stats))) = joined {
+                    let now = self.now();
+                    self.m.handle_stream_ended(now, id, stats);
                 }
-                Some(e) = failed.recv() => return Err(e),
-                () = tokio::time::sleep_until(deadline.into()) => {
-                    if ctx.activity.last().elapsed() >= self.progress_timeout {
-                        return Err(MigrateError::Timeout {
-                            waiting_for: "pages or control frames from the source",
-                            after: self.progress_timeout,
-                        });
+            }
+            () = timer => {
+                let last = self.ctx.activity.last().saturating_duration_since(self.origin);
+                self.m.handle_activity(last);
+                let now = self.now();
+                self.m.handle_timeout(now);
+            }
+        }
+    }
+
+    fn control(&mut self, event: ControlEvent) {
+        let now = self.now();
+        self.ctx.activity.touch();
+        match event {
+            ControlEvent::Frame(t, payload) => self.m.handle_frame(now, t, &payload),
+            ControlEvent::Abort(a) => self.m.handle_peer_abort(now, &a),
+            ControlEvent::Closed => {
+                self.listening = false;
+                self.m
+                    .handle_control_lost(now, "the source ended the control stream");
+            }
+            ControlEvent::Failed(e) => {
+                self.listening = false;
+                match e {
+                    MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(p)) => {
+                        self.m.handle_misbehaved(now, p);
                     }
+                    other => self.m.handle_control_lost(now, &other.to_string()),
                 }
             }
         }
     }
 
-    /// Every stream ended with the totals `Complete` claims, and every page arrived.
-    async fn verify(
-        &self,
-        tasks: &mut StreamTasks,
-        failed: &mut mpsc::Receiver<MigrateError>,
-        complete: &Complete,
-        received: &Received,
-    ) -> Result<(u64, u64), MigrateError> {
-        check_total(
-            "streams",
-            complete.streams.len() as u64,
-            tasks.0.len() as u64,
-        )?;
-        tasks.0.sort_by_key(|(id, _)| *id);
-        let (mut pages, mut bytes) = (0, 0);
-        for (i, ((_, task), claimed)) in tasks.0.iter_mut().zip(&complete.streams).enumerate() {
-            let stream = u16::try_from(i + 1).unwrap_or(u16::MAX);
-            let stats = match tokio::time::timeout(self.timeout, task).await {
-                Err(_) => {
-                    return Err(MigrateError::Timeout {
-                        waiting_for: "a data stream's EndOfStream after Complete",
-                        after: self.timeout,
-                    });
-                }
-                Ok(Err(e)) => return Err(MigrateError::Internal(format!("a stream task: {e}"))),
-                Ok(Ok(Some(stats))) => stats,
-                Ok(Ok(None)) => {
-                    return Err(failed.try_recv().unwrap_or(MigrateError::Internal(
-                        "a data stream failed without a reason".into(),
-                    )));
-                }
-            };
-            for (what, c, r) in [
-                ("frames", claimed.frames, stats.frames),
-                ("bytes", claimed.bytes, stats.bytes),
-            ] {
-                if c != r {
-                    return Err(PeerMisbehaved::TotalsMismatch {
-                        stream,
-                        what,
-                        claimed: c,
-                        received: r,
+    fn stream_failed(&mut self, e: MigrateError) {
+        match e {
+            MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(p)) => {
+                self.m.handle_stream_misbehaved(p);
+            }
+            other => {
+                let code = other.abort_code(AbortCode::DestinationFailed);
+                self.m.handle_failure(code, other.to_string());
+                self.local.get_or_insert(other);
+            }
+        }
+    }
+
+    /// Carries out one step of the machine.
+    async fn step(&mut self, step: DestinationStep) {
+        match step {
+            DestinationStep::CountMissing => {
+                let missing = self.ctx.received.missing();
+                let now = self.now();
+                self.m.handle_missing(now, missing);
+            }
+            DestinationStep::LoadAndPersist(state) => {
+                let sink = self.sink.get();
+                let r = sink
+                    .control()
+                    .load_device_state(&state)
+                    .and_then(|()| sink.persist());
+                let now = self.now();
+                match r {
+                    // Verified and persisted: from here the copy may be the only one
+                    // allowed to run, and only the claim step may discard it.
+                    Ok(()) => {
+                        self.sink.keep();
+                        self.m.handle_persisted(now, Ok(()));
                     }
-                    .into());
+                    Err(e) => {
+                        self.m.handle_persisted(now, Err(e.to_string()));
+                        self.local.get_or_insert(e.into());
+                    }
                 }
             }
-            pages += stats.pages;
-            bytes += stats.bytes;
+            DestinationStep::Transmit(t) => self.transmit(t.frame_type, t.payload).await,
+            DestinationStep::FinishControl => self.out.finish().await,
+            DestinationStep::Read | DestinationStep::Ask(_) => {
+                let t = match step {
+                    DestinationStep::Ask(t) => Some(t),
+                    _ => None,
+                };
+                let arbiter = self.receiver.arbiter.as_deref();
+                let answer = crate::claim::consult(arbiter, self.id, t).await;
+                if let Some(t) = t {
+                    tracing::info!(step = %t, ?answer, "arbiter");
+                }
+                let now = self.now();
+                self.m.handle_answer(now, answer);
+            }
+            DestinationStep::Resume => {
+                let r = self
+                    .sink
+                    .get()
+                    .control()
+                    .resume()
+                    .map_err(|e| e.to_string());
+                self.m.handle_resumed(r);
+            }
+            DestinationStep::Discard => self.sink.discard(),
         }
-        let missing = received.missing();
-        if missing > 0 {
-            return Err(PeerMisbehaved::PagesMissing { missing }.into());
+    }
+
+    /// Sends a control frame; an `Abort` within its short deadline. A frame that does not
+    /// go out is a lost control connection to the machine.
+    async fn transmit(&mut self, frame_type: FrameType, payload: Vec<u8>) {
+        if frame_type == FrameType::Abort {
+            if let Ok(a) = Abort::decode(&payload) {
+                self.out.abort(a.code, &a.message).await;
+            }
+            return;
         }
-        Ok((pages, bytes))
+        if let Err(e) = self.out.send(frame_type, payload).await {
+            tracing::warn!(frame = ?frame_type, error = %e, "a control frame did not reach the source");
+            let now = self.now();
+            self.m.handle_control_lost(now, &e.to_string());
+        }
+    }
+
+    /// The error for a failed session: this side's own, where it was a local failure.
+    fn error(&mut self, e: vmotion_session::SessionError) -> MigrateError {
+        match (&e, self.local.take()) {
+            (vmotion_session::SessionError::Local { .. }, Some(local)) => local,
+            _ => crate::error::from_session(e),
+        }
     }
 }
 
-/// A sink before its guest is verified and persisted: discarded when dropped (a failure,
-/// or the daemon stopping mid-migration), so nothing half-received is left behind.
-struct Unverified<S: Sink>(Option<S>);
+/// The sink: discarded when dropped until the guest was verified and persisted (a
+/// failure, or the daemon stopping mid-migration), so nothing half-received is left
+/// behind; after that only the claim step's `Discard` removes it.
+struct Held<S: Sink> {
+    sink: Option<S>,
+    kept: bool,
+}
 
-impl<S: Sink> Unverified<S> {
-    fn sink(&mut self) -> &mut S {
-        self.0.as_mut().expect("a sink until it is kept")
+impl<S: Sink> Held<S> {
+    fn new(s: S) -> Self {
+        Self {
+            sink: Some(s),
+            kept: false,
+        }
     }
 
-    fn keep(mut self) -> S {
-        self.0.take().expect("a sink until it is kept")
+    fn get(&mut self) -> &mut S {
+        self.sink.as_mut().expect("a sink until it is taken")
+    }
+
+    fn keep(&mut self) {
+        self.kept = true;
+    }
+
+    fn discard(&mut self) {
+        if let Some(s) = &mut self.sink {
+            discard(s);
+        }
+        self.kept = true;
+    }
+
+    fn take(&mut self) -> S {
+        self.kept = true;
+        self.sink.take().expect("a sink until it is taken")
     }
 }
 
-impl<S: Sink> Drop for Unverified<S> {
+impl<S: Sink> Drop for Held<S> {
     fn drop(&mut self) {
-        if let Some(s) = &mut self.0 {
+        if !self.kept
+            && let Some(s) = &mut self.sink
+        {
             discard(s);
         }
     }
@@ -317,32 +407,4 @@ pub(crate) fn discard(sink: &mut dyn Sink) {
     if let Err(e) = sink.discard() {
         tracing::error!(error = %e, "could not discard the received guest");
     }
-}
-
-/// A total in `Complete` (stream 0, the control stream) against what arrived.
-fn check_total(what: &'static str, claimed: u64, received: u64) -> Result<(), MigrateError> {
-    if claimed == received {
-        return Ok(());
-    }
-    Err(PeerMisbehaved::TotalsMismatch {
-        stream: 0,
-        what,
-        claimed,
-        received,
-    }
-    .into())
-}
-
-fn add_chunk(state: &mut Vec<u8>, c: &DeviceStateChunk<'_>) -> Result<(), MigrateError> {
-    // Chunks arrive in order on the control connection; the total is bounded by the
-    // decoder (MAX_DEVICE_STATE), and memory grows only with what actually arrived.
-    if c.offset != state.len() as u64 || c.total_len > MAX_DEVICE_STATE {
-        return Err(PeerMisbehaved::MalformedPayload {
-            frame_type: FrameType::DeviceState,
-            reason: "device state chunk out of order",
-        }
-        .into());
-    }
-    state.extend_from_slice(c.data);
-    Ok(())
 }

@@ -698,15 +698,7 @@ impl Receiver {
             arbiter: self.arbiter.is_some(),
             ..self.claim
         };
-        crate::claim::destination(
-            crate::claim::DestinationStart::Settle,
-            cfg,
-            self.arbiter.as_deref(),
-            migration_id,
-            None,
-            sink,
-        )
-        .await
+        crate::claim::settle(cfg, self.arbiter.as_deref(), migration_id, sink).await
     }
 }
 

@@ -10,18 +10,12 @@ use tokio::sync::mpsc;
 use vmotion_mover::GuestMemory;
 use vmotion_proto::message::PagesView;
 use vmotion_proto::{AlignedBuf, FrameType, Opener, PeerMisbehaved, ReceiverSession, WireFrame};
+use vmotion_session::StreamStats;
 
 use super::DataSource;
 use crate::error::MigrateError;
 use crate::transport::{Accept, Conn, ReadHalf};
 use crate::wire::{read_frame, read_open};
-
-/// What one data stream delivered.
-pub(super) struct StreamStats {
-    pub(super) pages: u64,
-    pub(super) frames: u64,
-    pub(super) bytes: u64,
-}
 
 /// When the source last sent anything (a page frame or a control frame): the progress
 /// deadline counts from here.
@@ -75,19 +69,6 @@ impl Received {
             .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
             .sum();
         self.pages - have
-    }
-}
-
-/// The stream tasks, kept with their stream id (connections bind in any order, while
-/// `Complete` lists totals by stream id). Dropping them aborts every task: none keeps
-/// writing into the sink after the migration ended.
-pub(super) struct StreamTasks(pub(super) Vec<(u16, tokio::task::JoinHandle<Option<StreamStats>>)>);
-
-impl Drop for StreamTasks {
-    fn drop(&mut self) {
-        for (_, t) in &self.0 {
-            t.abort();
-        }
     }
 }
 
