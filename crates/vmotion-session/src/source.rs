@@ -565,6 +565,26 @@ impl SourceSession {
         }
     }
 
+    /// The arbiter refused the last request for good (this host is no party to the
+    /// migration, no such migration): the step took no effect and never will. A refused
+    /// commit aborts the migration (the source keeps the VM); anything else is treated as
+    /// no answer.
+    pub fn handle_refused(&mut self, now: Duration, why: String) {
+        self.clock = self.clock.max(now);
+        if self.claim.is_none() && matches!(self.waiting, Waiting::Commit { .. }) {
+            self.waiting = Waiting::Engine;
+            keep(
+                &mut self.first_error,
+                SessionError::Engine(format!("the arbiter refused the commit: {why}")),
+            );
+            if let Err(e) = self.engine.handle_outcome_recorded(now, false) {
+                self.fail_local(now, AbortCode::InternalError, e.to_string());
+            }
+            return;
+        }
+        self.handle_answer(now, Answer::Unreachable(why));
+    }
+
     /// The VM resumed (or did not).
     pub fn handle_resumed(&mut self, result: Result<(), String>) {
         if let Some(c) = self.claim.as_mut() {

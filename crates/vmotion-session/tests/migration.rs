@@ -339,3 +339,18 @@ fn the_destination_dying_after_ready_restarts_and_claims() {
     }
     panic!("no crash point left a persisted guest that the restarted destination claimed");
 }
+
+#[test]
+fn a_refused_commit_resumes_the_source() {
+    let e = run(Case {
+        refuse_commit: true,
+        ..Case::default()
+    });
+    assert!(
+        matches!(source_error(&e), Some(SessionError::Engine(why)) if why.contains("refused")),
+        "{e:?}"
+    );
+    assert!(e.running_at_source && !e.running_at_destination, "{e:?}");
+    assert_ne!(e.record, Record::Claimed);
+    check(&e, "commit refused", true, true);
+}

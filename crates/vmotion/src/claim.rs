@@ -1,17 +1,15 @@
-//! Runs the claim machines of `vmotion-session` against the arbiter, the control
-//! connection and the VM: the driver's half of the claim step.
+//! The driver's side of the arbiter: bounded requests, the abort record, and a restarted
+//! destination settling a guest it kept (the claim step of a live migration runs inside
+//! the session machines).
 
 use std::time::{Duration, Instant};
 
 use vmotion_authority::{Arbiter, ArbiterError, Record, Transition};
-use vmotion_mover::{Sink, VmControl};
-use vmotion_proto::{FrameType, MigrationId};
+use vmotion_mover::Sink;
+use vmotion_proto::MigrationId;
 use vmotion_session::{
-    Answer, ClaimConfig, DestinationAction, DestinationClaim, DestinationOutcome, SourceAction,
-    SourceClaim, SourceOutcome,
+    Answer, ClaimConfig, DestinationAction, DestinationClaim, DestinationOutcome,
 };
-
-use crate::control::{ControlEvent, ControlReader};
 
 /// One request to the arbiter never takes longer: past it, the answer is "unreachable"
 /// and the machine retries within its own deadline.
@@ -113,56 +111,5 @@ pub(crate) async fn settle(
             }
         }
         m.handle_timeout(now());
-    }
-}
-
-/// The source's claim step after `Commit`: `Claimed` (confirmed at the arbiter), or the
-/// revert when no claim came, or nothing known.
-pub(crate) async fn source(
-    cfg: ClaimConfig,
-    arbiter: Option<&dyn Arbiter>,
-    id: MigrationId,
-    reader: &mut ControlReader,
-    vm: &mut dyn VmControl,
-) -> SourceOutcome {
-    let origin = Instant::now();
-    let now = || origin.elapsed();
-    let mut m = SourceClaim::new(now(), cfg);
-    let mut listening = true;
-    loop {
-        while let Some(action) = m.poll_action() {
-            match action {
-                SourceAction::Read => m.handle_answer(now(), consult(arbiter, id, None).await),
-                SourceAction::Ask(t) => {
-                    let answer = consult(arbiter, id, Some(t)).await;
-                    tracing::info!(step = %t, ?answer, "arbiter");
-                    m.handle_answer(now(), answer);
-                }
-                SourceAction::Resume => m.handle_resumed(vm.resume().map_err(|e| e.to_string())),
-            }
-        }
-        if let Some(o) = m.outcome() {
-            return o.clone();
-        }
-        let due = m.poll_timeout();
-        if due.is_none() && !listening {
-            return SourceOutcome::Unknown(format!(
-                "nothing left to wait for while waiting for {}",
-                m.waiting_for()
-            ));
-        }
-        tokio::select! {
-            event = reader.next(), if listening => match event {
-                ControlEvent::Frame(FrameType::Claimed, _) => m.handle_claimed(now()),
-                other => {
-                    if let ControlEvent::Frame(t, _) = other {
-                        tracing::warn!(frame = ?t, "unexpected frame after Commit");
-                    }
-                    listening = false;
-                    m.handle_control_lost();
-                }
-            },
-            () = until(origin, due) => m.handle_timeout(now()),
-        }
     }
 }

@@ -205,3 +205,100 @@ async fn closed_after_end(r: &mut ReadHalf, opener: &Opener) -> ControlEvent {
         Ok(Ok(None)) | Err(_) => ControlEvent::Closed,
     }
 }
+
+/// What a session machine takes from the control connection (both
+/// `vmotion_session::SourceSession` and `DestinationSession`).
+pub(crate) trait ControlInput {
+    fn frame(&mut self, now: Duration, frame_type: FrameType, payload: &[u8]);
+    fn peer_abort(&mut self, now: Duration, abort: &Abort);
+    fn lost(&mut self, now: Duration, reason: &str);
+    fn misbehaved(&mut self, now: Duration, e: PeerMisbehaved);
+}
+
+macro_rules! control_input {
+    ($t:ty) => {
+        impl ControlInput for $t {
+            fn frame(&mut self, now: Duration, frame_type: FrameType, payload: &[u8]) {
+                self.handle_frame(now, frame_type, payload);
+            }
+            fn peer_abort(&mut self, now: Duration, abort: &Abort) {
+                self.handle_peer_abort(now, abort);
+            }
+            fn lost(&mut self, now: Duration, reason: &str) {
+                self.handle_control_lost(now, reason);
+            }
+            fn misbehaved(&mut self, now: Duration, e: PeerMisbehaved) {
+                self.handle_misbehaved(now, e);
+            }
+        }
+    };
+}
+control_input!(vmotion_session::SourceSession);
+control_input!(vmotion_session::DestinationSession);
+
+/// Feeds one control event to a session machine. After the connection's end (or a
+/// failure) nothing more comes: `listening` goes false.
+pub(crate) fn feed(
+    m: &mut impl ControlInput,
+    now: Duration,
+    event: ControlEvent,
+    listening: &mut bool,
+) {
+    match event {
+        ControlEvent::Frame(t, payload) => m.frame(now, t, &payload),
+        ControlEvent::Abort(a) => m.peer_abort(now, &a),
+        ControlEvent::Closed => {
+            *listening = false;
+            m.lost(now, "the peer ended the control stream");
+        }
+        ControlEvent::Failed(e) => {
+            *listening = false;
+            match e {
+                MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(p)) => {
+                    m.misbehaved(now, p);
+                }
+                other => m.lost(now, &other.to_string()),
+            }
+        }
+    }
+}
+
+/// How long a side whose connection just broke waits for the peer's `Abort`, which may
+/// be just behind on the control connection and says why.
+const ABORT_BEHIND: Duration = Duration::from_millis(500);
+
+/// After a failure that looks like the peer giving up (`network`): the next control
+/// event if one comes at once. `Some(true)` when it was the peer's `Abort`.
+pub(crate) async fn peer_abort_behind(
+    reader: &mut ControlReader,
+    listening: &mut bool,
+    network: bool,
+    m: &mut impl ControlInput,
+    now: impl Fn() -> Duration,
+) -> bool {
+    if !network || !*listening {
+        return false;
+    }
+    match tokio::time::timeout(ABORT_BEHIND, reader.next()).await {
+        Ok(event) => {
+            let aborted = matches!(event, ControlEvent::Abort(_));
+            feed(m, now(), event, listening);
+            aborted
+        }
+        Err(_) => false,
+    }
+}
+
+/// A failure of the network kind (reset, closed, a stalled write): often the peer
+/// giving up.
+pub(crate) fn is_network(e: &MigrateError) -> bool {
+    matches!(
+        e,
+        MigrateError::Io(_)
+            | MigrateError::ConnectionClosed { .. }
+            | MigrateError::Timeout { .. }
+            | MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(
+                PeerMisbehaved::Truncated { .. }
+            ))
+    )
+}

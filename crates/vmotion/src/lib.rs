@@ -20,6 +20,7 @@
 #![forbid(unsafe_code)]
 
 mod accept;
+mod activity;
 mod claim;
 mod connect;
 mod control;

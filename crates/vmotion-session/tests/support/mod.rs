@@ -91,6 +91,8 @@ pub(crate) struct Case {
     pub(crate) lose_answers_after: Option<Duration>,
     /// There is an arbiter at all.
     pub(crate) arbiter: bool,
+    /// The arbiter refuses the source's commit for good (this host is no party to it).
+    pub(crate) refuse_commit: bool,
 }
 
 impl Default for Case {
@@ -101,6 +103,7 @@ impl Default for Case {
             arbiter_down_at: None,
             lose_answers_after: None,
             arbiter: true,
+            refuse_commit: false,
         }
     }
 }
@@ -169,6 +172,7 @@ struct Disk {
 
 enum Event {
     SourceAnswer(Answer),
+    SourceRefused(String),
     DestinationAnswer(Answer),
     RestartAnswer(Answer),
     PagesSent { pages: u64, bytes: u64 },
@@ -571,6 +575,10 @@ impl Pair {
                 let (at, answer) = self.arbiter(None);
                 self.schedule(at, Event::SourceAnswer(answer));
             }
+            SourceStep::Ask(Transition::Commit) if self.case.refuse_commit => {
+                let at = self.now + ARBITER_LATENCY;
+                self.schedule(at, Event::SourceRefused("not a party".into()));
+            }
             SourceStep::Ask(t) => {
                 let (at, answer) = self.arbiter(Some(t));
                 self.schedule(at, Event::SourceAnswer(answer));
@@ -718,6 +726,12 @@ impl Pair {
                 if let Some(s) = self.src.as_mut() {
                     self.steps.0 += 1;
                     s.s.handle_answer(now, a);
+                }
+            }
+            Event::SourceRefused(why) => {
+                if let Some(s) = self.src.as_mut() {
+                    self.steps.0 += 1;
+                    s.s.handle_refused(now, why);
                 }
             }
             Event::DestinationAnswer(a) => {

@@ -200,7 +200,7 @@ impl<'a, S: Sink> Arrival<'a, S> {
         };
         tokio::select! {
             event = self.reader.next(), if self.listening => self.control(event),
-            Some(e) = self.failed.recv() => self.stream_failed(e),
+            Some(e) = self.failed.recv() => self.stream_failed(e).await,
             Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
                 if let Ok((id, Some(stats))) = joined {
                     let now = self.now();
@@ -219,27 +219,21 @@ impl<'a, S: Sink> Arrival<'a, S> {
     fn control(&mut self, event: ControlEvent) {
         let now = self.now();
         self.ctx.activity.touch();
-        match event {
-            ControlEvent::Frame(t, payload) => self.m.handle_frame(now, t, &payload),
-            ControlEvent::Abort(a) => self.m.handle_peer_abort(now, &a),
-            ControlEvent::Closed => {
-                self.listening = false;
-                self.m
-                    .handle_control_lost(now, "the source ended the control stream");
-            }
-            ControlEvent::Failed(e) => {
-                self.listening = false;
-                match e {
-                    MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(p)) => {
-                        self.m.handle_misbehaved(now, p);
-                    }
-                    other => self.m.handle_control_lost(now, &other.to_string()),
-                }
-            }
-        }
+        crate::control::feed(&mut self.m, now, event, &mut self.listening);
     }
 
-    fn stream_failed(&mut self, e: MigrateError) {
+    /// A data stream failed. One cut short is often the source giving up: its `Abort`,
+    /// sent before it closed the streams, may be just behind on the control connection,
+    /// and its reason is the better one.
+    async fn stream_failed(&mut self, e: MigrateError) {
+        let origin = self.origin;
+        let network = crate::control::is_network(&e);
+        let (reader, listening, m) = (&mut self.reader, &mut self.listening, &mut self.m);
+        if crate::control::peer_abort_behind(reader, listening, network, m, || origin.elapsed())
+            .await
+        {
+            return;
+        }
         match e {
             MigrateError::Protocol(vmotion_proto::Error::PeerMisbehaved(p)) => {
                 self.m.handle_stream_misbehaved(p);

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 use vmotion_mover::GuestMemory;
@@ -13,35 +13,10 @@ use vmotion_proto::{AlignedBuf, FrameType, Opener, PeerMisbehaved, ReceiverSessi
 use vmotion_session::StreamStats;
 
 use super::DataSource;
+pub(super) use crate::activity::Activity;
 use crate::error::MigrateError;
 use crate::transport::{Accept, Conn, ReadHalf};
 use crate::wire::{read_frame, read_open};
-
-/// When the source last sent anything (a page frame or a control frame): the progress
-/// deadline counts from here.
-pub(super) struct Activity {
-    origin: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    pub(super) fn new() -> Self {
-        Self {
-            origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub(super) fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.fetch_max(ms, Ordering::Relaxed);
-    }
-
-    /// When the source was last heard from.
-    pub(super) fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
 
 /// Which pages arrived at least once: checked before `Ready`, so a sender that skipped a
 /// page cannot get a commit.

@@ -16,7 +16,7 @@ use vmotion_authority::Arbiter;
 use vmotion_engine::ConvergencePolicy;
 use vmotion_mover::Source;
 use vmotion_proto::{
-    AbortCode, EpochLimits, MigrationId, SenderConfig, SenderHandshake, VmPolicy, handshake_random,
+    EpochLimits, MigrationId, SenderConfig, SenderHandshake, VmPolicy, handshake_random,
 };
 
 // Shared with the tunnel: setup in `crate::connect`, the abort record in `crate::claim`.
@@ -377,25 +377,5 @@ impl Sender {
         }
         .instrument(span)
         .await
-    }
-}
-
-/// The code and sentence of an engine abort, for the `Abort` frame.
-pub(crate) fn abort_message(reason: &vmotion_engine::AbortReason) -> (AbortCode, String) {
-    use vmotion_engine::AbortReason;
-    match reason {
-        AbortReason::Limit(l) => (
-            AbortCode::LimitExceeded,
-            format!("pre-copy did not converge ({l:?} limit)"),
-        ),
-        AbortReason::SwitchoverTimeout => (
-            AbortCode::Timeout,
-            "no Ready within the switchover timeout".into(),
-        ),
-        AbortReason::OutcomeNotRecorded => (
-            AbortCode::SourceFailed,
-            "the outcome could not be recorded".into(),
-        ),
-        AbortReason::Failure(m) => (AbortCode::SourceFailed, m.clone()),
     }
 }

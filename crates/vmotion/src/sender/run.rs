@@ -1,23 +1,26 @@
-//! The source's migration after the handshake: the engine's actions carried out on the
-//! data streams, the control connection and the VM; then the claim step.
+//! The source's migration after the handshake: [`SourceSession`] decides (the engine's
+//! steps, the control frames, every check and deadline, the claim step); this file
+//! carries out its steps on the data streams, the control connection, the VM and the
+//! arbiter, and feeds it what they say.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument as _;
-use vmotion_authority::{Arbiter, ArbiterError, Record, Transition};
-use vmotion_engine::bitmap::{split_at_chunks, stream_for};
-use vmotion_engine::{Action, ConvergencePolicy, EngineConfig, Outcome, PageRange, SenderEngine};
+use vmotion_authority::{Arbiter, ArbiterError};
+use vmotion_engine::{AbortReason, ConvergencePolicy, EngineConfig, PageRange};
 use vmotion_mover::{DirtyTracking, GuestMemory, Source};
-use vmotion_proto::message::{
-    Complete, DeviceStateChunk, IterationMarker, MarkerKind, Message, StreamTotals,
+use vmotion_proto::message::{Abort, StreamTotals};
+use vmotion_proto::{AbortCode, FrameType, MigrationId, Mode, SenderSession};
+use vmotion_session::{
+    Answer, ClaimConfig, SessionError, SourceConfig, SourceEnd, SourceOutcome, SourceSession,
+    SourceStep,
 };
-use vmotion_proto::{AbortCode, FrameType, MigrationId, Mode, PeerMisbehaved, SenderSession};
-use vmotion_session::{ClaimConfig, SourceOutcome};
 
 use super::streams::{Job, StreamConfig, Tasks, stream_task};
-use super::{NetOptions, Progress, ProgressFn, Stage, abort_message, abort_record, connect_within};
+use super::{NetOptions, Progress, ProgressFn, Stage, connect_within};
+use crate::activity::Activity;
 use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::error::MigrateError;
 use crate::report::{ClaimEvidence, MigrationReport};
@@ -45,36 +48,27 @@ pub(super) struct Settings {
     pub(super) keyless: bool,
 }
 
-/// Counted as the migration goes.
-#[derive(Default)]
-struct Totals {
-    pages: u64,
-    bytes: u64,
-    device_state_len: u64,
-    max_epoch: u32,
-}
-
 /// One migration at the source, established.
 pub(super) struct Run<'a> {
     s: Settings,
     id: MigrationId,
     mode: Mode,
+    m: SourceSession,
     source: &'a mut dyn Source,
     memory: Arc<dyn GuestMemory>,
     arbiter: Option<Arc<dyn Arbiter>>,
     out: ControlWriter,
     reader: ControlReader,
+    listening: bool,
     streams: Vec<mpsc::Sender<Job>>,
+    activity: Arc<Activity>,
     _tasks: Tasks,
-    engine: SenderEngine,
     t0: Instant,
     started: Instant,
     setup: Duration,
-    totals: Totals,
-    /// `pause` was called (it may have stopped the VM partway even if it failed).
-    paused: bool,
-    ready_seen: bool,
-    first_error: Option<MigrateError>,
+    claim_started: Option<Instant>,
+    /// A local failure's own error (richer than the machine's sentence).
+    local: Option<MigrateError>,
 }
 
 /// A data stream's task ended early (its error went to the reader, or it was cut).
@@ -84,24 +78,10 @@ fn stream_ended() -> MigrateError {
     }
 }
 
-/// Keeps an error, letting the ones about the VM's state win: the caller must learn
-/// that the VM is paused or failed to resume, whatever else went wrong.
-fn keep(first: &mut Option<MigrateError>, e: MigrateError) {
-    let critical = |e: &MigrateError| {
-        matches!(
-            e,
-            MigrateError::OutcomeUnknown(_) | MigrateError::ResumeFailed(_)
-        )
-    };
-    if first.is_none() || (critical(&e) && !first.as_ref().is_some_and(critical)) {
-        *first = Some(e);
-    }
-}
-
 impl<'a> Run<'a> {
-    /// Opens the data streams of an established session and starts the engine. A failure
-    /// here is reported to the receiver, with the receiver's own reason preferred when it
-    /// refused (its pre-flight runs once the sender is authenticated).
+    /// Opens the data streams of an established session and starts the machine. A
+    /// failure here is reported to the receiver, with the receiver's own reason preferred
+    /// when it refused (its pre-flight runs once the sender is authenticated).
     pub(super) async fn start(
         session: (SenderSession, Conn),
         to: &Endpoint,
@@ -120,8 +100,9 @@ impl<'a> Run<'a> {
         let mut reader = ControlReader::spawn(r, control.opener);
         let memory = source.memory();
         let max_payload = (negotiated.max_payload as usize).min(s.batch_bytes + 64 * 1024);
-        let (streams, tasks) = match open_streams(&mut session, to, &s, &memory, max_payload).await
-        {
+        let activity = Arc::new(Activity::new());
+        let opened = open_streams(&mut session, to, &s, &memory, max_payload, &activity).await;
+        let (streams, tasks) = match opened {
             Ok(x) => x,
             Err(e) => {
                 let e = peer_reason(&mut reader, e).await;
@@ -129,37 +110,28 @@ impl<'a> Run<'a> {
                 return Err(e);
             }
         };
-        let dirty_tracking = matches!(source.dirty_tracking(), DirtyTracking::Supported(_));
-        let engine = SenderEngine::new(
-            EngineConfig {
-                guest_pages: memory.page_count(),
-                page_size: memory.page_size(),
-                policy: s.convergence,
-                dirty_tracking,
-                switchover_timeout: s.switchover_timeout,
-                device_state_estimate: 64 * 1024,
-            },
-            Duration::ZERO,
-        );
+        let encrypted = matches!(negotiated.mode, Mode::Encrypted(_));
+        let cfg = machine_config(&s, &*memory, source, &out, arbiter.is_some(), encrypted);
+        let m = SourceSession::new(Duration::ZERO, cfg);
         Ok(Self {
-            s,
             id,
             mode: negotiated.mode,
+            m,
             source,
             memory,
             arbiter,
             out,
             reader,
+            listening: true,
             streams,
+            activity,
             _tasks: tasks,
-            engine,
             t0: Instant::now(),
             started,
             setup: started.elapsed(),
-            totals: Totals::default(),
-            paused: false,
-            ready_seen: false,
-            first_error: None,
+            claim_started: None,
+            local: None,
+            s,
         })
     }
 
@@ -167,150 +139,208 @@ impl<'a> Run<'a> {
         self.t0.elapsed()
     }
 
-    /// Runs the engine to its end, then the claim step.
+    /// Runs the machine to its end.
     pub(super) async fn drive(mut self) -> Result<MigrationReport, MigrateError> {
         loop {
-            // The receiver may end the migration at any time (an Abort, a lost control
-            // connection): notice it between steps, not only while waiting.
-            if !self.ready_seen
-                && let Ok(event) = self.reader.events.try_recv()
-            {
-                let e = event.into_error("migrating (sender), before Complete");
-                tracing::warn!(error = %e, "the receiver ended the migration");
-                self.fail(e);
+            while let Some(step) = self.m.poll_action() {
+                let stage = stage_of(&step, &self.m);
+                self.step(step).await;
+                if let Some(stage) = stage {
+                    self.report_progress(stage);
+                }
             }
-            let Some(action) = self.engine.poll_action() else {
+            if self.m.outcome().is_some() {
                 break;
-            };
-            let stage = stage_of(&action, &self.engine);
-            let result = match self.engine.switchover_deadline() {
-                None => self.step(action).await,
-                Some(d) => {
-                    let at = tokio::time::Instant::from_std(self.t0 + d);
-                    match tokio::time::timeout_at(at, self.step(action)).await {
-                        Ok(r) => r,
-                        Err(_) => {
-                            let now = self.now();
-                            self.engine.handle_tick(now);
-                            Err(MigrateError::Timeout {
-                                waiting_for: "the switchover to finish after the pause",
-                                after: self.s.switchover_timeout,
-                            })
-                        }
-                    }
-                }
-            };
-            match result {
-                Ok(()) => {
-                    if let Some(stage) = stage {
-                        self.report_progress(stage);
-                    }
-                }
-                Err(e) => {
-                    let e = peer_reason(&mut self.reader, e).await;
-                    tracing::warn!(error = %e, "migration step failed");
-                    self.fail(e);
-                }
+            }
+            if self.m.poll_timeout().is_none() && !self.listening {
+                let now = self.now();
+                self.m.handle_control_lost(now, "nothing left to wait for");
+                continue;
+            }
+            self.next_input().await;
+        }
+        self.out.finish().await;
+        self.conclude()
+    }
+
+    /// Runs `work` while feeding the machine the control connection and its timer;
+    /// gives up on `work` (drops it) as soon as the machine stops waiting for it.
+    async fn with_inputs<T>(&mut self, work: impl Future<Output = T>) -> Option<T> {
+        tokio::pin!(work);
+        let waiting = self.m.awaiting();
+        loop {
+            tokio::select! {
+                r = &mut work => return Some(r),
+                () = self.next_input() => {}
+            }
+            if self.m.awaiting() != waiting || self.m.outcome().is_some() {
+                return None;
             }
         }
-        self.conclude().await
     }
 
-    fn fail(&mut self, e: MigrateError) {
-        let now = self.now();
-        self.engine.handle_failure(now, e.to_string());
-        keep(&mut self.first_error, e);
-    }
-
-    /// Carries out one engine action.
-    async fn step(&mut self, action: Action) -> Result<(), MigrateError> {
-        match action {
-            Action::StartDirtyLog => {
-                if let DirtyTracking::Supported(log) = self.source.dirty_tracking() {
-                    log.start()?;
-                }
+    /// Waits for one input — a control event or the machine's timer — and feeds it.
+    async fn next_input(&mut self) {
+        let due = self.m.poll_timeout();
+        let t0 = self.t0;
+        let timer = async move {
+            match due {
+                Some(at) => tokio::time::sleep_until((t0 + at).into()).await,
+                None => std::future::pending().await,
             }
-            Action::StopDirtyLog => {
-                if let DirtyTracking::Supported(log) = self.source.dirty_tracking() {
-                    log.stop()?;
-                }
-            }
-            Action::FetchDirtyLog => {
-                let DirtyTracking::Supported(log) = self.source.dirty_tracking() else {
-                    return Err(MigrateError::Internal("the dirty log vanished".into()));
-                };
-                let dirty = log.fetch_and_clear()?;
-                self.engine.handle_dirty_log(self.t0.elapsed(), &dirty)?;
-            }
-            Action::SendPages {
-                iteration, ranges, ..
-            } => self.send_pages(iteration, ranges).await?,
-            Action::SetThrottle(p) => self.source.control().throttle(p)?,
-            Action::Pause => self.pause().await?,
-            // Resume only what was paused: an abort before the pause leaves a running VM.
-            Action::Resume if self.paused => self
-                .source
-                .control()
-                .resume()
-                .map_err(|e| MigrateError::ResumeFailed(e.to_string()))?,
-            Action::Resume => {}
-            Action::SendDeviceState => self.send_device_state().await?,
-            Action::SendComplete => self.complete().await?,
-            Action::RecordOutcome(Outcome::Committed) => {
-                let recorded = self.record_committed().await?;
-                self.engine
-                    .handle_outcome_recorded(self.t0.elapsed(), recorded)?;
-            }
-            Action::RecordOutcome(Outcome::Aborted) => {
-                abort_record(self.arbiter.as_deref(), self.id).await;
-            }
-            Action::SendCommit => {
-                // The commit point has passed: a lost Commit is settled by the claim step,
-                // never a reason to resume here.
-                let commit = vmotion_proto::message::Commit {
-                    claim_at_arbiter: self.s.claim_at_arbiter,
-                };
-                match self.out.send(FrameType::Commit, commit.encode()).await {
-                    Ok(()) => self.out.finish().await,
-                    Err(e) => tracing::warn!(error = %e, "Commit not delivered"),
-                }
-            }
-            Action::SendAbort(reason) => {
-                let (code, message) = abort_message(&reason);
-                self.out.abort(code, &message).await;
-            }
-        }
-        Ok(())
-    }
-
-    /// One pre-copy iteration (or the final pass): pages split at chunk boundaries onto
-    /// their streams, between two iteration markers. A word from the receiver (an
-    /// `Abort`) ends the wait at once, however blocked a data write is.
-    async fn send_pages(
-        &mut self,
-        iteration: u32,
-        ranges: Vec<PageRange>,
-    ) -> Result<(), MigrateError> {
-        let marker = |kind, pages| IterationMarker {
-            iteration,
-            kind,
-            pages,
         };
-        self.out
-            .send(
-                FrameType::IterationMarker,
-                marker(MarkerKind::Start, 0).encode(),
-            )
-            .await?;
-        let n = self.s.streams;
-        let mut per_stream = vec![Vec::new(); usize::from(n)];
-        for r in ranges {
-            for piece in split_at_chunks(r, self.s.chunk_pages) {
-                let s = stream_for(piece.start, self.s.chunk_pages, n);
-                per_stream[usize::from(s - 1)].push(piece);
+        tokio::select! {
+            event = self.reader.next(), if self.listening => self.control(event),
+            () = timer => {
+                let last = self.activity.last().saturating_duration_since(self.t0);
+                self.m.handle_activity(last);
+                let now = self.now();
+                self.m.handle_timeout(now);
             }
         }
-        let streams = &self.streams;
+    }
+
+    fn control(&mut self, event: ControlEvent) {
+        let now = self.now();
+        crate::control::feed(&mut self.m, now, event, &mut self.listening);
+    }
+
+    /// A step failed here. A failure on the network is often the receiver giving up: if
+    /// its `Abort` arrives at once, its reason is the better one.
+    async fn failed(&mut self, e: MigrateError) {
+        let t0 = self.t0;
+        let network = crate::control::is_network(&e);
+        let (reader, listening, m) = (&mut self.reader, &mut self.listening, &mut self.m);
+        if crate::control::peer_abort_behind(reader, listening, network, m, || t0.elapsed()).await {
+            return;
+        }
+        tracing::warn!(error = %e, "migration step failed");
+        let now = self.now();
+        self.m
+            .handle_failure(now, e.abort_code(AbortCode::SourceFailed), e.to_string());
+        self.local.get_or_insert(e);
+    }
+
+    /// Carries out one step of the machine.
+    async fn step(&mut self, step: SourceStep) {
+        let now = self.now();
+        match step {
+            SourceStep::StartDirtyLog | SourceStep::StopDirtyLog | SourceStep::FetchDirtyLog => {
+                self.dirty_log(&step)
+            }
+            SourceStep::SetThrottle(p) => {
+                if let Err(e) = self.source.control().throttle(p) {
+                    self.failed(e.into()).await;
+                }
+            }
+            SourceStep::SendPages { per_stream, .. } => self.send_pages(per_stream).await,
+            SourceStep::Pause => match self.source.control().pause() {
+                Ok(()) => self.m.handle_paused(now),
+                Err(e) => self.failed(e.into()).await,
+            },
+            SourceStep::SaveDeviceState => match self.source.control().save_device_state() {
+                Ok(state) => self.m.handle_device_state(now, &state),
+                Err(e) => self.failed(e.into()).await,
+            },
+            SourceStep::EndStreams => self.end_streams().await,
+            SourceStep::Resume => {
+                let r = self.source.control().resume().map_err(|e| e.to_string());
+                self.m.handle_resumed(r);
+            }
+            SourceStep::Read => self.ask(None).await,
+            SourceStep::Ask(t) => self.ask(Some(t)).await,
+            SourceStep::Notify(t) => {
+                let a = self.arbiter.clone();
+                if let Some(a) = a
+                    && let Err(e) = crate::claim::record(&*a, self.id, Some(t)).await
+                {
+                    tracing::warn!(step = %t, error = %e, "could not record");
+                }
+            }
+            SourceStep::Transmit(t) => self.transmit(t.frame_type, t.payload).await,
+            SourceStep::FinishControl => self.out.finish().await,
+        }
+    }
+
+    fn dirty_log(&mut self, step: &SourceStep) {
+        let now = self.now();
+        let DirtyTracking::Supported(log) = self.source.dirty_tracking() else {
+            if matches!(step, SourceStep::FetchDirtyLog) {
+                self.m.handle_failure(
+                    now,
+                    AbortCode::InternalError,
+                    "the dirty log vanished".into(),
+                );
+            }
+            return;
+        };
+        let r = match step {
+            SourceStep::StartDirtyLog => log.start(),
+            SourceStep::StopDirtyLog => log.stop(),
+            _ => match log.fetch_and_clear() {
+                Ok(dirty) => {
+                    self.m.handle_dirty_log(now, &dirty);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(e) = r {
+            self.m
+                .handle_failure(now, AbortCode::SourceFailed, e.to_string());
+            self.local.get_or_insert(e.into());
+        }
+    }
+
+    /// Asks the arbiter (bounded); the answer goes to the machine. A refusal (the step
+    /// took no effect and never will) is told apart from no answer.
+    async fn ask(&mut self, t: Option<vmotion_session::Transition>) {
+        let (a, id) = (self.arbiter.clone(), self.id);
+        let request = async move {
+            match a {
+                Some(a) => crate::claim::record(&*a, id, t).await,
+                None => Err(ArbiterError::Unreachable("there is no arbiter".into())),
+            }
+        };
+        let Some(answer) = self.with_inputs(request).await else {
+            return;
+        };
+        if let Some(t) = t {
+            tracing::info!(step = %t, ?answer, "arbiter");
+        }
+        let now = self.now();
+        match answer {
+            Ok(r) => self.m.handle_answer(now, Answer::Record(r)),
+            Err(ArbiterError::Refused(why)) => self.m.handle_refused(now, why),
+            Err(e) => self
+                .m
+                .handle_answer(now, Answer::Unreachable(e.to_string())),
+        }
+    }
+
+    /// Sends a control frame; an `Abort` within its short deadline. `Commit` starts the
+    /// claim step's clock.
+    async fn transmit(&mut self, frame_type: FrameType, payload: Vec<u8>) {
+        if frame_type == FrameType::Abort {
+            if let Ok(a) = Abort::decode(&payload) {
+                self.out.abort(a.code, &a.message).await;
+            }
+            return;
+        }
+        if frame_type == FrameType::Commit {
+            self.claim_started = Some(Instant::now());
+        }
+        if let Err(e) = self.out.send(frame_type, payload).await {
+            tracing::warn!(frame = ?frame_type, error = %e, "a control frame did not reach the destination");
+            let now = self.now();
+            self.m.handle_control_lost(now, &e.to_string());
+        }
+    }
+
+    /// One batch of pages, each stream's share on its stream. A word from the receiver
+    /// (an `Abort`) ends the wait at once, however blocked a data write is.
+    async fn send_pages(&mut self, per_stream: Vec<Vec<PageRange>>) {
+        let streams = self.streams.clone();
         let work = async move {
             let mut waits = Vec::new();
             for (tx, ranges) in streams.iter().zip(per_stream) {
@@ -328,76 +358,23 @@ impl<'a> Run<'a> {
             }
             Ok::<_, MigrateError>((pages, bytes))
         };
-        let (pages, bytes) = tokio::select! {
-            r = work => r?,
-            event = self.reader.next() => return Err(event.into_error("sending pages")),
-        };
-        self.totals.pages += pages;
-        self.totals.bytes += bytes;
-        self.out
-            .send(
-                FrameType::IterationMarker,
-                marker(MarkerKind::End, pages).encode(),
-            )
-            .await?;
-        self.engine
-            .handle_pages_sent(self.t0.elapsed(), pages, bytes)?;
-        Ok(())
-    }
-
-    /// Pauses the VM — only once the arbiter has answered: a source that cannot record
-    /// the switchover must not stop the VM for one.
-    async fn pause(&mut self) -> Result<(), MigrateError> {
-        if let Some(a) = &self.arbiter {
-            match crate::claim::record(&**a, self.id, None).await {
-                Ok(Record::Open) => {}
-                Ok(r) => {
-                    return Err(MigrateError::ArbiterUnavailable(format!(
-                        "its record of this migration already says `{r}`"
-                    )));
-                }
-                Err(e) => return Err(MigrateError::ArbiterUnavailable(e.to_string())),
+        match self.with_inputs(work).await {
+            Some(Ok((pages, bytes))) => {
+                let now = self.now();
+                self.m.handle_pages_sent(now, pages, bytes);
             }
+            Some(Err(e)) => self.failed(e).await,
+            None => {}
         }
-        self.paused = true;
-        self.source.control().pause()?;
-        self.engine.handle_paused(self.t0.elapsed())?;
-        Ok(())
     }
 
-    /// Saves the device state and sends it in chunks on the control connection.
-    async fn send_device_state(&mut self) -> Result<(), MigrateError> {
-        let state = self.source.control().save_device_state()?;
-        let chunk = self.out.max_payload() as usize - 16;
-        let total_len = state.len() as u64;
-        let mut offset = 0usize;
-        loop {
-            let end = (offset + chunk).min(state.len());
-            let c = DeviceStateChunk {
-                offset: offset as u64,
-                total_len,
-                data: &state[offset..end],
-            };
-            self.out.send(FrameType::DeviceState, c.encode()).await?;
-            offset = end;
-            if offset >= state.len() {
-                break;
-            }
-        }
-        self.totals.device_state_len = total_len;
-        self.engine
-            .handle_device_state_sent(self.t0.elapsed(), total_len)?;
-        Ok(())
-    }
-
-    /// Ends every data stream, sends `Complete` with their totals and waits for `Ready`
-    /// (the switchover deadline bounds the wait).
-    async fn complete(&mut self) -> Result<(), MigrateError> {
-        let streams = &self.streams;
-        let ends = async move {
+    /// Ends every data stream with its `EndOfStream`; their totals go into `Complete`.
+    async fn end_streams(&mut self) {
+        let streams = self.streams.clone();
+        let work = async move {
             let mut totals: Vec<StreamTotals> = Vec::new();
             let mut max_epoch = 0;
-            for tx in streams {
+            for tx in &streams {
                 let (done, wait) = oneshot::channel();
                 tx.send(Job::End { done })
                     .await
@@ -408,147 +385,90 @@ impl<'a> Run<'a> {
             }
             Ok::<_, MigrateError>((totals, max_epoch))
         };
-        let (totals, max_epoch) = tokio::select! {
-            r = ends => r?,
-            event = self.reader.next() => return Err(event.into_error("ending the data streams")),
-        };
-        self.totals.max_epoch = max_epoch;
-        let complete = Complete {
-            iterations: u32::try_from(self.engine.report().iterations.len() + 1)
-                .unwrap_or(u32::MAX),
-            pages: self.totals.pages,
-            device_state_len: self.totals.device_state_len,
-            streams: totals,
-        };
-        self.out
-            .send(FrameType::Complete, complete.encode()?)
-            .await?;
-        let payload = match self.reader.next().await {
-            ControlEvent::Frame(FrameType::Ready, p) => p,
-            // Not Ready: whatever came (an Abort, a close) ends the migration.
-            other => return Err(other.into_error("waiting for Ready")),
-        };
-        let Message::Ready(ready) = Message::decode(FrameType::Ready, &payload)? else {
-            return Err(MigrateError::Internal(
-                "Ready decoded as another message".into(),
-            ));
-        };
-        for (what, claimed, sent) in [
-            ("pages", ready.pages, self.totals.pages),
-            (
-                "device state bytes",
-                ready.device_state_len,
-                self.totals.device_state_len,
-            ),
-        ] {
-            if claimed != sent {
-                return Err(PeerMisbehaved::TotalsMismatch {
-                    stream: 0,
-                    what,
-                    claimed,
-                    received: sent,
-                }
-                .into());
+        match self.with_inputs(work).await {
+            Some(Ok((totals, epoch))) => {
+                let now = self.now();
+                self.m.handle_streams_ended(now, totals, epoch);
             }
+            Some(Err(e)) => self.failed(e).await,
+            None => {}
         }
-        self.ready_seen = true;
-        self.engine.handle_ready(self.t0.elapsed())?;
-        Ok(())
     }
 
-    /// Records `committed`: `Ok(true)` once it is on record, `Ok(false)` only when it
-    /// definitely is not (recorded as aborted — by a destination that gave up — or
-    /// refused). A lost answer is *unknown*: the step is retried (it is idempotent) and
-    /// read back; if it stays unknown the VM is left paused — resuming could run it twice.
-    async fn record_committed(&mut self) -> Result<bool, MigrateError> {
-        let Some(a) = self.arbiter.clone() else {
-            return Ok(true);
-        };
-        for attempt in 1..=6u32 {
-            match crate::claim::record(&*a, self.id, Some(Transition::Commit)).await {
-                Ok(Record::Committed | Record::Claimed | Record::Reverted) => return Ok(true),
-                Ok(Record::Aborted) => return Ok(false),
-                Ok(Record::Open) => tracing::warn!(attempt, "the commit did not take; retrying"),
-                Err(ArbiterError::Refused(e)) => {
-                    tracing::warn!(error = %e, "the arbiter refused the commit");
-                    return Ok(false);
-                }
-                Err(ArbiterError::Unreachable(e)) => {
-                    tracing::warn!(error = %e, attempt, "the commit is unanswered")
-                }
+    /// The machine's end, as the caller's result.
+    fn conclude(mut self) -> Result<MigrationReport, MigrateError> {
+        let end = self.m.outcome().cloned();
+        match end {
+            Some(SourceEnd::Committed(SourceOutcome::Claimed)) => {
+                self.report_progress(Stage::Done);
+                Ok(self.report())
             }
-            tokio::time::sleep(Duration::from_millis(250) * attempt).await;
+            Some(SourceEnd::Committed(SourceOutcome::Reverted)) => {
+                Err(MigrateError::Reverted(format!(
+                    "no claim from the destination within {:?} of Commit",
+                    self.s.claim_timeout
+                )))
+            }
+            Some(SourceEnd::Committed(SourceOutcome::RevertedNotResumed(e))) => {
+                Err(MigrateError::ResumeFailed(e))
+            }
+            Some(SourceEnd::Committed(SourceOutcome::Unknown(why))) => {
+                Err(MigrateError::OutcomeUnknown(format!(
+                    "{why}; the VM is left PAUSED at the source: it runs at the destination \
+                     if the arbiter's record of migration {} says `claimed`, and may be \
+                     resumed here only once it says `reverted`",
+                    self.id
+                )))
+            }
+            Some(SourceEnd::CommitUnknown(_)) => Err(MigrateError::OutcomeUnknown(format!(
+                "the commit of migration {id} could be neither recorded nor read back; the VM \
+                 is left PAUSED at the source. Read `GET /v1/migrations/{id}/outcome` at the \
+                 key service: resume the source only after recording `aborted` there",
+                id = self.id
+            ))),
+            Some(SourceEnd::Aborted {
+                resume_failed: Some(e),
+                ..
+            }) => Err(MigrateError::ResumeFailed(e)),
+            Some(SourceEnd::Aborted { error, .. }) => Err(self.abort_error(error)),
+            None => Err(MigrateError::Internal("the session ended undecided".into())),
         }
-        Err(MigrateError::OutcomeUnknown(format!(
-            "the commit of migration {id} could be neither recorded nor read back; the VM is \
-             left PAUSED at the source. Read `GET /v1/migrations/{id}/outcome` at the key \
-             service: resume the source only after recording `aborted` there",
-            id = self.id
-        )))
     }
 
-    /// The end: an aborted migration's error, or the claim step after a commit.
-    async fn conclude(mut self) -> Result<MigrationReport, MigrateError> {
-        let report = self.engine.report().clone();
-        if self.engine.outcome() != Some(Outcome::Committed) {
-            self.out.finish().await;
-            return Err(self
-                .first_error
-                .take()
-                .unwrap_or_else(|| engine_abort(report.abort_reason.as_ref())));
+    /// Why an aborted migration aborted: this side's own error for a local failure, the
+    /// engine's limit for its own decisions, else the machine's reason.
+    fn abort_error(&mut self, error: SessionError) -> MigrateError {
+        match (error, self.local.take()) {
+            (SessionError::Local { .. }, Some(local)) => local,
+            (SessionError::Engine(why), _) => {
+                engine_abort(self.m.report().abort_reason.as_ref(), why)
+            }
+            (other, _) => crate::error::from_session(other),
         }
-        let cfg = ClaimConfig {
-            arbiter: self.s.claim_at_arbiter,
-            peer_timeout: self.s.claim_timeout,
-            authenticated: matches!(self.mode, Mode::Encrypted(_)),
-            ..ClaimConfig::default()
-        };
-        let claim_started = Instant::now();
-        let outcome = crate::claim::source(
-            cfg,
-            self.arbiter.as_deref(),
-            self.id,
-            &mut self.reader,
-            self.source.control(),
-        )
-        .in_current_span()
-        .await;
-        self.out.finish().await;
+    }
+
+    fn report(&self) -> MigrationReport {
         let evidence = if self.s.claim_at_arbiter {
             ClaimEvidence::Arbiter
         } else {
             ClaimEvidence::Destination
         };
-        match outcome {
-            SourceOutcome::Claimed => {
-                self.report_progress(Stage::Done);
-                let mut done = MigrationReport::new(
-                    self.id,
-                    &self.s.vm_name,
-                    self.mode,
-                    self.s.streams,
-                    report,
-                    self.totals.bytes,
-                    self.totals.max_epoch,
-                    self.started.elapsed(),
-                    self.setup,
-                    (evidence, claim_started.elapsed()),
-                );
-                done.keyless = self.s.keyless;
-                Ok(done)
-            }
-            SourceOutcome::Reverted => Err(MigrateError::Reverted(format!(
-                "no claim from the destination within {:?} of Commit",
-                self.s.claim_timeout
-            ))),
-            SourceOutcome::RevertedNotResumed(e) => Err(MigrateError::ResumeFailed(e)),
-            SourceOutcome::Unknown(why) => Err(MigrateError::OutcomeUnknown(format!(
-                "{why}; the VM is left PAUSED at the source: it runs at the destination if \
-                 the arbiter's record of migration {} says `claimed`, and may be resumed \
-                 here only once it says `reverted`",
-                self.id
-            ))),
-        }
+        let totals = self.m.totals();
+        let claim = self.claim_started.map(|t| t.elapsed()).unwrap_or_default();
+        let mut done = MigrationReport::new(
+            self.id,
+            &self.s.vm_name,
+            self.mode,
+            self.s.streams,
+            self.m.report().clone(),
+            totals.bytes,
+            totals.max_epoch,
+            self.started.elapsed(),
+            self.setup,
+            (evidence, claim),
+        );
+        done.keyless = self.s.keyless;
+        done
     }
 
     /// Progress after each step that changes what a person would want to see.
@@ -556,26 +476,28 @@ impl<'a> Run<'a> {
         let Some(progress) = &self.s.progress else {
             return;
         };
-        let r = self.engine.report();
+        let engine = self.m.engine();
+        let r = engine.report();
         let last = r.iterations.last();
         let page = self.memory.page_size();
         let guest_bytes = self.memory.page_count() * page;
+        let sent = self.m.totals().bytes;
         let remaining_bytes = match (stage, last) {
             (Stage::Done, _) => 0,
             (_, Some(it)) if it.dirty_after > 0 || r.iterations.len() > 1 => it.dirty_after * page,
             (_, Some(_)) => 0,
-            (_, None) => guest_bytes.saturating_sub(self.totals.bytes),
+            (_, None) => guest_bytes.saturating_sub(sent),
         };
         let throughput = last.and_then(|it| it.bandwidth()).unwrap_or(0.0);
         (progress.0)(&Progress {
             stage,
             iteration: u32::try_from(r.iterations.len()).unwrap_or(u32::MAX),
-            bytes_sent: self.totals.bytes,
+            bytes_sent: sent,
             guest_bytes,
             remaining_bytes,
             dirty_rate_pages: last.and_then(|it| it.dirty_rate()).unwrap_or(0.0),
             throughput,
-            throttle_percent: self.engine.throttle_percent(),
+            throttle_percent: engine.throttle_percent(),
             elapsed: self.started.elapsed(),
             eta: (throughput > 0.0)
                 .then(|| Duration::from_secs_f64(remaining_bytes as f64 / throughput)),
@@ -583,19 +505,52 @@ impl<'a> Run<'a> {
     }
 }
 
-/// The stage a person sees after `action`.
-fn stage_of(action: &Action, engine: &SenderEngine) -> Option<Stage> {
-    match action {
-        Action::FetchDirtyLog if engine.switchover_deadline().is_none() => Some(Stage::PreCopy),
-        Action::Pause | Action::SendDeviceState => Some(Stage::StopAndCopy),
-        Action::SendComplete | Action::RecordOutcome(Outcome::Committed) => Some(Stage::Switchover),
+/// The session machine's configuration, from the builder's settings.
+fn machine_config(
+    s: &Settings,
+    memory: &dyn GuestMemory,
+    source: &mut dyn Source,
+    out: &ControlWriter,
+    arbiter: bool,
+    encrypted: bool,
+) -> SourceConfig {
+    SourceConfig {
+        engine: EngineConfig {
+            guest_pages: memory.page_count(),
+            page_size: memory.page_size(),
+            policy: s.convergence,
+            dirty_tracking: matches!(source.dirty_tracking(), DirtyTracking::Supported(_)),
+            switchover_timeout: s.switchover_timeout,
+            device_state_estimate: 64 * 1024,
+        },
+        streams: s.streams,
+        chunk_pages: s.chunk_pages,
+        device_state_chunk: out.max_payload() as usize - 16,
+        progress_timeout: s.progress_timeout,
+        arbiter,
+        claim: ClaimConfig {
+            arbiter: s.claim_at_arbiter,
+            peer_timeout: s.claim_timeout,
+            authenticated: encrypted,
+            ..ClaimConfig::default()
+        },
+    }
+}
+
+/// The stage a person sees after `step`.
+fn stage_of(step: &SourceStep, m: &SourceSession) -> Option<Stage> {
+    match step {
+        SourceStep::FetchDirtyLog if !m.paused() => Some(Stage::PreCopy),
+        SourceStep::Pause | SourceStep::SaveDeviceState => Some(Stage::StopAndCopy),
+        SourceStep::EndStreams | SourceStep::Ask(vmotion_session::Transition::Commit) => {
+            Some(Stage::Switchover)
+        }
         _ => None,
     }
 }
 
 /// The error for an abort the engine decided itself.
-fn engine_abort(reason: Option<&vmotion_engine::AbortReason>) -> MigrateError {
-    use vmotion_engine::AbortReason;
+fn engine_abort(reason: Option<&AbortReason>, why: String) -> MigrateError {
     match reason {
         Some(AbortReason::Limit(l)) => MigrateError::DidNotConverge(format!("{l:?}")),
         Some(AbortReason::SwitchoverTimeout) => MigrateError::Timeout {
@@ -604,12 +559,12 @@ fn engine_abort(reason: Option<&vmotion_engine::AbortReason>) -> MigrateError {
         },
         Some(AbortReason::OutcomeNotRecorded) => MigrateError::CommitRefused,
         Some(AbortReason::Failure(m)) => MigrateError::Internal(m.clone()),
-        None => MigrateError::Internal("the engine ended without an outcome".into()),
+        None => MigrateError::Internal(why),
     }
 }
 
-/// A step failed on the network: if the receiver said why (an `Abort` arriving at once),
-/// its reason is the better error.
+/// A step failed on the network before the machine ran: if the receiver said why (an
+/// `Abort` arriving at once), its reason is the better error.
 async fn peer_reason(reader: &mut ControlReader, e: MigrateError) -> MigrateError {
     if !matches!(
         e,
@@ -631,6 +586,7 @@ async fn open_streams(
     s: &Settings,
     memory: &Arc<dyn GuestMemory>,
     max_payload: usize,
+    activity: &Arc<Activity>,
 ) -> Result<(Vec<mpsc::Sender<Job>>, Tasks), MigrateError> {
     let mut streams = Vec::new();
     let mut tasks = Tasks(Vec::new());
@@ -645,6 +601,7 @@ async fn open_streams(
             max_payload,
             bytes_per_second: s.max_bandwidth.map(|b| b as f64 / f64::from(s.streams)),
             write_timeout: s.progress_timeout,
+            activity: activity.clone(),
         };
         tasks.0.push(tokio::spawn(
             stream_task(w, channel.sealer, memory.clone(), rx, cfg).in_current_span(),

@@ -59,6 +59,8 @@ pub(super) struct StreamConfig {
     /// A write that makes no progress for this long fails the stream (a peer that stopped
     /// reading, a path that black-holes).
     pub(super) write_timeout: Duration,
+    /// Touched after every write: the session's progress deadline reads it.
+    pub(super) activity: Arc<crate::activity::Activity>,
 }
 
 /// One data stream: reads pages from guest memory straight into batches, seals them and
@@ -164,6 +166,7 @@ async fn send_pages(
         let payload = builder.finish();
         let (h, t) = sealer.seal_in_place(FrameType::Pages, payload)?;
         bounded(cfg.write_timeout, write_parts(w, &h, payload, &t)).await?;
+        cfg.activity.touch();
         let n = (payload.len() + 40) as u64;
         if let Some(wait) = cfg.bytes_per_second.and_then(|rate| pacer.after(n, rate)) {
             tokio::time::sleep(wait).await;
