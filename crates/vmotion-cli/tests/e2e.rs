@@ -392,6 +392,36 @@ fn a_kvm_micro_vm_migrates_between_the_binaries() {
     drop(recv);
 }
 
+/// A synthetic guest sent to a daemon that runs micro-VMs is refused in pre-flight (exit 3,
+/// nothing sent, the source never paused), with the reason, not at the device state.
+#[test]
+fn a_guest_the_kvm_sink_cannot_run_is_refused_before_any_page() {
+    if let Err(why) = vmotion_vmm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let w = World::new();
+    let mut cmd = Command::new(RECV);
+    cmd.args(["--listen", "127.0.0.1:0", "--sink", "kvm"])
+        .args(w.identity("dst"));
+    let (_recv, addr) = spawn_listening(&mut cmd);
+    w.policy("synthetic", "encryption = \"required\"\n");
+    let o = w.send("synthetic", &addr, true, &["--json"]);
+    expect(
+        &o,
+        3,
+        &[
+            "kvm sink runs vmotion-vmm micro-VMs",
+            "synthetic test guest",
+        ],
+    );
+    assert!(
+        !text(&o).contains("paused"),
+        "refused before the pause: {}",
+        text(&o)
+    );
+}
+
 /// A sender without a key service has no key: it says so, instead of blaming a destination
 /// that may well encrypt (this one is registered and able to).
 #[test]

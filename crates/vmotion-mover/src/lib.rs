@@ -108,6 +108,11 @@ pub trait Source: Send {
     fn dirty_tracking(&mut self) -> DirtyTracking<'_>;
     /// VM control.
     fn control(&mut self) -> &mut dyn VmControl;
+    /// What its device state describes, announced in the `Hello` so that a destination
+    /// that cannot run it refuses before the pause.
+    fn device_model(&self) -> vmotion_proto::DeviceModel {
+        vmotion_proto::DeviceModel::Unspecified
+    }
 }
 
 /// Everything the destination side needs from a mover: where an incoming guest goes.

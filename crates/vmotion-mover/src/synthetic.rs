@@ -479,4 +479,8 @@ impl Source for SyntheticGuest {
     fn control(&mut self) -> &mut dyn VmControl {
         self
     }
+
+    fn device_model(&self) -> vmotion_proto::DeviceModel {
+        vmotion_proto::DeviceModel::Synthetic
+    }
 }

@@ -77,6 +77,8 @@ pub struct SenderConfig {
     pub streams: u16,
     /// Guest memory or a tunnel (whose guest size must be 0).
     pub kind: MigrationKind,
+    /// What the device state describes ([`DeviceModel::Unspecified`] for a tunnel).
+    pub device: crate::DeviceModel,
     /// Key-update budgets to propose.
     pub limits: EpochLimits,
     /// 32 fresh random bytes for this handshake ([`crate::handshake_random`]). They make
@@ -360,6 +362,7 @@ impl SenderHandshake {
             limits: config.limits,
             vm_name: config.vm_name.clone(),
             kind: config.kind,
+            device: config.device,
         };
         let mut sealer = Sealer::new(&handshake_record(0, HANDSHAKE_VERSION));
         let frame = sealer.seal(FrameType::Hello, hello.encode()?)?;

@@ -75,7 +75,7 @@ pub use handshake::{
     SenderConfig, SenderExpectKeyConfirm, SenderHandshake, SenderNext, SenderSession, StepResult,
 };
 pub use keyschedule::Direction;
-pub use message::MigrationKind;
+pub use message::{DeviceModel, MigrationKind};
 pub use policy::{
     Decision, DecisionInputs, DestinationCapability, EncryptionPolicy, PlaintextReason, VmPolicy,
     decide,

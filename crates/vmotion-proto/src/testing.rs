@@ -53,6 +53,7 @@ pub fn sender_config() -> SenderConfig {
         guest_pages: 1024,
         streams: 2,
         kind: crate::MigrationKind::Memory,
+        device: Default::default(),
         limits: EpochLimits::default(),
         random: [0x11; 32],
     }

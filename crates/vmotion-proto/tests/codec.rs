@@ -93,7 +93,7 @@ fn owned() -> impl Strategy<Value = Owned> {
         any::<u64>(),
         limits(),
         "[a-z0-9.-]{1,64}",
-        (any::<[u8; 32]>(), any::<bool>()),
+        (any::<[u8; 32]>(), any::<bool>(), 0u8..3),
     )
         .prop_map(
             |(
@@ -108,7 +108,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                 gp,
                 limits,
                 name,
-                (random, tunnel),
+                (random, tunnel, device),
             )| {
                 Owned::Hello(Hello {
                     versions: min..=min.saturating_add(extra),
@@ -128,6 +128,7 @@ fn owned() -> impl Strategy<Value = Owned> {
                     } else {
                         MigrationKind::Memory
                     },
+                    device: vmotion_proto::DeviceModel::from_u8(device).expect("0..3"),
                 })
             },
         );
@@ -462,6 +463,7 @@ fn encoders_refuse_what_does_not_fit() {
         limits: EpochLimits::default(),
         vm_name: "x".repeat(256),
         kind: MigrationKind::Memory,
+        device: Default::default(),
     };
     assert!(hello.encode().is_err());
     hello.vm_name = String::new();
@@ -536,6 +538,7 @@ fn hello_kind_byte_is_checked() {
         limits: EpochLimits::default(),
         vm_name: "qemu-vm".into(),
         kind: MigrationKind::Tunnel,
+        device: Default::default(),
     };
     let bytes = hello.encode().unwrap();
     assert_eq!(bytes[5], 1, "byte 5 carries the kind");
@@ -547,10 +550,16 @@ fn hello_kind_byte_is_checked() {
     let mut sized = bytes.clone();
     sized[64..72].copy_from_slice(&1u64.to_be_bytes());
     assert!(Hello::decode(&sized).is_err());
-    // The two bytes after the kind stay reserved.
-    for i in 6..8 {
-        let mut reserved = bytes.clone();
-        reserved[i] = 1;
-        assert!(Hello::decode(&reserved).is_err());
-    }
+    // Byte 6 carries the device model (known values only); byte 7 stays reserved.
+    let mut device = bytes.clone();
+    device[6] = 2;
+    assert_eq!(
+        Hello::decode(&device).unwrap().device,
+        vmotion_proto::DeviceModel::MicroVm
+    );
+    device[6] = 3;
+    assert!(Hello::decode(&device).is_err());
+    let mut reserved = bytes;
+    reserved[7] = 1;
+    assert!(Hello::decode(&reserved).is_err());
 }

@@ -338,6 +338,7 @@ fn receiver_limits_are_refused_with_their_reason() {
         SenderConfig {
             streams: 9,
             kind: vmotion_proto::MigrationKind::Memory,
+            device: Default::default(),
             ..sender_config()
         },
         ReceiverConfig {

@@ -47,6 +47,7 @@ fn handshake_matches_the_independent_implementation() {
         guest_pages: num("guest_pages"),
         streams: u16::try_from(num("streams")).unwrap(),
         kind: vmotion_proto::MigrationKind::Memory,
+        device: Default::default(),
         limits: EpochLimits::new(num("max_frames"), num("max_bytes")).unwrap(),
         random: arr32("sender_random"),
     };

@@ -933,4 +933,8 @@ impl Source for MicroVm {
     fn control(&mut self) -> &mut dyn VmControl {
         self
     }
+
+    fn device_model(&self) -> vmotion_proto::DeviceModel {
+        vmotion_proto::DeviceModel::MicroVm
+    }
 }

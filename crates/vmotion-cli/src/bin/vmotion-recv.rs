@@ -16,6 +16,7 @@ use vmotion_keyservice_client::KeyServiceClient;
 use vmotion_keyservice_client::api::RegisterRequest;
 use vmotion_mover::synthetic::SyntheticGuest;
 use vmotion_mover::{GuestMemory, VmControl};
+use vmotion_proto::DeviceModel;
 use vmotion_proto::message::Hello;
 
 /// vmotion's destination daemon.
@@ -456,9 +457,20 @@ impl Sinks {
                     u64::from(hello.page_size),
                 )
                 .map(AnySink::File),
-            SinkKind::Kvm => vmotion_vmm::MicroVm::incoming(bytes)
-                .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
-                .map_err(|e| e.to_string()),
+            // A micro-VM runs only a micro-VM's device state: anything else the sender
+            // names is refused here, before the source pauses (an older sender says
+            // nothing, and loading the state decides).
+            SinkKind::Kvm => match hello.device {
+                DeviceModel::MicroVm | DeviceModel::Unspecified => {
+                    vmotion_vmm::MicroVm::incoming(bytes)
+                        .map(|vm| AnySink::Kvm(vmotion_cli::KvmSink(vm)))
+                        .map_err(|e| e.to_string())
+                }
+                other => Err(format!(
+                    "the kvm sink runs vmotion-vmm micro-VMs; this guest is {}",
+                    other.name()
+                )),
+            },
         }
     }
 }

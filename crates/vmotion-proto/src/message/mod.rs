@@ -74,6 +74,42 @@ impl MigrationKind {
     }
 }
 
+/// What kind of VM the device state describes: decided by the sender's mover, in the
+/// `Hello` (byte 6), so that a destination whose sink cannot run it refuses in pre-flight,
+/// before the source pauses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceModel {
+    /// Not said (value 0: the byte was reserved before, so every earlier `Hello` reads as
+    /// this): only loading the device state tells.
+    #[default]
+    Unspecified = 0,
+    /// A synthetic test guest (`vmotion_mover::synthetic`).
+    Synthetic = 1,
+    /// A `vmotion-vmm` KVM micro-VM.
+    MicroVm = 2,
+}
+
+impl DeviceModel {
+    /// The model with this wire value.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Unspecified),
+            1 => Some(Self::Synthetic),
+            2 => Some(Self::MicroVm),
+            _ => None,
+        }
+    }
+
+    /// A name for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unspecified => "an unspecified device model",
+            Self::Synthetic => "a synthetic test guest",
+            Self::MicroVm => "a vmotion-vmm micro-VM",
+        }
+    }
+}
+
 /// `Hello`: the sender's offer. Its layout is frozen across protocol versions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hello {
@@ -101,6 +137,8 @@ pub struct Hello {
     pub vm_name: String,
     /// Guest memory or a tunnel.
     pub kind: MigrationKind,
+    /// What the device state describes.
+    pub device: DeviceModel,
 }
 
 impl Hello {
@@ -117,7 +155,8 @@ impl Hello {
         w.u8(self.authority as u8);
         w.u8(self.ciphers.0);
         w.u8(self.kind as u8);
-        w.zeros(2);
+        w.u8(self.device as u8);
+        w.zeros(1);
         w.bytes(&self.migration_id.0);
         w.bytes(&self.random);
         w.u32(self.page_size);
@@ -142,7 +181,8 @@ impl Hello {
             DestinationCapability::from_u8(r.u8()?).ok_or(r.malformed("unknown capability"))?;
         let ciphers = CipherSet(r.u8()?);
         let kind = MigrationKind::from_u8(r.u8()?).ok_or(r.malformed("unknown migration kind"))?;
-        r.zeros(2)?;
+        let device = DeviceModel::from_u8(r.u8()?).ok_or(r.malformed("unknown device model"))?;
+        r.zeros(1)?;
         let migration_id = MigrationId(r.array()?);
         let random = r.array()?;
         let page_size = r.u32()?;
@@ -178,6 +218,7 @@ impl Hello {
             limits,
             vm_name,
             kind,
+            device,
         })
     }
 }

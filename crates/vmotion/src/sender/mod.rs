@@ -345,6 +345,7 @@ impl Sender {
             guest_pages: source.memory().page_count(),
             streams: self.streams,
             kind: vmotion_proto::MigrationKind::Memory,
+            device: source.device_model(),
             limits: self.limits,
             random: handshake_random()
                 .map_err(|_| MigrateError::Internal("no OS randomness".into()))?,

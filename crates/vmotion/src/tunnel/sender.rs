@@ -175,6 +175,7 @@ impl TunnelSender {
             guest_pages: 0,
             streams: self.max_connections,
             kind: MigrationKind::Tunnel,
+            device: Default::default(),
             limits: self.limits,
             random: handshake_random()
                 .map_err(|_| MigrateError::Internal("no OS randomness".into()))?,
