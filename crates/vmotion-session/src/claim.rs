@@ -157,6 +157,9 @@ impl SourceClaim {
     pub fn poll_timeout(&self) -> Option<Duration> {
         match &self.state {
             SourceState::ExpectClaimed { deadline } => Some(*deadline),
+            // A read in flight: its answer decides (past the deadline it starts the
+            // revert); the driver bounds the request.
+            SourceState::PollClaim { next: None, .. } => None,
             SourceState::PollClaim { deadline, next } => Some(next.unwrap_or(*deadline)),
             SourceState::ConfirmClaim { give_up, next, .. }
             | SourceState::Reverting { give_up, next } => Some(next.unwrap_or(*give_up)),

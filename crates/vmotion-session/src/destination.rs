@@ -511,6 +511,8 @@ impl DestinationSession {
         if self.end.is_some() || self.state == State::Claim {
             return;
         }
+        // Nothing queued for the migration (a count, a persist) is wanted any more.
+        self.actions.clear();
         if !matches!(e, SessionError::PeerAborted { .. }) {
             let abort = Abort {
                 code: e.abort_code(AbortCode::DestinationFailed),

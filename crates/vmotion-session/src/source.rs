@@ -207,6 +207,17 @@ impl SourceSession {
         self.paused
     }
 
+    /// Something failed: the session is aborting (or its commit's answer decides).
+    pub fn failed(&self) -> bool {
+        self.first_error.is_some()
+    }
+
+    /// The hard deadline of the switchover (from the pause to `Ready`), if it runs: a
+    /// driver bounds every step it carries out meanwhile, control writes included, by it.
+    pub fn switchover_deadline(&self) -> Option<Duration> {
+        self.engine.switchover_deadline()
+    }
+
     /// What the machine waits for, for errors, logs and for the driver to tell whether
     /// an action it is carrying out is still wanted.
     pub fn awaiting(&self) -> &'static str {
@@ -573,10 +584,9 @@ impl SourceSession {
         self.clock = self.clock.max(now);
         if self.claim.is_none() && matches!(self.waiting, Waiting::Commit { .. }) {
             self.waiting = Waiting::Engine;
-            keep(
-                &mut self.first_error,
-                SessionError::Engine(format!("the arbiter refused the commit: {why}")),
-            );
+            self.first_error = Some(SessionError::Engine(format!(
+                "the arbiter refused the commit: {why}"
+            )));
             if let Err(e) = self.engine.handle_outcome_recorded(now, false) {
                 self.fail_local(now, AbortCode::InternalError, e.to_string());
             }
@@ -608,6 +618,15 @@ impl SourceSession {
         };
         match recorded {
             Some(r) => {
+                if !r {
+                    // The record decides: whatever else went wrong meanwhile (the
+                    // destination giving up and closing) is not why this aborts.
+                    self.first_error = Some(SessionError::Engine(
+                        "the arbiter's record of this migration says `aborted`: the commit \
+                         did not take, the source keeps the VM"
+                            .into(),
+                    ));
+                }
                 self.waiting = Waiting::Engine;
                 if let Err(e) = self.engine.handle_outcome_recorded(now, r) {
                     self.fail_local(now, AbortCode::InternalError, e.to_string());
@@ -732,8 +751,13 @@ impl SourceSession {
         keep(&mut self.first_error, error.clone());
         // The peer's own Abort is not echoed back; everything else is explained.
         if !matches!(error, SessionError::PeerAborted { .. }) {
+            let code = match (&error, reason) {
+                (SessionError::Engine(_), AbortReason::Limit(_)) => AbortCode::LimitExceeded,
+                (SessionError::Engine(_), AbortReason::SwitchoverTimeout) => AbortCode::Timeout,
+                _ => error.abort_code(AbortCode::SourceFailed),
+            };
             let abort = Abort {
-                code: error.abort_code(AbortCode::SourceFailed),
+                code,
                 message: error.to_string(),
             };
             self.transmit(FrameType::Abort, abort.encode());
@@ -757,6 +781,12 @@ impl SourceSession {
         if matches!(self.waiting, Waiting::Commit { .. }) {
             // The commit may land: only its answer decides.
             return;
+        }
+        if self.engine.outcome().is_none() {
+            // What was queued for the migration (a marker and its pages, the rest of the
+            // device state) is void: the engine's abort, resuming a paused VM first,
+            // comes next.
+            self.actions.clear();
         }
         self.waiting = Waiting::Engine;
         self.engine.handle_failure(now, reason);

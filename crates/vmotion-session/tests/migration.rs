@@ -19,14 +19,61 @@ use support::{
     source_saw_claim,
 };
 use vmotion_proto::{AbortCode, FrameType, PeerMisbehaved};
-use vmotion_session::{DestinationEnd, DestinationOutcome, Record, SessionError, SourceEnd};
+use vmotion_session::{
+    DestinationEnd, DestinationOutcome, Record, SessionError, SourceEnd, SourceOutcome,
+};
 
 fn run(case: Case) -> Ending {
     Pair::new(case).run()
 }
 
+/// What each side says agrees with where the VM is, whatever the arbiter did.
+fn accounts_hold(e: &Ending, label: &str) {
+    match &e.source {
+        Some(SourceEnd::Aborted {
+            resume_failed: None,
+            ..
+        })
+        | Some(SourceEnd::Committed(SourceOutcome::Reverted)) => {
+            assert!(
+                e.running_at_source,
+                "{label}: the source says it keeps the VM: {e:?}"
+            )
+        }
+        Some(_) => assert!(
+            !e.running_at_source,
+            "{label}: the source says it is paused or gone: {e:?}"
+        ),
+        None => {}
+    }
+    match &e.destination {
+        Some(DestinationEnd::Failed(_))
+        | Some(DestinationEnd::Settled(DestinationOutcome::Discarded(_))) => {
+            if e.settled.is_none() {
+                assert!(
+                    !e.destination_kept,
+                    "{label}: a failed destination kept its copy: {e:?}"
+                );
+            }
+            assert!(!e.running_at_destination, "{label}: {e:?}");
+        }
+        Some(DestinationEnd::Settled(DestinationOutcome::Unsettled(_))) => {
+            assert!(
+                e.destination_kept,
+                "{label}: an unsettled copy must stay: {e:?}"
+            );
+            assert!(!e.running_at_destination, "{label}: {e:?}");
+        }
+        Some(DestinationEnd::Settled(DestinationOutcome::Resumed)) => {
+            assert!(e.running_at_destination, "{label}: {e:?}")
+        }
+        _ => {}
+    }
+}
+
 /// The rule, for a case whose arbiter answers in the end (or for a case without one).
 fn check(e: &Ending, label: &str, source_alive: bool, arbiter: bool) {
+    accounts_hold(e, label);
     assert!(e.ended_at <= BOUND, "{label}: ran until {:?}", e.ended_at);
     if source_alive {
         assert!(
@@ -202,9 +249,7 @@ fn the_arbiter_going_silent_or_losing_answers_at_each_phase() {
             }
             if matches!(
                 e.source,
-                Some(SourceEnd::Committed(
-                    vmotion_session::SourceOutcome::Reverted
-                ))
+                Some(SourceEnd::Committed(SourceOutcome::Reverted))
             ) {
                 assert_eq!(e.record, Record::Reverted, "{label}");
                 assert!(e.running_at_source, "{label}");
@@ -353,4 +398,78 @@ fn a_refused_commit_resumes_the_source() {
     assert!(e.running_at_source && !e.running_at_destination, "{e:?}");
     assert_ne!(e.record, Record::Claimed);
     check(&e, "commit refused", true, true);
+}
+
+#[test]
+fn a_slow_arbiter_crossing_every_deadline() {
+    for latency in [100, 900, 1100, 2500, 4000] {
+        for fate in [Fate::Deliver, Fate::Cut] {
+            let n = frames_in_happy_path();
+            for i in (0..n + 2).step_by(7) {
+                let e = run(Case {
+                    arbiter_latency: Some(ms(latency)),
+                    ..fault_at(i, fate)
+                });
+                check(
+                    &e,
+                    &format!("arbiter takes {latency} ms, {fate:?} at frame {i}"),
+                    true,
+                    true,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_destination_that_cannot_persist_discards_and_the_source_keeps_the_vm() {
+    let e = run(Case {
+        fail_persist: true,
+        ..Case::default()
+    });
+    assert!(
+        matches!(destination_error(&e), Some(SessionError::Local { code: AbortCode::DestinationFailed, message }) if message.contains("no space")),
+        "{e:?}"
+    );
+    assert!(
+        matches!(source_error(&e), Some(SessionError::PeerAborted { message, .. }) if message.contains("no space")),
+        "the source learns why: {e:?}"
+    );
+    check(&e, "persist fails", true, true);
+}
+
+#[test]
+fn resume_failures_are_reported_and_never_run_the_vm_twice() {
+    // The destination cannot resume: its claim won, so the source stays stopped; the VM
+    // runs nowhere and both say so.
+    let e = run(Case {
+        fail_destination_resume: true,
+        ..Case::default()
+    });
+    assert!(
+        matches!(
+            e.destination,
+            Some(DestinationEnd::Settled(DestinationOutcome::ResumeFailed(_)))
+        ),
+        "{e:?}"
+    );
+    assert!(!e.running_at_source && !e.running_at_destination);
+    assert_eq!(e.record, Record::Claimed);
+    // The source cannot resume after an abort: it says so instead of claiming the VM runs.
+    let e = run(Case {
+        fail_source_resume: true,
+        ..first_of(Wire::Back, FrameType::Ready, Fate::Drop)
+    });
+    assert!(
+        matches!(
+            e.source,
+            Some(SourceEnd::Aborted {
+                resume_failed: Some(_),
+                ..
+            })
+        ),
+        "{e:?}"
+    );
+    assert!(!e.running_at_source && !e.running_at_destination);
+    accounts_hold(&e, "source resume fails");
 }

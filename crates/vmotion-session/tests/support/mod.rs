@@ -93,6 +93,14 @@ pub(crate) struct Case {
     pub(crate) arbiter: bool,
     /// The arbiter refuses the source's commit for good (this host is no party to it).
     pub(crate) refuse_commit: bool,
+    /// How long the arbiter takes to answer (2 ms unless set): slow answers cross the
+    /// machines' deadlines.
+    pub(crate) arbiter_latency: Option<Duration>,
+    /// Local steps that fail: the destination cannot persist the guest; resuming the VM
+    /// fails at the source or at the destination.
+    pub(crate) fail_persist: bool,
+    pub(crate) fail_source_resume: bool,
+    pub(crate) fail_destination_resume: bool,
 }
 
 impl Default for Case {
@@ -104,6 +112,10 @@ impl Default for Case {
             lose_answers_after: None,
             arbiter: true,
             refuse_commit: false,
+            arbiter_latency: None,
+            fail_persist: false,
+            fail_source_resume: false,
+            fail_destination_resume: false,
         }
     }
 }
@@ -120,6 +132,8 @@ pub(crate) struct Ending {
     /// The destination's guest memory equals the source's at the pause, and its device
     /// state too (checked when it runs).
     pub(crate) destination_exact: bool,
+    /// The destination still holds a received copy (persisted and not discarded).
+    pub(crate) destination_kept: bool,
     pub(crate) record: Record,
     pub(crate) ended_at: Duration,
     pub(crate) frames: usize,
@@ -352,6 +366,7 @@ impl Pair {
             running_at_source: self.vm.running,
             running_at_destination: self.dst_running,
             destination_exact: exact,
+            destination_kept: self.disk.is_some(),
             record: self.record,
             ended_at: self.now,
             frames: self.frames,
@@ -535,7 +550,8 @@ impl Pair {
                 Answer::Unreachable("the answer was lost".into()),
             );
         }
-        (self.now + ARBITER_LATENCY, Answer::Record(self.record))
+        let latency = self.case.arbiter_latency.unwrap_or(ARBITER_LATENCY);
+        (self.now + latency, Answer::Record(self.record))
     }
 
     fn source_step(&mut self, a: SourceStep) {
@@ -566,6 +582,9 @@ impl Pair {
                 src.s.handle_device_state(now, &state);
             }
             SourceStep::EndStreams => self.end_streams(),
+            SourceStep::Resume if self.case.fail_source_resume => {
+                src.s.handle_resumed(Err("the VMM would not resume".into()));
+            }
             SourceStep::Resume => {
                 self.vm.running = true;
                 self.vm.next_write = now + ms(1);
@@ -866,6 +885,10 @@ impl Pair {
                 let missing = dst.received.iter().filter(|r| !**r).count() as u64;
                 dst.s.handle_missing(now, missing);
             }
+            DestinationStep::LoadAndPersist(_) if self.case.fail_persist => {
+                dst.s
+                    .handle_persisted(now, Err("no space left on device".into()));
+            }
             DestinationStep::LoadAndPersist(state) => {
                 self.disk = Some(Disk {
                     memory: dst.memory.clone(),
@@ -889,6 +912,9 @@ impl Pair {
             DestinationStep::Ask(t) => {
                 let (at, answer) = self.arbiter(Some(t));
                 self.schedule(at, Event::DestinationAnswer(answer));
+            }
+            DestinationStep::Resume if self.case.fail_destination_resume => {
+                dst.s.handle_resumed(Err("the VMM would not resume".into()));
             }
             DestinationStep::Resume => {
                 self.resume_destination();

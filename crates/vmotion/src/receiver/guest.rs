@@ -202,9 +202,16 @@ impl<'a, S: Sink> Arrival<'a, S> {
             event = self.reader.next(), if self.listening => self.control(event),
             Some(e) = self.failed.recv() => self.stream_failed(e).await,
             Some(joined) = self.tasks.join_next(), if !self.tasks.is_empty() => {
-                if let Ok((id, Some(stats))) = joined {
-                    let now = self.now();
-                    self.m.handle_stream_ended(now, id, stats);
+                let now = self.now();
+                match joined {
+                    Ok((id, Some(stats))) => self.m.handle_stream_ended(now, id, stats),
+                    // Failed: its error arrives on `failed`.
+                    Ok((_, None)) => {}
+                    Err(e) => {
+                        let e = MigrateError::Internal(format!("a stream task: {e}"));
+                        self.m.handle_failure(AbortCode::InternalError, e.to_string());
+                        self.local.get_or_insert(e);
+                    }
                 }
             }
             () = timer => {

@@ -145,7 +145,10 @@ impl<'a> Run<'a> {
             while let Some(step) = self.m.poll_action() {
                 let stage = stage_of(&step, &self.m);
                 self.step(step).await;
-                if let Some(stage) = stage {
+                // Progress only for steps that went through.
+                if let Some(stage) = stage
+                    && !self.m.failed()
+                {
                     self.report_progress(stage);
                 }
             }
@@ -319,7 +322,9 @@ impl<'a> Run<'a> {
     }
 
     /// Sends a control frame; an `Abort` within its short deadline. `Commit` starts the
-    /// claim step's clock.
+    /// claim step's clock. After the pause a write is bounded by the switchover deadline
+    /// too (a black-holed control path must not keep the VM paused longer); a write that
+    /// fails is often the destination giving up, and its `Abort` says why.
     async fn transmit(&mut self, frame_type: FrameType, payload: Vec<u8>) {
         if frame_type == FrameType::Abort {
             if let Ok(a) = Abort::decode(&payload) {
@@ -330,10 +335,30 @@ impl<'a> Run<'a> {
         if frame_type == FrameType::Commit {
             self.claim_started = Some(Instant::now());
         }
-        if let Err(e) = self.out.send(frame_type, payload).await {
-            tracing::warn!(frame = ?frame_type, error = %e, "a control frame did not reach the destination");
-            let now = self.now();
-            self.m.handle_control_lost(now, &e.to_string());
+        let deadline = self.m.switchover_deadline();
+        let write = self.out.send(frame_type, payload);
+        let result = match deadline {
+            Some(d) => tokio::time::timeout_at((self.t0 + d).into(), write).await,
+            None => Ok(write.await),
+        };
+        let now = self.now();
+        match result {
+            Ok(Ok(())) => {}
+            // The switchover deadline passed mid-write: the machine aborts.
+            Err(_) => self.m.handle_timeout(now),
+            Ok(Err(e)) => {
+                tracing::warn!(frame = ?frame_type, error = %e, "a control frame did not reach the destination");
+                let t0 = self.t0;
+                let network = crate::control::is_network(&e);
+                let (reader, listening, m) = (&mut self.reader, &mut self.listening, &mut self.m);
+                if !crate::control::peer_abort_behind(reader, listening, network, m, || {
+                    t0.elapsed()
+                })
+                .await
+                {
+                    self.m.handle_control_lost(now, &e.to_string());
+                }
+            }
         }
     }
 
@@ -542,9 +567,7 @@ fn stage_of(step: &SourceStep, m: &SourceSession) -> Option<Stage> {
     match step {
         SourceStep::FetchDirtyLog if !m.paused() => Some(Stage::PreCopy),
         SourceStep::Pause | SourceStep::SaveDeviceState => Some(Stage::StopAndCopy),
-        SourceStep::EndStreams | SourceStep::Ask(vmotion_session::Transition::Commit) => {
-            Some(Stage::Switchover)
-        }
+        SourceStep::EndStreams => Some(Stage::Switchover),
         _ => None,
     }
 }
