@@ -95,7 +95,7 @@ pub(crate) async fn settle(
                     let r = sink.control().resume().map_err(|e| e.to_string());
                     m.handle_resumed(r);
                 }
-                DestinationAction::Discard => crate::receiver::discard_sink(sink),
+                DestinationAction::Discard => discard(sink),
             }
         }
         if let Some(o) = m.outcome() {
@@ -111,5 +111,12 @@ pub(crate) async fn settle(
             }
         }
         m.handle_timeout(now());
+    }
+}
+
+/// The migration ended without this copy winning: nothing of it stays behind.
+pub(crate) fn discard(sink: &mut dyn Sink) {
+    if let Err(e) = sink.discard() {
+        tracing::error!(error = %e, "could not discard the received guest");
     }
 }

@@ -19,6 +19,7 @@ use vmotion_session::{
 
 use super::streams::{Activity, Received, StreamContext, bind_all, run_stream};
 use super::{DataSource, Prepared, ReceiveOutcome, ReceiveReport, Receiver};
+use crate::claim::discard;
 use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::error::MigrateError;
 use crate::transport::{Accept, Conn};
@@ -401,11 +402,4 @@ fn make_sink<S: Sink>(
         ));
     }
     Ok(s)
-}
-
-/// The migration ended without this copy winning: nothing of it stays behind.
-pub(crate) fn discard(sink: &mut dyn Sink) {
-    if let Err(e) = sink.discard() {
-        tracing::error!(error = %e, "could not discard the received guest");
-    }
 }

@@ -8,8 +8,6 @@
 mod guest;
 mod streams;
 
-pub(crate) use guest::discard as discard_sink;
-
 use std::sync::Arc;
 use std::time::Duration;
 
