@@ -191,6 +191,21 @@ async fn happy_path() {
     assert_ne!(other.material.nonce, issued.material.nonce);
 }
 
+/// A VM name is a plain name on every host (policy files, sink folders, logs): a name that
+/// could climb out of a folder, or split a log line, gets no key.
+#[tokio::test]
+async fn vm_names_that_are_not_plain_names_get_no_key() {
+    let (_dir, svc) = setup();
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    dst.register(&encrypting()).await.unwrap();
+    for bad in ["../etc", "a/b", "web 1", "web\n1", ".hidden"] {
+        let e = src.create_migration(bad, "dst").await.unwrap_err();
+        assert_eq!(code(&e), ErrorCode::BadRequest, "{bad:?}: {e}");
+        assert!(e.to_string().contains("VM name"), "{bad:?}: {e}");
+    }
+    src.create_migration("web-1.prod_a", "dst").await.unwrap();
+}
+
 #[tokio::test]
 async fn authorization_matrix() {
     let (dir, svc) = setup();

@@ -253,8 +253,14 @@ impl State {
         ttl: Duration,
     ) -> Result<Created, Refused> {
         let mut key = zeroize::Zeroizing::new(key);
-        if vm.is_empty() || vm.len() > 255 {
-            return refuse(ErrorCode::BadRequest, "the VM name must be 1 to 255 bytes");
+        // The name reaches policy files, sink folders and logs on every host: it must be
+        // a plain name there, so it is one here too.
+        if !vmotion_policy::valid_vm_name(vm) {
+            return refuse(
+                ErrorCode::BadRequest,
+                "the VM name must be 1 to 255 letters, digits, '.', '_' or '-', not starting \
+                 with '.'",
+            );
         }
         if !crate::pki::valid_host_name(destination) {
             return refuse(
@@ -716,6 +722,9 @@ mod tests {
             .0
         };
         assert_eq!(mk(&mut s, "", "dst"), ErrorCode::BadRequest);
+        for bad in ["../etc", "a/b", "a b", "a\nb", ".hidden", &"v".repeat(256)] {
+            assert_eq!(mk(&mut s, bad, "dst"), ErrorCode::BadRequest, "{bad:?}");
+        }
         assert_eq!(mk(&mut s, "vm", "bad host"), ErrorCode::BadRequest);
         assert_eq!(mk(&mut s, "vm", "src"), ErrorCode::BadRequest);
     }
