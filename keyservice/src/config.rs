@@ -10,6 +10,7 @@
 //! audit_log = "state/audit.jsonl"   # JSON lines, one per request
 //! key_ttl = "5m"              # how long a migration's key waits for its destination
 //! registry_ttl = "60s"        # how long a host registration lasts unless refreshed
+//! connections_per_host = 32   # open connections one certified host may hold (0: no limit)
 //! ```
 //!
 //! Relative paths are relative to the configuration file's folder.
@@ -39,6 +40,9 @@ pub struct Config {
     pub key_ttl: Duration,
     /// Registration lifetime.
     pub registry_ttl: Duration,
+    /// Open connections one certified host may hold at once (0: no limit): one host
+    /// cannot take the whole connection budget from the others.
+    pub connections_per_host: usize,
 }
 
 /// What is wrong with a configuration.
@@ -86,6 +90,12 @@ struct RawConfig {
     key_ttl: Duration,
     #[serde(default = "default_registry_ttl", deserialize_with = "duration")]
     registry_ttl: Duration,
+    #[serde(default = "default_connections_per_host")]
+    connections_per_host: usize,
+}
+
+fn default_connections_per_host() -> usize {
+    32
 }
 
 fn default_key_ttl() -> Duration {
@@ -154,6 +164,7 @@ impl Config {
             audit_log: resolve(raw.audit_log),
             key_ttl: raw.key_ttl,
             registry_ttl: raw.registry_ttl,
+            connections_per_host: raw.connections_per_host,
         };
         if config.journal == config.audit_log {
             return Err(ConfigError::Field {

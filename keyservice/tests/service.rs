@@ -969,3 +969,73 @@ fn audit_lines(audit: &str) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).expect("every audit line is JSON"))
         .collect()
 }
+
+/// One certified host cannot take the service's connection budget: past
+/// `connections_per_host` open connections its next one is answered
+/// `too_many_connections` (and audited), while every other host is served as before; once
+/// it closes some, it is served again.
+#[tokio::test]
+async fn one_host_cannot_hold_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let config = dir.path().join("limited.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\n\
+         key = \"keyservice-key.pem\"\njournal = \"state/journal.jsonl\"\n\
+         audit_log = \"state/audit.jsonl\"\nconnections_per_host = 3\n",
+    )
+    .unwrap();
+    let svc = Service::spawn(dir.path(), config);
+    let tls = Arc::new(
+        vmotion_keyservice_client::tls::client_config(&ClientIdentity {
+            ca: dir.path().join("ca.pem"),
+            cert: dir.path().join("hosts/src.pem"),
+            key: dir.path().join("hosts/src-key.pem"),
+        })
+        .unwrap(),
+    );
+    // Three connections of src, each proven served by one answer, then left idle.
+    let mut idle = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(&svc.addr).await.unwrap();
+        let mut c = tokio_rustls::TlsConnector::from(tls.clone())
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap();
+        c.write_all(b"GET /v1/hosts/dst HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        c.read_exact(&mut head).await.unwrap();
+        assert!(head.starts_with(b"HTTP/1.1 "), "{head:?}");
+        idle.push(c);
+    }
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let e = src.create_migration("vm-1", "dst").await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::TooManyConnections, "{e}");
+    assert!(e.to_string().contains("3 connections"), "{e}");
+    // Another host is not held up.
+    let started = std::time::Instant::now();
+    dst.register(&encrypting()).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(
+        svc.audit().contains("too_many_connections"),
+        "{}",
+        svc.audit()
+    );
+    // Closing them frees the host's budget.
+    drop(idle);
+    let mut served = false;
+    for _ in 0..40 {
+        if src.create_migration("vm-1", "dst").await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "src is served again once its connections closed");
+}

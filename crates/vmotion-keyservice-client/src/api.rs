@@ -212,6 +212,9 @@ pub enum ErrorCode {
     /// Not now: the outcome is being written, or the service is shutting down. Read the
     /// outcome back (or retry) later.
     Unavailable,
+    /// This host holds too many connections to the service at once: retry on one of
+    /// them, or later.
+    TooManyConnections,
 }
 
 impl ErrorCode {
@@ -225,6 +228,7 @@ impl ErrorCode {
             Self::Expired => 410,
             Self::Internal => 500,
             Self::Unavailable => 503,
+            Self::TooManyConnections => 429,
         }
     }
 }

@@ -81,6 +81,9 @@ struct Shared {
     key_ttl: Duration,
     registry_ttl: Duration,
     rng: ring::rand::SystemRandom,
+    /// Open connections per certified host, and the most one may hold (0: no limit).
+    connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
+    connections_per_host: usize,
 }
 
 /// A bound, not yet running, key service.
@@ -141,6 +144,8 @@ impl Server {
             audit: open(&config.audit_log, false)?,
             key_ttl: config.key_ttl,
             registry_ttl: config.registry_ttl,
+            connections: Mutex::default(),
+            connections_per_host: config.connections_per_host,
             rng: ring::rand::SystemRandom::new(),
         });
         let listener =
@@ -258,6 +263,10 @@ async fn connection(
         return;
     };
     let caller: Arc<str> = caller.into();
+    let Some(_held) = HostConnection::open(&shared, &caller) else {
+        too_many_connections(&shared, &caller, peer, tls).await;
+        return;
+    };
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let caller = caller.clone();
@@ -284,6 +293,81 @@ async fn connection(
     {
         tracing::debug!(%peer, error = %e, "connection ended with an error");
     }
+}
+
+/// One open connection of a certified host, counted while it lives.
+struct HostConnection {
+    shared: Arc<Shared>,
+    host: Arc<str>,
+}
+
+impl HostConnection {
+    /// Counts a new connection of `host`, or `None` when it already holds its limit.
+    fn open(shared: &Arc<Shared>, host: &Arc<str>) -> Option<Self> {
+        let mut open = shared
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = open.entry(host.clone()).or_default();
+        if shared.connections_per_host != 0 && *n >= shared.connections_per_host {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            shared: shared.clone(),
+            host: host.clone(),
+        })
+    }
+}
+
+impl Drop for HostConnection {
+    fn drop(&mut self) {
+        let mut open = self
+            .shared
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.host) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.host);
+            }
+        }
+    }
+}
+
+/// A connection over its host's limit: its first request is answered
+/// `too_many_connections` (so the client learns why), audited, and the connection closed.
+async fn too_many_connections(
+    shared: &Arc<Shared>,
+    caller: &Arc<str>,
+    peer: SocketAddr,
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+) {
+    let detail = format!(
+        "this host already holds {} connections to the key service",
+        shared.connections_per_host
+    );
+    tracing::warn!(host = %caller, %peer, "{detail}; refusing another");
+    shared.audit.append(audit_line(&Audit {
+        caller,
+        peer,
+        action: "connect",
+        result: "too_many_connections",
+        detail: Some(&detail),
+        ..Audit::default()
+    }));
+    let service = hyper::service::service_fn(move |_req| {
+        let answer = error_response(Refused(ErrorCode::TooManyConnections, detail.clone()));
+        async move { Ok::<_, Infallible>(answer) }
+    });
+    let _ = tokio::time::timeout(
+        BODY_TIMEOUT,
+        hyper::server::conn::http1::Builder::new()
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(tls), service),
+    )
+    .await;
 }
 
 /// One audit record. Never holds key material: only names, ids, addresses and results.
