@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 # System packages the tests need: QEMU for the tunnel tests (they skip, saying why,
 # where it cannot be installed).
 scripts/install-qemu.sh
+# etcd and protoc for the replicated control plane (issue 12; nothing uses them yet).
+scripts/install-control-plane.sh
 
 # Some tests run the workspace's binaries as real processes (the key service): build them.
 cargo build --workspace --all-features --bins
