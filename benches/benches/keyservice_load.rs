@@ -50,8 +50,9 @@ fn main() {
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.key_ttl = Duration::from_secs(600);
     // Up to 64 concurrent clients share one host identity here: the per-host connection
-    // limit (32 by default) would refuse half of them, and it is not what is measured.
+    // and rate limits would refuse many of them, and they are not what is measured.
     config.connections_per_host = 0;
+    config.requests_per_second_per_host = 0;
 
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -11,6 +11,7 @@
 //! key_ttl = "5m"              # how long a migration's key waits for its destination
 //! registry_ttl = "60s"        # how long a host registration lasts unless refreshed
 //! connections_per_host = 32   # open connections one certified host may hold (0: no limit)
+//! requests_per_second_per_host = 1000   # sustained rate per host, bursts of twice that (0: no limit)
 //! ```
 //!
 //! Relative paths are relative to the configuration file's folder.
@@ -43,6 +44,9 @@ pub struct Config {
     /// Open connections one certified host may hold at once (0: no limit): one host
     /// cannot take the whole connection budget from the others.
     pub connections_per_host: usize,
+    /// Requests per second one certified host may make, sustained (bursts of twice as
+    /// many; 0: no limit).
+    pub requests_per_second_per_host: u32,
 }
 
 /// What is wrong with a configuration.
@@ -92,6 +96,12 @@ struct RawConfig {
     registry_ttl: Duration,
     #[serde(default = "default_connections_per_host")]
     connections_per_host: usize,
+    #[serde(default = "default_requests_per_second_per_host")]
+    requests_per_second_per_host: u32,
+}
+
+fn default_requests_per_second_per_host() -> u32 {
+    1000
 }
 
 fn default_connections_per_host() -> usize {
@@ -165,6 +175,7 @@ impl Config {
             key_ttl: raw.key_ttl,
             registry_ttl: raw.registry_ttl,
             connections_per_host: raw.connections_per_host,
+            requests_per_second_per_host: raw.requests_per_second_per_host,
         };
         if config.journal == config.audit_log {
             return Err(ConfigError::Field {

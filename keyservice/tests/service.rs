@@ -970,23 +970,32 @@ fn audit_lines(audit: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// A service whose configuration ends with `limit` (one `key = value` line), with hosts
+/// src and dst.
+fn limited(limit: &str) -> (tempfile::TempDir, Service) {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let config = dir.path().join("limited.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\n\
+             key = \"keyservice-key.pem\"\njournal = \"state/journal.jsonl\"\n\
+             audit_log = \"state/audit.jsonl\"\n{limit}\n"
+        ),
+    )
+    .unwrap();
+    let svc = Service::spawn(dir.path(), config);
+    (dir, svc)
+}
+
 /// One certified host cannot take the service's connection budget: past
 /// `connections_per_host` open connections its next one is answered
 /// `too_many_connections` (and audited), while every other host is served as before; once
 /// it closes some, it is served again.
 #[tokio::test]
 async fn one_host_cannot_hold_every_connection() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), "src,dst");
-    let config = dir.path().join("limited.toml");
-    std::fs::write(
-        &config,
-        "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\n\
-         key = \"keyservice-key.pem\"\njournal = \"state/journal.jsonl\"\n\
-         audit_log = \"state/audit.jsonl\"\nconnections_per_host = 3\n",
-    )
-    .unwrap();
-    let svc = Service::spawn(dir.path(), config);
+    let (dir, svc) = limited("connections_per_host = 3");
     let tls = Arc::new(
         vmotion_keyservice_client::tls::client_config(&ClientIdentity {
             ca: dir.path().join("ca.pem"),
@@ -1038,4 +1047,36 @@ async fn one_host_cannot_hold_every_connection() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(served, "src is served again once its connections closed");
+}
+
+/// A host that sends requests faster than `requests_per_second_per_host` (bursts of twice
+/// that) gets `rate_limited` for the excess (audited), while other hosts are served; after
+/// a pause it is served again.
+#[tokio::test]
+async fn one_host_cannot_flood_the_service_with_requests() {
+    let (_dir, svc) = limited("requests_per_second_per_host = 5");
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    dst.register(&encrypting()).await.unwrap();
+    let (mut served, mut limited) = (0, 0);
+    let started = std::time::Instant::now();
+    for _ in 0..40 {
+        match src.host("dst").await {
+            Ok(_) => served += 1,
+            Err(e) => {
+                assert_eq!(code(&e), ErrorCode::RateLimited, "{e}");
+                limited += 1;
+            }
+        }
+    }
+    // A burst of 10 and a trickle of 5/s while the loop ran.
+    let most = 10 + (5.0 * started.elapsed().as_secs_f64()).ceil() as usize + 1;
+    assert!(
+        (10..=most).contains(&served),
+        "served {served}, at most {most}"
+    );
+    assert!(limited > 0, "limited {limited}");
+    dst.host("src").await.expect("another host is served");
+    assert!(svc.audit().contains("\"rate_limited\""), "{}", svc.audit());
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    src.host("dst").await.expect("served again after a pause");
 }

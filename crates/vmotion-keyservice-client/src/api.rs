@@ -215,6 +215,8 @@ pub enum ErrorCode {
     /// This host holds too many connections to the service at once: retry on one of
     /// them, or later.
     TooManyConnections,
+    /// This host sends requests faster than its rate limit: retry a little later.
+    RateLimited,
 }
 
 impl ErrorCode {
@@ -228,7 +230,7 @@ impl ErrorCode {
             Self::Expired => 410,
             Self::Internal => 500,
             Self::Unavailable => 503,
-            Self::TooManyConnections => 429,
+            Self::TooManyConnections | Self::RateLimited => 429,
         }
     }
 }

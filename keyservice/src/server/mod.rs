@@ -84,6 +84,53 @@ struct Shared {
     /// Open connections per certified host, and the most one may hold (0: no limit).
     connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
     connections_per_host: usize,
+    /// Each host's request budget (a token bucket), and its rate (0: no limit).
+    rates: Mutex<std::collections::HashMap<String, Bucket>>,
+    requests_per_second: u32,
+}
+
+/// A token bucket: `tokens` requests may go now; it refills at the host's rate up to
+/// twice that.
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Shared {
+    /// Takes one request from `caller`'s budget, or refuses it.
+    fn admit(&self, caller: &str) -> Result<(), Refused> {
+        if self.requests_per_second == 0 {
+            return Ok(());
+        }
+        let rate = f64::from(self.requests_per_second);
+        let burst = 2.0 * rate;
+        let now = Instant::now();
+        let mut rates = self
+            .rates
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rates.len() > 4096 {
+            // Only certified hosts get here; forget the idle ones rather than grow.
+            rates.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
+        }
+        let b = rates.entry(caller.to_owned()).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        b.tokens = (b.tokens + rate * now.duration_since(b.at).as_secs_f64()).min(burst);
+        b.at = now;
+        if b.tokens < 1.0 {
+            return Err(Refused(
+                ErrorCode::RateLimited,
+                format!(
+                    "this host sends more than {} requests per second; retry shortly",
+                    self.requests_per_second
+                ),
+            ));
+        }
+        b.tokens -= 1.0;
+        Ok(())
+    }
 }
 
 /// A bound, not yet running, key service.
@@ -146,6 +193,8 @@ impl Server {
             registry_ttl: config.registry_ttl,
             connections: Mutex::default(),
             connections_per_host: config.connections_per_host,
+            rates: Mutex::default(),
+            requests_per_second: config.requests_per_second_per_host,
             rng: ring::rand::SystemRandom::new(),
         });
         let listener =
@@ -506,6 +555,8 @@ async fn handle(
                 "the key service is shutting down".into(),
             )),
         )
+    } else if let Err(refused) = shared.admit(caller) {
+        ("rate_limited", Err(refused))
     } else {
         match (&method, segments.as_slice()) {
             (&Method::POST, ["v1", "hosts", "register"]) => {
