@@ -257,16 +257,7 @@ fn sigterm_mid_migration_leaves_nothing_marked_done() {
 
     // A committed guest is VM.mem, and nothing is left incoming.
     expect(&w.send("fast", &addr, false, &[]), 0, &["committed"]);
-    // The sender is done once Commit is on its way; the daemon renames the file when it
-    // has taken Commit and resumed the guest, a moment later.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !sinks.join("fast.mem").exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fast.mem never appeared"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for_file(&sinks.join("fast.mem"));
     assert!(
         !std::fs::read(sinks.join("fast.state")).unwrap().is_empty(),
         "the device state is kept beside it"
@@ -318,6 +309,7 @@ fn a_unix_socket_carries_an_encrypted_migration() {
         0,
         &["committed, encrypted (AES-256-GCM)"],
     );
+    wait_for_file(&sinks.join("local.mem"));
     assert_eq!(
         std::fs::metadata(sinks.join("local.mem")).unwrap().len(),
         8 << 20

@@ -241,3 +241,17 @@ pub fn expect(o: &Output, code: i32, needles: &[&str]) {
         assert!(t.contains(n), "{n:?} missing:\n{t}");
     }
 }
+
+/// Waits (at most 10 s) for `p` to appear: the sender is done once the destination's
+/// claim is known, and the daemon files the claimed guest (`VM.mem`) a moment later.
+pub fn wait_for_file(p: &std::path::Path) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !p.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} never appeared",
+            p.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
