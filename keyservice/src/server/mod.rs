@@ -113,10 +113,17 @@ impl Shared {
             // Only certified hosts get here; forget the idle ones rather than grow.
             rates.retain(|_, b| now.duration_since(b.at) < Duration::from_secs(10));
         }
-        let b = rates.entry(caller.to_owned()).or_insert(Bucket {
-            tokens: burst,
-            at: now,
-        });
+        // A host seen before costs no allocation.
+        if !rates.contains_key(caller) {
+            rates.insert(
+                caller.to_owned(),
+                Bucket {
+                    tokens: burst,
+                    at: now,
+                },
+            );
+        }
+        let b = rates.get_mut(caller).expect("inserted above");
         b.tokens = (b.tokens + rate * now.duration_since(b.at).as_secs_f64()).min(burst);
         b.at = now;
         if b.tokens < 1.0 {
