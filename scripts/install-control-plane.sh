@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # Installs what the replicated control plane needs, from Debian bookworm: etcd (the
 # `etcd-server` package, 3.4) for the etcd store's tests and benchmarks, and `protoc`
-# (`protobuf-compiler`), which the etcd client crate needs at build time. .ci/run calls
-# this before anything compiles. Idempotent; does nothing where both exist.
+# (`protobuf-compiler`) with protobuf's well-known types (`libprotobuf-dev`), which the
+# etcd client crate needs at build time. .ci/run calls this before anything compiles.
+# Idempotent; does nothing where all exist.
 set -euo pipefail
 
 missing=()
 command -v etcd >/dev/null 2>&1 || missing+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
-  echo "install-control-plane: not root or no apt-get: install ${missing[*]} yourself (needed by the etcd store, which is not built yet)" >&2
+  echo "install-control-plane: not root or no apt-get: install ${missing[*]} yourself (the key service's etcd store needs them to build)" >&2
   exit 0
 fi
 export DEBIAN_FRONTEND=noninteractive

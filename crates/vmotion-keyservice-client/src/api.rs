@@ -62,6 +62,17 @@ pub struct CreateMigrationRequest {
     pub vm: String,
     /// The destination host's identity.
     pub destination: String,
+    /// The client's id for this request (32 lowercase hex digits, random per create): a
+    /// retry with the same id, from the same source, answers the migration the first
+    /// attempt created (with the same key while it is still unfetched) instead of a
+    /// second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
+    /// Abort this source's own earlier migration of the same VM if it is still at
+    /// `null` (a sender that died before its switchover), instead of being refused with
+    /// `vm_in_flight`. Never touches a migration past `null` nor another host's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub abort_stale: bool,
 }
 
 /// Answer of `POST /v1/migrations`. Holds the key: zeroized on drop.
@@ -217,6 +228,12 @@ pub enum ErrorCode {
     TooManyConnections,
     /// This host sends requests faster than its rate limit: retry a little later.
     RateLimited,
+    /// The VM already has a migration in flight (from any host); the error body names it
+    /// (`migration_id`). It ends with that migration's final outcome or its expiry.
+    VmInFlight,
+    /// An admission limit is reached (migrations in flight from the source, to the
+    /// destination or in the cluster): retry after `retry_after_ms`.
+    Busy,
 }
 
 impl ErrorCode {
@@ -229,7 +246,8 @@ impl ErrorCode {
             Self::AlreadyFetched | Self::Conflict => 409,
             Self::Expired => 410,
             Self::Internal => 500,
-            Self::Unavailable => 503,
+            Self::Unavailable | Self::Busy => 503,
+            Self::VmInFlight => 409,
             Self::TooManyConnections | Self::RateLimited => 429,
         }
     }
@@ -243,6 +261,12 @@ pub struct ErrorBody {
     pub error: ErrorCode,
     /// A sentence for people.
     pub message: String,
+    /// `vm_in_flight`: the migration that holds the VM.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_id: Option<String>,
+    /// `busy`: how long to wait before trying again (milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
 }
 
 /// Whether `name` is usable as a host identity: a lowercase DNS name whose last label is

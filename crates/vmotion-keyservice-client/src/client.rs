@@ -314,6 +314,8 @@ impl KeyServiceClient {
         let body = serde_json::to_vec(&CreateMigrationRequest {
             vm: vm.to_owned(),
             destination: destination.to_owned(),
+            request_id: None,
+            abort_stale: false,
         })
         .expect("serializes");
         let r: CreateMigrationResponse = self

@@ -505,6 +505,8 @@ fn error_response(Refused(code, message): Refused) -> Response<Full<Bytes>> {
         serde_json::to_vec(&ErrorBody {
             error: code,
             message,
+            migration_id: None,
+            retry_after_ms: None,
         })
         .expect("serializes"),
     )
