@@ -6,12 +6,29 @@
 //! ca = "ca.pem"               # CA whose client certificates are accepted
 //! cert = "keyservice.pem"     # the service's certificate chain
 //! key = "keyservice-key.pem"  # the service's private key
-//! journal = "state/journal.jsonl"   # append-only, fsynced outcome journal
+//! journal = "state/journal.jsonl"   # the journal store's fsynced journal (not with etcd)
 //! audit_log = "state/audit.jsonl"   # JSON lines, one per request
 //! key_ttl = "5m"              # how long a migration's key waits for its destination
 //! registry_ttl = "60s"        # how long a host registration lasts unless refreshed
 //! connections_per_host = 32   # open connections one certified host may hold (0: no limit)
 //! requests_per_second_per_host = 1000   # sustained rate per host, bursts of twice that (0: no limit)
+//!
+//! [store]                     # optional; without it, the journal store
+//! kind = "etcd"               # "journal" (default) or "etcd"
+//! endpoints = ["http://127.0.0.1:2379"]   # etcd members (https:// with the TLS files below)
+//! prefix = "/vmotion/"        # every key the service writes starts with it
+//! kek_file = "kek"            # key-encryption key: 64 hex digits, mode 0600
+//! previous_kek_files = []     # older KEKs, still readable during a rotation
+//! ca = "etcd-ca.pem"          # optional: TLS to etcd (CA, client cert and key)
+//! cert = "etcd-client.pem"
+//! key = "etcd-client-key.pem"
+//! request_timeout = "3s"      # one etcd request, then the caller gets `unavailable`
+//!
+//! [limits]                    # admission; 0: no limit
+//! outbound_per_host = 2       # migrations in flight from one source host
+//! inbound_per_host = 2        # ... to one destination host
+//! cluster = 5                 # ... in the whole cluster
+//! in_flight_ttl = "1h"        # a migration without a final outcome frees its VM after this
 //! ```
 //!
 //! Relative paths are relative to the configuration file's folder.
@@ -33,8 +50,10 @@ pub struct Config {
     pub cert: PathBuf,
     /// Service private key (PEM).
     pub key: PathBuf,
-    /// Outcome journal.
-    pub journal: PathBuf,
+    /// Where the state lives.
+    pub store: StoreConfig,
+    /// Admission limits and the VM lock's lifetime.
+    pub limits: crate::store::Limits,
     /// Audit log.
     pub audit_log: PathBuf,
     /// Key lifetime.
@@ -47,6 +66,35 @@ pub struct Config {
     /// Requests per second one certified host may make, sustained (bursts of twice as
     /// many; 0: no limit).
     pub requests_per_second_per_host: u32,
+}
+
+/// The store: the journal (one replica) or etcd (any number of replicas).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreConfig {
+    /// The fsynced local journal.
+    Journal {
+        /// Its file.
+        path: PathBuf,
+    },
+    /// An etcd cluster.
+    Etcd(EtcdConfig),
+}
+
+/// The etcd store's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Member URLs.
+    pub endpoints: Vec<String>,
+    /// Prefix of every key written.
+    pub prefix: String,
+    /// The key-encryption key that seals new keys.
+    pub kek: PathBuf,
+    /// Older KEKs, for reading keys sealed before a rotation.
+    pub previous_keks: Vec<PathBuf>,
+    /// TLS to etcd: CA, client certificate, client key.
+    pub tls: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// Deadline of one etcd request.
+    pub request_timeout: Duration,
 }
 
 /// What is wrong with a configuration.
@@ -88,7 +136,7 @@ struct RawConfig {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
-    journal: PathBuf,
+    journal: Option<PathBuf>,
     audit_log: PathBuf,
     #[serde(default = "default_key_ttl", deserialize_with = "duration")]
     key_ttl: Duration,
@@ -98,6 +146,77 @@ struct RawConfig {
     connections_per_host: usize,
     #[serde(default = "default_requests_per_second_per_host")]
     requests_per_second_per_host: u32,
+    #[serde(default)]
+    store: RawStore,
+    #[serde(default)]
+    limits: RawLimits,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    #[serde(default)]
+    kind: StoreKind,
+    #[serde(default)]
+    endpoints: Vec<String>,
+    prefix: Option<String>,
+    kek_file: Option<PathBuf>,
+    #[serde(default)]
+    previous_kek_files: Vec<PathBuf>,
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default = "default_request_timeout", deserialize_with = "duration")]
+    request_timeout: Duration,
+}
+
+#[derive(Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum StoreKind {
+    #[default]
+    Journal,
+    Etcd,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    #[serde(default = "default_outbound")]
+    outbound_per_host: usize,
+    #[serde(default = "default_outbound")]
+    inbound_per_host: usize,
+    #[serde(default = "default_cluster")]
+    cluster: usize,
+    #[serde(default = "default_in_flight_ttl", deserialize_with = "duration")]
+    in_flight_ttl: Duration,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        let d = crate::store::Limits::default();
+        Self {
+            outbound_per_host: d.outbound_per_host,
+            inbound_per_host: d.inbound_per_host,
+            cluster: d.cluster,
+            in_flight_ttl: d.in_flight_ttl,
+        }
+    }
+}
+
+fn default_outbound() -> usize {
+    crate::store::Limits::default().outbound_per_host
+}
+
+fn default_cluster() -> usize {
+    crate::store::Limits::default().cluster
+}
+
+fn default_in_flight_ttl() -> Duration {
+    crate::store::Limits::default().in_flight_ttl
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(3)
 }
 
 fn default_requests_per_second_per_host() -> u32 {
@@ -165,24 +284,33 @@ impl Config {
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let field = |field: &'static str, message: &str| ConfigError::Field {
+            path: path.to_owned(),
+            field,
+            message: message.to_owned(),
+        };
+        let store = store_config(raw.store, raw.journal.map(&resolve), &resolve)
+            .map_err(|(f, m)| field(f, &m))?;
         let config = Self {
             listen: raw.listen,
             ca: resolve(raw.ca),
             cert: resolve(raw.cert),
             key: resolve(raw.key),
-            journal: resolve(raw.journal),
+            store,
             audit_log: resolve(raw.audit_log),
             key_ttl: raw.key_ttl,
             registry_ttl: raw.registry_ttl,
             connections_per_host: raw.connections_per_host,
             requests_per_second_per_host: raw.requests_per_second_per_host,
+            limits: crate::store::Limits {
+                outbound_per_host: raw.limits.outbound_per_host,
+                inbound_per_host: raw.limits.inbound_per_host,
+                cluster: raw.limits.cluster,
+                in_flight_ttl: raw.limits.in_flight_ttl,
+            },
         };
-        if config.journal == config.audit_log {
-            return Err(ConfigError::Field {
-                path: path.to_owned(),
-                field: "audit_log",
-                message: "must not be the journal's file".into(),
-            });
+        if matches!(&config.store, StoreConfig::Journal { path } if *path == config.audit_log) {
+            return Err(field("audit_log", "must not be the journal's file"));
         }
         for (field, file) in [
             ("ca", &config.ca),
@@ -199,6 +327,68 @@ impl Config {
         }
         Ok(config)
     }
+}
+
+type FieldError = (&'static str, String);
+
+/// The `[store]` table (and the top-level `journal`) as a [`StoreConfig`].
+fn store_config(
+    raw: RawStore,
+    journal: Option<PathBuf>,
+    resolve: &impl Fn(PathBuf) -> PathBuf,
+) -> Result<StoreConfig, FieldError> {
+    if raw.kind == StoreKind::Journal {
+        let path = journal.ok_or((
+            "journal",
+            "missing (the journal store needs its file)".to_owned(),
+        ))?;
+        return Ok(StoreConfig::Journal { path });
+    }
+    if journal.is_some() {
+        return Err((
+            "journal",
+            "not used with `[store] kind = \"etcd\"`; remove it".into(),
+        ));
+    }
+    if raw.endpoints.is_empty() {
+        return Err(("store.endpoints", "at least one etcd member URL".into()));
+    }
+    if let Some(bad) = raw
+        .endpoints
+        .iter()
+        .find(|e| !(e.starts_with("http://") || e.starts_with("https://")))
+    {
+        return Err((
+            "store.endpoints",
+            format!("`{bad}` is not an http:// or https:// URL"),
+        ));
+    }
+    let prefix = raw.prefix.unwrap_or_else(|| "/vmotion/".into());
+    if prefix.is_empty() || !prefix.ends_with('/') {
+        return Err(("store.prefix", "must be non-empty and end with '/'".into()));
+    }
+    let kek = raw.kek_file.ok_or((
+        "store.kek_file",
+        "missing (the etcd store seals keys with it)".to_owned(),
+    ))?;
+    let tls = match (raw.ca, raw.cert, raw.key) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some((resolve(ca), resolve(cert), resolve(key))),
+        _ => {
+            return Err((
+                "store.ca",
+                "TLS to etcd needs all of ca, cert and key".into(),
+            ));
+        }
+    };
+    Ok(StoreConfig::Etcd(EtcdConfig {
+        endpoints: raw.endpoints,
+        prefix,
+        kek: resolve(kek),
+        previous_keks: raw.previous_kek_files.into_iter().map(resolve).collect(),
+        tls,
+        request_timeout: raw.request_timeout,
+    }))
 }
 
 #[cfg(test)]

@@ -24,9 +24,12 @@
 
 pub use vmotion_keyservice_client::api;
 pub mod config;
+mod logfile;
 pub mod pki;
 pub mod server;
+mod store;
 pub mod tls;
 
 pub use config::Config;
 pub use server::Server;
+pub use store::Limits;

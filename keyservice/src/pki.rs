@@ -177,6 +177,14 @@ journal = \"state/journal.jsonl\"
 audit_log = \"state/audit.jsonl\"
 key_ttl = \"5m\"
 registry_ttl = \"60s\"
+
+# Migrations in flight at once (0: no limit); over a limit, `create` answers `busy` and
+# vmotion-send waits its turn. A VM has one migration in flight at a time.
+[limits]
+outbound_per_host = 2
+inbound_per_host = 2
+cluster = 5
+in_flight_ttl = \"1h\"
 ";
     write(&files.config(), config, false)?;
     Ok(files)

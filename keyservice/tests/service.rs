@@ -46,7 +46,8 @@ impl Service {
             format!(
                 "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\nkey = \"keyservice-key.pem\"\n\
                  journal = \"state/journal.jsonl\"\naudit_log = \"state/audit.jsonl\"\n\
-                 key_ttl = \"{key_ttl}\"\nregistry_ttl = \"{registry_ttl}\"\n"
+                 key_ttl = \"{key_ttl}\"\nregistry_ttl = \"{registry_ttl}\"\n\
+                 [limits]\noutbound_per_host = 0\ninbound_per_host = 0\ncluster = 0\n"
             ),
         )
         .unwrap();
@@ -176,13 +177,13 @@ async fn happy_path() {
         (Some(Outcome::Committed), "src", "dst")
     );
     // Host names have one spelling: "DST" is the registered "dst".
-    let upper = src.create_migration("vm-1", "DST").await.unwrap();
+    let upper = src.create_migration("vm-2", "DST").await.unwrap();
     assert_eq!(
         upper.destination_capability(),
         DestinationCapability::Encrypts
     );
     // Two migrations never share key material.
-    let other = src.create_migration("vm-1", "dst").await.unwrap();
+    let other = src.create_migration("vm-3", "dst").await.unwrap();
     assert_ne!(other.id, issued.id);
     assert_ne!(
         other.material.key.expose_secret(),
@@ -405,7 +406,7 @@ async fn registry_entries_expire_unless_refreshed() {
     .await
     .unwrap();
     assert_eq!(
-        src.create_migration("vm", "dst")
+        src.create_migration("vm-2", "dst")
             .await
             .unwrap()
             .destination_capability(),
@@ -424,7 +425,7 @@ async fn registry_entries_expire_unless_refreshed() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(src.host("dst").await.unwrap().is_none(), "expired");
     assert_eq!(
-        src.create_migration("vm", "dst")
+        src.create_migration("vm-3", "dst")
             .await
             .unwrap()
             .destination_capability(),
@@ -661,17 +662,25 @@ async fn destination_aborts_and_the_source_cannot_commit() {
 async fn claims_and_reverts_survive_a_restart() {
     let (dir, mut svc) = setup();
     let (src, dst) = (svc.client("src"), svc.client("dst"));
+    // One after the other: a VM has one migration in flight at a time, and `claimed` and
+    // `reverted` end theirs.
     let mut ids = Vec::new();
-    for _ in 0..3 {
+    let mut records = Vec::new();
+    for end in [Some(Outcome::Claimed), Some(Outcome::Reverted), None] {
         let issued = src.create_migration("vm-1", "dst").await.unwrap();
-        src.record_outcome(issued.id, Outcome::Committed)
+        let mut record = src
+            .record_outcome(issued.id, Outcome::Committed)
             .await
             .unwrap();
+        if let Some(end) = end {
+            let by = if end == Outcome::Claimed { &dst } else { &src };
+            record = by.record_outcome(issued.id, end).await.unwrap();
+        }
         ids.push(issued.id);
+        records.push(record);
     }
-    let claimed = dst.record_outcome(ids[0], Outcome::Claimed).await.unwrap();
-    let reverted = src.record_outcome(ids[1], Outcome::Reverted).await.unwrap();
-    let committed = src.outcome(ids[2]).await.unwrap();
+    let (claimed, reverted, committed) =
+        (records[0].clone(), records[1].clone(), records[2].clone());
     // SIGKILL: only what was fsynced before each answer comes back.
     svc.child.kill().unwrap();
     svc.child.wait().unwrap();

@@ -1,13 +1,10 @@
 //! The HTTPS server: mutual TLS, routing, the audit log and the journal.
 
-mod log;
-pub(crate) mod state;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -26,8 +23,9 @@ use crate::api::{
     OutcomeRequest, RegisterRequest,
 };
 use crate::config::Config;
-use log::LogFile;
-use state::{JournalEntry, Refused, State, parse_id};
+use crate::logfile::LogFile;
+use crate::store::rules::{InFlight, Refused, parse_id, parse_request_id};
+use crate::store::{CreateRequest, Store, unix_ms};
 
 /// Largest request body accepted.
 const MAX_BODY: usize = 64 * 1024;
@@ -61,6 +59,9 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
+    /// The store (etcd unreachable at start, a KEK that cannot be read, ...).
+    #[error("the store: {0}")]
+    Store(String),
     /// The journal or the audit log.
     #[error("{path}: {message}")]
     Journal {
@@ -72,14 +73,11 @@ pub enum ServeError {
 }
 
 struct Shared {
-    state: Mutex<State>,
+    store: Store,
     /// Set at shutdown: every request from then on is refused, so no key is issued after
     /// the keys were zeroized.
     closing: std::sync::atomic::AtomicBool,
-    journal: LogFile,
     audit: LogFile,
-    key_ttl: Duration,
-    registry_ttl: Duration,
     rng: ring::rand::SystemRandom,
     /// Open connections per certified host, and the most one may hold (0: no limit).
     connections: Mutex<std::collections::HashMap<Arc<str>, usize>>,
@@ -127,7 +125,7 @@ impl Shared {
         b.tokens = (b.tokens + rate * now.duration_since(b.at).as_secs_f64()).min(burst);
         b.at = now;
         if b.tokens < 1.0 {
-            return Err(Refused(
+            return Err(Refused::new(
                 ErrorCode::RateLimited,
                 format!(
                     "this host sends more than {} requests per second; retry shortly",
@@ -155,49 +153,19 @@ impl std::fmt::Debug for Server {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Reads the journal. A torn last line (a crash mid-write) is cut off; any other bad line
-/// is an error naming it.
-fn read_journal(path: &std::path::Path) -> Result<Vec<JournalEntry>, ServeError> {
-    let err = |message: String| ServeError::Journal {
-        path: path.to_owned(),
-        message,
-    };
-    let lines = log::read_repairing(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    lines
-        .iter()
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_slice(line).map_err(|e| err(format!("line {}: {e}", i + 1)))
-        })
-        .collect()
-}
-
 impl Server {
     /// Loads TLS material, replays the journal and binds the listening socket.
     pub async fn bind(config: &Config) -> Result<Self, ServeError> {
         let tls = crate::tls::server_config(&config.ca, &config.cert, &config.key)?;
-        let mut state = State::default();
-        let restored = state.replay(read_journal(&config.journal)?, Instant::now(), unix_ms());
-        tracing::info!(restored, journal = %config.journal.display(), "journal replayed");
-        let open = |path: &std::path::Path, sync| {
-            LogFile::open(path, sync).map_err(|e| ServeError::Journal {
-                path: path.to_owned(),
-                message: format!("cannot open for appending: {e}"),
-            })
-        };
+        let store = Store::open(config).await?;
+        let audit = LogFile::open(&config.audit_log, false).map_err(|e| ServeError::Journal {
+            path: config.audit_log.clone(),
+            message: format!("cannot open for appending: {e}"),
+        })?;
         let shared = Arc::new(Shared {
-            state: Mutex::new(state),
+            store,
             closing: std::sync::atomic::AtomicBool::new(false),
-            journal: open(&config.journal, true)?,
-            audit: open(&config.audit_log, false)?,
-            key_ttl: config.key_ttl,
-            registry_ttl: config.registry_ttl,
+            audit,
             connections: Mutex::default(),
             connections_per_host: config.connections_per_host,
             rates: Mutex::default(),
@@ -232,7 +200,7 @@ impl Server {
                 let mut tick = tokio::time::interval(SWEEP_INTERVAL);
                 loop {
                     tick.tick().await;
-                    lock(&shared.state).expire(Instant::now(), shared.key_ttl);
+                    shared.store.sweep();
                 }
             }
         });
@@ -265,21 +233,10 @@ impl Server {
         shared
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        let held = {
-            let mut state = lock(&shared.state);
-            let held = state.keys_held();
-            state.drop_all_keys();
-            held
-        };
+        let held = shared.store.close().await;
         tracing::info!(keys_zeroized = held, "shutting down");
-        let _ = shared.journal.flush().await;
         let _ = shared.audit.flush().await;
     }
-}
-
-fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
-    // A panic while holding the lock would be a bug; keep serving rather than cascade.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn connection(
@@ -334,9 +291,9 @@ async fn connection(
         async move {
             Ok::<_, Infallible>(request.await.unwrap_or_else(|e| {
                 tracing::error!(error = %e, "a request handler failed");
-                error_response(Refused(
+                error_response(Refused::new(
                     ErrorCode::Internal,
-                    "the request handler failed".into(),
+                    "the request handler failed",
                 ))
             }))
         }
@@ -414,7 +371,7 @@ async fn too_many_connections(
         ..Audit::default()
     }));
     let service = hyper::service::service_fn(move |_req| {
-        let answer = error_response(Refused(ErrorCode::TooManyConnections, detail.clone()));
+        let answer = error_response(Refused::new(ErrorCode::TooManyConnections, detail.clone()));
         async move { Ok::<_, Infallible>(answer) }
     });
     let _ = tokio::time::timeout(
@@ -448,6 +405,10 @@ struct Audit<'a> {
     result: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     detail: Option<&'a str>,
+    /// After a create: migrations in flight from its source, to its destination and in
+    /// the cluster, counted where the create was decided.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    in_flight: Option<InFlight>,
 }
 
 impl Default for Audit<'_> {
@@ -461,6 +422,7 @@ impl Default for Audit<'_> {
             destination: None,
             result: "",
             detail: None,
+            in_flight: None,
         }
     }
 }
@@ -498,18 +460,25 @@ fn secret_json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     json_response(StatusCode::OK, Bytes::from_owner(body))
 }
 
-fn error_response(Refused(code, message): Refused) -> Response<Full<Bytes>> {
+fn error_response(Refused(code, message, hint): Refused) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(code.status()).expect("valid status");
-    json_response(
+    let mut response = json_response(
         status,
         serde_json::to_vec(&ErrorBody {
             error: code,
             message,
-            migration_id: None,
-            retry_after_ms: None,
+            migration_id: hint.migration_id.map(|id| id.to_string()),
+            retry_after_ms: hint.retry_after_ms,
         })
         .expect("serializes"),
-    )
+    );
+    if let Some(ms) = hint.retry_after_ms {
+        let secs = ms.div_ceil(1000).max(1);
+        response
+            .headers_mut()
+            .insert("retry-after", hyper::header::HeaderValue::from(secs));
+    }
+    response
 }
 
 fn ok_json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
@@ -523,22 +492,18 @@ async fn body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<
     let read = Limited::new(req.into_body(), MAX_BODY).collect();
     let bytes = tokio::time::timeout(BODY_TIMEOUT, read)
         .await
-        .map_err(|_| {
-            Refused(
-                ErrorCode::BadRequest,
-                "the body did not arrive in time".into(),
-            )
-        })?
-        .map_err(|e| Refused(ErrorCode::BadRequest, format!("cannot read the body: {e}")))?
+        .map_err(|_| Refused::new(ErrorCode::BadRequest, "the body did not arrive in time"))?
+        .map_err(|e| Refused::new(ErrorCode::BadRequest, format!("cannot read the body: {e}")))?
         .to_bytes();
     serde_json::from_slice(&bytes)
-        .map_err(|e| Refused(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
+        .map_err(|e| Refused::new(ErrorCode::BadRequest, format!("invalid JSON body: {e}")))
 }
 
 /// What a handler tells the audit log besides the result.
 #[derive(Default)]
 struct Noted {
     migration_id: Option<MigrationId>,
+    in_flight: Option<InFlight>,
     vm: Option<String>,
     destination: Option<String>,
 }
@@ -559,9 +524,9 @@ async fn handle(
     let (action, result) = if shared.closing.load(std::sync::atomic::Ordering::SeqCst) {
         (
             "refused_at_shutdown",
-            Err(Refused(
+            Err(Refused::new(
                 ErrorCode::Unavailable,
-                "the key service is shutting down".into(),
+                "the key service is shutting down",
             )),
         )
     } else if let Err(refused) = shared.admit(caller) {
@@ -571,24 +536,25 @@ async fn handle(
             (&Method::POST, ["v1", "hosts", "register"]) => {
                 ("register_host", register(shared, caller, req).await)
             }
-            (&Method::GET, ["v1", "hosts", host]) => ("read_host", read_host(shared, host)),
+            (&Method::GET, ["v1", "hosts", host]) => ("read_host", read_host(shared, host).await),
             (&Method::POST, ["v1", "migrations"]) => (
                 "create_migration",
                 create(shared, caller, req, &mut noted).await,
             ),
             (&Method::POST, ["v1", "migrations", id, "key"]) => {
-                ("fetch_key", fetch(shared, caller, id, &mut noted))
+                ("fetch_key", fetch(shared, caller, id, &mut noted).await)
             }
             (&Method::PUT, ["v1", "migrations", id, "outcome"]) => (
                 "record_outcome",
                 record_outcome(shared, caller, id, req, &mut noted).await,
             ),
-            (&Method::GET, ["v1", "migrations", id, "outcome"]) => {
-                ("read_outcome", read_outcome(shared, caller, id, &mut noted))
-            }
+            (&Method::GET, ["v1", "migrations", id, "outcome"]) => (
+                "read_outcome",
+                read_outcome(shared, caller, id, &mut noted).await,
+            ),
             _ => (
                 "unknown_route",
-                Err(Refused(
+                Err(Refused::new(
                     ErrorCode::NotFound,
                     format!("no route for {method} {}", short(&path)),
                 )),
@@ -616,6 +582,7 @@ async fn handle(
         destination: noted.destination.as_deref().map(short),
         result: &result,
         detail: detail.as_deref(),
+        in_flight: noted.in_flight,
     }));
     tracing::debug!(caller, action, result = %result, "request");
     response
@@ -623,17 +590,16 @@ async fn handle(
 
 async fn register(shared: &Shared, caller: &str, req: Request<Incoming>) -> Handled {
     let r: RegisterRequest = body(req).await?;
-    let record =
-        lock(&shared.state).register(caller, r, Instant::now(), unix_ms(), shared.registry_ttl);
+    let record = shared.store.register(caller, r).await?;
     Ok(ok_json(&record))
 }
 
-fn read_host(shared: &Shared, host: &str) -> Handled {
+async fn read_host(shared: &Shared, host: &str) -> Handled {
     let host = crate::tls::canonical_host(host)
-        .ok_or_else(|| Refused(ErrorCode::BadRequest, "not a valid host name".to_owned()))?;
-    match lock(&shared.state).host(&host, Instant::now()) {
+        .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
+    match shared.store.host(&host).await? {
         Some(record) => Ok(ok_json(&record)),
-        None => Err(Refused(
+        None => Err(Refused::new(
             ErrorCode::NotFound,
             format!("host {host} is not registered"),
         )),
@@ -650,42 +616,32 @@ async fn create(
     noted.vm = Some(r.vm.clone());
     noted.destination = Some(r.destination.clone());
     let destination = crate::tls::canonical_host(&r.destination).ok_or_else(|| {
-        Refused(
+        Refused::new(
             ErrorCode::BadRequest,
-            "the destination is not a valid host name".to_owned(),
+            "the destination is not a valid host name",
         )
     })?;
-    let mut key = Zeroizing::new([0u8; 32]);
-    let mut nonce = [0u8; 8];
-    let mut id = [0u8; 16];
-    ring::rand::SecureRandom::fill(&shared.rng, &mut *key)
-        .and_then(|()| ring::rand::SecureRandom::fill(&shared.rng, &mut nonce))
-        .and_then(|()| ring::rand::SecureRandom::fill(&shared.rng, &mut id))
-        .map_err(|_| Refused(ErrorCode::Internal, "the OS random generator failed".into()))?;
-    let id = MigrationId(id);
-    let created = lock(&shared.state).create(
-        caller,
-        &r.vm,
-        &destination,
-        id,
-        *key,
-        nonce,
-        Instant::now(),
-        unix_ms(),
-        shared.key_ttl,
-    )?;
-    noted.migration_id = Some(id);
-    // Not awaited: a crash before this line is on disk loses a migration that can then
-    // never be committed (recording its outcome fails), so the source keeps the VM.
-    shared
-        .journal
-        .append(serde_json::to_string(&created.journal).expect("serializes"));
-    let expires_at_ms = unix_ms() + u64::try_from(shared.key_ttl.as_millis()).unwrap_or(u64::MAX);
+    let request = r.request_id.as_deref().map(parse_request_id).transpose()?;
+    let created = shared
+        .store
+        .create(
+            CreateRequest {
+                caller,
+                vm: &r.vm,
+                destination: &destination,
+                request,
+                abort_stale: r.abort_stale,
+            },
+            &shared.rng,
+        )
+        .await?;
+    noted.migration_id = Some(created.id);
+    noted.in_flight = Some(created.in_flight);
     let response = CreateMigrationResponse {
-        migration_id: id.to_string(),
-        key: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&created.key)),
+        migration_id: created.id.to_string(),
+        key: Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(created.key)),
         nonce: hex(&created.nonce),
-        expires_at_ms,
+        expires_at_ms: created.expires_at_ms,
         destination: created.destination.clone(),
     };
     Ok(secret_json(&response))
@@ -695,10 +651,10 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn fetch(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
+async fn fetch(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
-    let fetched = lock(&shared.state).fetch_key(caller, id, Instant::now())?;
+    let fetched = shared.store.fetch_key(caller, id).await?;
     let response = FetchKeyResponse {
         migration_id: id.to_string(),
         key: Zeroizing::new(
@@ -721,35 +677,13 @@ async fn record_outcome(
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
     let r: OutcomeRequest = body(req).await?;
-    let now_ms = unix_ms();
-    let (record, journal) = lock(&shared.state).record_outcome(caller, id, r.outcome, now_ms)?;
-    let Some(entry) = journal else {
-        return Ok(ok_json(&record)); // a retry: the record on disk already says so
-    };
-    // The answer waits for the fsync, and readers see the transition only after it: a
-    // recorded outcome survives any crash after the answer, and no host acts on one that
-    // could still vanish (a destination on `committed` or `claimed`, a source on
-    // `reverted`).
-    let line = serde_json::to_string(&entry).expect("serializes");
-    if let Err(e) = shared.journal.append_durable(line).await {
-        // The line may or may not be on disk: memory can no longer say which. Stop, so the
-        // journal alone decides after a restart; the caller, without an answer, reads the
-        // outcome back then.
-        tracing::error!(error = %e, %id, "journal write failed; stopping");
-        eprintln!(
-            "vmotion-keyservice: the journal write failed ({e}); stopping so the journal stays the only truth"
-        );
-        std::process::abort();
-    }
-    let record = lock(&shared.state)
-        .confirm_outcome(id, now_ms)
-        .ok_or_else(|| Refused(ErrorCode::Internal, "the migration vanished".into()))?;
+    let record = shared.store.record_outcome(caller, id, r.outcome).await?;
     Ok(ok_json(&record))
 }
 
-fn read_outcome(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
+async fn read_outcome(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
-    let record = lock(&shared.state).outcome(caller, id)?;
+    let record = shared.store.outcome(caller, id).await?;
     Ok(ok_json(&record))
 }

@@ -1,6 +1,7 @@
-//! The service's in-memory state: the host registry and the migrations, with their keys
-//! in zeroizing types. Every operation is a pure function of the state, the caller and
-//! `now`, so the authorization rules are unit-tested without sockets or clocks.
+//! The journal store's in-memory state: the host registry and the migrations, with their
+//! keys in zeroizing types, the VMs in flight and the admission counts. Every operation is
+//! a pure function of the state, the caller and `now`, so the rules are unit-tested
+//! without sockets or clocks.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -8,6 +9,9 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use vmotion_proto::{KeyMaterial, MigrationId, MigrationKey, MigrationNonce};
 
+use super::rules::{
+    self, InFlight, Limits, Refused, Step, is_final, outcome_step, parse_id, refuse,
+};
 use crate::api::{ErrorCode, HostRecord, Outcome, OutcomeRecord, RegisterRequest};
 
 /// How long a migration's record (not its key) stays in memory for outcome queries.
@@ -15,14 +19,6 @@ pub(crate) const RECORD_RETENTION: Duration = Duration::from_secs(24 * 3600);
 /// Most records held in memory (a few hundred bytes each); past it the oldest go first.
 /// Their outcomes stay in the journal but are no longer served until the next restart.
 pub(crate) const MAX_RECORDS: usize = 1_000_000;
-
-/// A refused request: the code and a sentence.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Refused(pub(crate) ErrorCode, pub(crate) String);
-
-fn refuse<T>(code: ErrorCode, msg: impl Into<String>) -> Result<T, Refused> {
-    Err(Refused(code, msg.into()))
-}
 
 /// Where a migration's key is in its life.
 #[derive(Debug)]
@@ -43,6 +39,11 @@ struct Migration {
     key: KeyState,
     key_expires: Instant,
     outcome: OutcomeState,
+    /// It holds its VM and counts against the limits (created, no final outcome, not past
+    /// `in_flight_ttl`).
+    in_flight: bool,
+    /// The source's request id, while a retry may still be answered with this migration.
+    request: Option<[u8; 16]>,
 }
 
 /// Where a migration's outcome record is. A transition is visible to readers only once its
@@ -61,68 +62,6 @@ impl OutcomeState {
     fn current(self) -> Option<Outcome> {
         self.recorded.map(|(o, _)| o)
     }
-}
-
-/// Who is asking, relative to a migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Party {
-    Source,
-    Destination,
-}
-
-/// Whether `party` may ever record `to`, whatever the record's state.
-fn may_record(party: Party, to: Outcome) -> bool {
-    match to {
-        Outcome::Committed | Outcome::Reverted => party == Party::Source,
-        Outcome::Claimed => party == Party::Destination,
-        Outcome::Aborted => true,
-    }
-}
-
-/// Whether `from` → `to` is one arrow of the record's state machine:
-/// `null` → `committed` | `aborted`, `committed` → `claimed` | `reverted`.
-fn is_transition(from: Option<Outcome>, to: Outcome) -> bool {
-    matches!(
-        (from, to),
-        (None, Outcome::Committed | Outcome::Aborted)
-            | (
-                Some(Outcome::Committed),
-                Outcome::Claimed | Outcome::Reverted
-            )
-    )
-}
-
-/// Whether a record at `current` already says that `to` happened, so a retry of `to`
-/// (after a lost answer) is answered with the record as it is. `claimed` and `reverted`
-/// each imply `committed`.
-fn already_recorded(current: Option<Outcome>, to: Outcome) -> bool {
-    current == Some(to)
-        || (to == Outcome::Committed
-            && matches!(current, Some(Outcome::Claimed | Outcome::Reverted)))
-}
-
-fn forbidden(id: MigrationId, to: Outcome) -> Refused {
-    let who = match to {
-        Outcome::Committed | Outcome::Reverted => "source",
-        Outcome::Claimed => "destination",
-        Outcome::Aborted => "source or destination",
-    };
-    Refused(
-        ErrorCode::Forbidden,
-        format!("only migration {id}'s {who} may record `{to}`"),
-    )
-}
-
-fn conflict(id: MigrationId, current: Option<Outcome>, to: Outcome) -> Refused {
-    let message = match current {
-        Some(c) => {
-            format!("the outcome of migration {id} is already `{c}`; it cannot become `{to}`")
-        }
-        None => format!(
-            "the outcome of migration {id} is still `null`; `{to}` can only follow `committed`"
-        ),
-    };
-    Refused(ErrorCode::Conflict, message)
 }
 
 #[derive(Debug)]
@@ -153,10 +92,41 @@ pub(crate) enum JournalEntry {
 
 /// What `create` hands back. Holds the key: no `Debug`, zeroized on drop.
 pub(crate) struct Created {
+    pub(crate) id: MigrationId,
     pub(crate) key: [u8; 32],
     pub(crate) nonce: [u8; 8],
     pub(crate) destination: Option<HostRecord>,
-    pub(crate) journal: JournalEntry,
+    /// The line to journal; `None` for a retry of a create already journaled.
+    pub(crate) journal: Option<JournalEntry>,
+    /// In flight once this one is counted.
+    pub(crate) in_flight: InFlight,
+    /// When the key expires (Unix ms).
+    pub(crate) expires_at_ms: u64,
+}
+
+/// What a `create` asks of the state.
+pub(crate) struct NewMigration<'a> {
+    pub(crate) caller: &'a str,
+    pub(crate) vm: &'a str,
+    pub(crate) destination: &'a str,
+    /// Fresh id and material, used unless the request id names an earlier attempt.
+    pub(crate) id: MigrationId,
+    pub(crate) key: zeroize::Zeroizing<[u8; 32]>,
+    pub(crate) nonce: [u8; 8],
+    pub(crate) request: Option<[u8; 16]>,
+    pub(crate) abort_stale: bool,
+}
+
+/// What the state decided for a `create`.
+pub(crate) enum CreateStep {
+    /// Created (or answered again, for a retry).
+    Created(Created),
+    /// `abort_stale`: the caller's own earlier migration of the VM, still at `null`, is
+    /// now being aborted. Write the line durably, confirm it, then create again.
+    AbortFirst {
+        stale: MigrationId,
+        journal: JournalEntry,
+    },
 }
 
 impl Drop for Created {
@@ -174,7 +144,7 @@ pub(crate) struct Fetched {
 }
 
 /// The whole state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct State {
     hosts: HashMap<String, HostEntry>,
     migrations: HashMap<MigrationId, Migration>,
@@ -184,26 +154,43 @@ pub(crate) struct State {
     by_age: VecDeque<(Instant, MigrationId)>,
     /// Migrations whose key may still be held, in creation (= expiry) order.
     keys_by_age: VecDeque<(Instant, MigrationId)>,
+    /// Migrations that may be in flight, in creation (= `in_flight_ttl` expiry) order.
+    in_flight_by_age: VecDeque<(Instant, MigrationId)>,
+    /// The migration that holds each VM in flight.
+    vms: HashMap<String, MigrationId>,
+    /// Migrations in flight per source and per destination host.
+    outbound: HashMap<String, usize>,
+    inbound: HashMap<String, usize>,
+    /// A source's request ids, to the migration each created.
+    requests: HashMap<(String, [u8; 16]), MigrationId>,
+    limits: Limits,
+    key_ttl: Duration,
 }
 
-pub(crate) fn parse_id(s: &str) -> Result<MigrationId, Refused> {
-    let mut id = [0u8; 16];
-    // Checked byte by byte before any slicing: a path may hold any UTF-8, and only the
-    // canonical lowercase form is accepted, so the audit log has one spelling per id.
-    if s.len() != 32 || !s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
-        return refuse(
-            ErrorCode::BadRequest,
-            "a migration id is 32 lowercase hex digits",
-        );
+impl Default for State {
+    fn default() -> Self {
+        Self::new(Limits::default(), Duration::from_secs(300))
     }
-    for (i, b) in id.iter_mut().enumerate() {
-        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-            .or_else(|_| refuse(ErrorCode::BadRequest, "a migration id is 32 hex digits"))?;
-    }
-    Ok(MigrationId(id))
 }
 
 impl State {
+    /// An empty state under these limits.
+    pub(crate) fn new(limits: Limits, key_ttl: Duration) -> Self {
+        Self {
+            hosts: HashMap::new(),
+            migrations: HashMap::new(),
+            by_age: VecDeque::new(),
+            keys_by_age: VecDeque::new(),
+            in_flight_by_age: VecDeque::new(),
+            vms: HashMap::new(),
+            outbound: HashMap::new(),
+            inbound: HashMap::new(),
+            requests: HashMap::new(),
+            limits,
+            key_ttl,
+        }
+    }
+
     /// Registers or refreshes `caller`'s capabilities.
     pub(crate) fn register(
         &mut self,
@@ -238,48 +225,48 @@ impl State {
             .map(|e| e.record.clone())
     }
 
-    /// Creates a migration from `caller` (the source) with fresh key material.
-    #[allow(clippy::too_many_arguments)]
+    /// Creates a migration from `caller` (the source) with fresh key material, taking its
+    /// VM's lock and an admission slot; or answers a retried request with the migration
+    /// it created.
     pub(crate) fn create(
         &mut self,
-        caller: &str,
-        vm: &str,
-        destination: &str,
-        id: MigrationId,
-        key: [u8; 32],
-        nonce: [u8; 8],
+        new: NewMigration<'_>,
         now: Instant,
         now_ms: u64,
-        ttl: Duration,
-    ) -> Result<Created, Refused> {
-        let mut key = zeroize::Zeroizing::new(key);
-        // The name reaches policy files, sink folders and logs on every host: it must be
-        // a plain name there, so it is one here too.
-        if !vmotion_policy::valid_vm_name(vm) {
-            return refuse(
-                ErrorCode::BadRequest,
-                "the VM name must be 1 to 255 letters, digits, '.', '_' or '-', not starting \
-                 with '.'",
-            );
+    ) -> Result<CreateStep, Refused> {
+        rules::check_create(new.caller, new.vm, new.destination)?;
+        if let Some(rid) = new.request
+            && let Some(&id) = self.requests.get(&(new.caller.to_owned(), rid))
+        {
+            return self
+                .created_again(id, new.vm, new.destination, now)
+                .map(CreateStep::Created);
         }
-        if !crate::pki::valid_host_name(destination) {
-            return refuse(
-                ErrorCode::BadRequest,
-                "the destination is not a valid host name",
-            );
+        if let Some(&holder) = self.vms.get(new.vm) {
+            return self.stale_or_refused(&new, holder, now_ms);
         }
-        if destination == caller {
-            return refuse(
-                ErrorCode::BadRequest,
-                "the destination is the caller itself; a migration needs two hosts",
-            );
-        }
-        if self.migrations.contains_key(&id) {
+        let counted = self.in_flight_for(new.caller, new.destination);
+        self.limits.admit(counted, new.caller, new.destination)?;
+        if self.migrations.contains_key(&new.id) {
             // 2^-128 per pair; answered as an internal error rather than ever reused.
             return refuse(ErrorCode::Internal, "migration id collision; retry");
         }
+        let NewMigration {
+            caller,
+            vm,
+            destination,
+            id,
+            key,
+            nonce,
+            request,
+            ..
+        } = new;
         self.by_age.push_back((now, id));
         self.keys_by_age.push_back((now, id));
+        self.in_flight_by_age.push_back((now, id));
+        if let Some(rid) = request {
+            self.requests.insert((caller.to_owned(), rid), id);
+        }
         self.migrations.insert(
             id,
             Migration {
@@ -290,24 +277,151 @@ impl State {
                     key: MigrationKey::from_bytes(*key),
                     nonce: MigrationNonce(nonce),
                 }),
-                key_expires: now + ttl,
+                key_expires: now + self.key_ttl,
                 outcome: OutcomeState::default(),
+                in_flight: false,
+                request,
             },
         );
-        let created = Created {
+        self.hold(id);
+        Ok(CreateStep::Created(Created {
+            id,
             key: *key,
             nonce,
             destination: self.host(destination, now),
-            journal: JournalEntry::Created {
+            journal: Some(JournalEntry::Created {
                 migration_id: id.to_string(),
                 source: caller.to_owned(),
                 destination: destination.to_owned(),
                 vm: vm.to_owned(),
                 time_ms: now_ms,
-            },
+            }),
+            in_flight: self.in_flight_for(caller, destination),
+            expires_at_ms: now_ms + ms(self.key_ttl),
+        }))
+    }
+
+    /// A retried create: the migration it made, with the same key while it waits.
+    fn created_again(
+        &self,
+        id: MigrationId,
+        vm: &str,
+        destination: &str,
+        now: Instant,
+    ) -> Result<Created, Refused> {
+        let Some(m) = self.migrations.get(&id) else {
+            return refuse(
+                ErrorCode::Expired,
+                format!("migration {id} of this request is gone"),
+            );
         };
-        zeroize::Zeroize::zeroize(&mut *key);
-        Ok(created)
+        if m.vm != vm || m.destination != destination {
+            return refuse(
+                ErrorCode::BadRequest,
+                format!(
+                    "this request id already created migration {id}, of another VM or destination"
+                ),
+            );
+        }
+        let KeyState::Available(material) = &m.key else {
+            return refuse(
+                ErrorCode::Expired,
+                format!("this request already created migration {id}, whose key is no longer held"),
+            );
+        };
+        let now_ms_left = m.key_expires.saturating_duration_since(now);
+        Ok(Created {
+            id,
+            key: *material.key.expose_secret(),
+            nonce: material.nonce.0,
+            destination: self.host(destination, now),
+            journal: None,
+            in_flight: self.in_flight_for(&m.source, destination),
+            expires_at_ms: crate::store::unix_ms() + ms(now_ms_left),
+        })
+    }
+
+    /// A create for a VM that `holder` holds: refused, or (`abort_stale`, the caller's own
+    /// migration still at `null`) that migration aborted first.
+    fn stale_or_refused(
+        &mut self,
+        new: &NewMigration<'_>,
+        holder: MigrationId,
+        now_ms: u64,
+    ) -> Result<CreateStep, Refused> {
+        let m = &self.migrations[&holder];
+        let detail = format!(" (from {} to {})", m.source, m.destination);
+        let stale = new.abort_stale && m.source == new.caller && m.outcome.current().is_none();
+        if !stale || m.outcome.pending.is_some() {
+            let hint = if new.abort_stale && m.source == new.caller {
+                "; it is past `null`, so only its final outcome ends it"
+            } else {
+                ""
+            };
+            return Err(rules::vm_in_flight(
+                new.vm,
+                holder,
+                &format!("{detail}{hint}"),
+            ));
+        }
+        let (_, journal) = self.record_outcome(new.caller, holder, Outcome::Aborted, now_ms)?;
+        let journal = journal.expect("null → aborted is a transition");
+        Ok(CreateStep::AbortFirst {
+            stale: holder,
+            journal,
+        })
+    }
+
+    fn in_flight_for(&self, source: &str, destination: &str) -> InFlight {
+        InFlight {
+            source: self.outbound.get(source).copied().unwrap_or(0),
+            destination: self.inbound.get(destination).copied().unwrap_or(0),
+            cluster: self.vms.len(),
+        }
+    }
+
+    /// Takes migration `id`'s VM lock and its slots.
+    fn hold(&mut self, id: MigrationId) {
+        let Some(m) = self.migrations.get_mut(&id) else {
+            return;
+        };
+        if m.in_flight || self.vms.contains_key(&m.vm) {
+            return;
+        }
+        m.in_flight = true;
+        self.vms.insert(m.vm.clone(), id);
+        *self.outbound.entry(m.source.clone()).or_default() += 1;
+        *self.inbound.entry(m.destination.clone()).or_default() += 1;
+    }
+
+    /// Gives migration `id`'s VM lock and slots back.
+    fn release(&mut self, id: MigrationId) {
+        let Some(m) = self.migrations.get_mut(&id) else {
+            return;
+        };
+        if !m.in_flight {
+            return;
+        }
+        m.in_flight = false;
+        if self.vms.get(&m.vm) == Some(&id) {
+            self.vms.remove(&m.vm);
+        }
+        for (counts, host) in [
+            (&mut self.outbound, &m.source),
+            (&mut self.inbound, &m.destination),
+        ] {
+            if let Some(n) = counts.get_mut(host) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.remove(host);
+                }
+            }
+        }
+    }
+
+    /// Migrations in flight in the whole state.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.vms.len()
     }
 
     /// Hands the key to the migration's destination, once. The service's copy is dropped
@@ -371,16 +485,16 @@ impl State {
         let Some(m) = self.migrations.get_mut(&id) else {
             return refuse(ErrorCode::NotFound, format!("no migration {id}"));
         };
-        let party = if caller == m.source {
-            Some(Party::Source)
-        } else if caller == m.destination {
-            Some(Party::Destination)
-        } else {
-            None
-        };
-        // Checked before the record's state, so a refused caller learns nothing about it.
-        if !party.is_some_and(|p| may_record(p, outcome)) {
-            return Err(forbidden(id, outcome));
+        let step = outcome_step(
+            id,
+            (&m.source, &m.destination),
+            caller,
+            m.outcome.current(),
+            outcome,
+        );
+        // A refused caller learns nothing about the record, not even a write in flight.
+        if let Err(Refused(ErrorCode::Forbidden, ..)) = step {
+            return step.map(|_| unreachable!());
         }
         if m.outcome.pending.is_some() {
             return refuse(
@@ -388,12 +502,8 @@ impl State {
                 format!("the outcome of migration {id} is being recorded; read it back"),
             );
         }
-        let current = m.outcome.current();
-        if already_recorded(current, outcome) {
+        if step? == Step::Retry {
             return Ok((record(id, m), None));
-        }
-        if !is_transition(current, outcome) {
-            return Err(conflict(id, current, outcome));
         }
         m.outcome.pending = Some(outcome);
         if matches!(m.key, KeyState::Available(_)) {
@@ -417,7 +527,11 @@ impl State {
         if let Some(o) = m.outcome.pending.take() {
             m.outcome.recorded = Some((o, time_ms));
         }
-        Some(record(id, m))
+        let record = record(id, m);
+        if is_final(record.outcome) {
+            self.release(id);
+        }
+        Some(record)
     }
 
     /// Reads the outcome; the source and the destination may.
@@ -435,8 +549,17 @@ impl State {
     }
 
     /// Zeroizes expired keys, forgets expired registrations and old records.
-    pub(crate) fn expire(&mut self, now: Instant, key_ttl: Duration) {
+    pub(crate) fn expire(&mut self, now: Instant) {
+        let key_ttl = self.key_ttl;
         self.hosts.retain(|_, h| h.expires > now);
+        // Migrations past `in_flight_ttl` without a final outcome free their VM and slots.
+        while let Some(&(created, id)) = self.in_flight_by_age.front() {
+            if now.saturating_duration_since(created) < self.limits.in_flight_ttl {
+                break;
+            }
+            self.in_flight_by_age.pop_front();
+            self.release(id);
+        }
         // Records past retention (or past the cap) go entirely, their keys with them.
         while let Some(&(created, id)) = self.by_age.front() {
             if now.saturating_duration_since(created) < RECORD_RETENTION
@@ -445,7 +568,12 @@ impl State {
                 break;
             }
             self.by_age.pop_front();
-            self.migrations.remove(&id);
+            self.release(id);
+            if let Some(m) = self.migrations.remove(&id)
+                && let Some(rid) = m.request
+            {
+                self.requests.remove(&(m.source, rid));
+            }
         }
         // Keys past their TTL are zeroized, oldest first, touching only those.
         while let Some(&(created, id)) = self.keys_by_age.front() {
@@ -453,10 +581,15 @@ impl State {
                 break;
             }
             self.keys_by_age.pop_front();
-            if let Some(m) = self.migrations.get_mut(&id)
-                && matches!(m.key, KeyState::Available(_))
-            {
+            let Some(m) = self.migrations.get_mut(&id) else {
+                continue;
+            };
+            if matches!(m.key, KeyState::Available(_)) {
                 m.key = KeyState::Expired;
+            }
+            // Past the key's life a retry could only be told `expired`: forget the id.
+            if let Some(rid) = m.request.take() {
+                self.requests.remove(&(m.source.clone(), rid));
             }
         }
     }
@@ -511,8 +644,14 @@ impl State {
                             key: KeyState::Expired,
                             key_expires: now,
                             outcome: OutcomeState::default(),
+                            in_flight: false,
+                            request: None,
                         },
                     );
+                    if Duration::from_millis(age) < self.limits.in_flight_ttl {
+                        self.in_flight_by_age.push_back((created, id));
+                        self.hold(id);
+                    }
                 }
                 JournalEntry::Outcome {
                     migration_id,
@@ -529,15 +668,18 @@ impl State {
     /// is ignored, so the first outcome still wins. Lines of unknown (or no longer
     /// retained) migrations are skipped.
     fn replay_outcome(&mut self, migration_id: &str, outcome: Outcome, time_ms: u64) {
-        let Some(m) = parse_id(migration_id)
-            .ok()
-            .and_then(|id| self.migrations.get_mut(&id))
-        else {
+        let Ok(id) = parse_id(migration_id) else {
+            return;
+        };
+        let Some(m) = self.migrations.get_mut(&id) else {
             return;
         };
         let current = m.outcome.current();
-        if is_transition(current, outcome) {
+        if rules::is_transition(current, outcome) {
             m.outcome.recorded = Some((outcome, time_ms));
+            if is_final(Some(outcome)) {
+                self.release(id);
+            }
         } else {
             tracing::warn!(
                 %migration_id,
@@ -560,6 +702,44 @@ fn record(id: MigrationId, m: &Migration) -> OutcomeRecord {
     }
 }
 
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+impl State {
+    /// `create` with the key's TTL given, as the tests below were written.
+    #[allow(clippy::too_many_arguments)]
+    fn create_test(
+        &mut self,
+        caller: &str,
+        vm: &str,
+        destination: &str,
+        id: MigrationId,
+        key: [u8; 32],
+        nonce: [u8; 8],
+        now: Instant,
+        now_ms: u64,
+        ttl: Duration,
+    ) -> Result<Created, Refused> {
+        self.key_ttl = ttl;
+        let new = NewMigration {
+            caller,
+            vm,
+            destination,
+            id,
+            key: zeroize::Zeroizing::new(key),
+            nonce,
+            request: None,
+            abort_stale: false,
+        };
+        match self.create(new, now, now_ms)? {
+            CreateStep::Created(c) => Ok(c),
+            CreateStep::AbortFirst { .. } => panic!("no abort_stale here"),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -569,7 +749,7 @@ mod tests {
     fn state_with_migration(now: Instant) -> (State, MigrationId) {
         let mut s = State::default();
         let id = MigrationId([1; 16]);
-        s.create("src", "vm1", "dst", id, [7; 32], [8; 8], now, 0, TTL)
+        s.create_test("src", "vm1", "dst", id, [7; 32], [8; 8], now, 0, TTL)
             .unwrap();
         (s, id)
     }
@@ -611,14 +791,14 @@ mod tests {
             ErrorCode::Expired
         );
         let (mut s, _) = state_with_migration(now);
-        s.expire(now + TTL - Duration::from_millis(1), TTL);
+        s.expire(now + TTL - Duration::from_millis(1));
         assert_eq!(s.keys_held(), 1, "not yet");
-        s.expire(now + TTL, TTL);
+        s.expire(now + TTL);
         assert_eq!(s.keys_held(), 0);
         // Records outlive keys, up to the retention.
-        s.expire(now + RECORD_RETENTION - Duration::from_secs(1), TTL);
+        s.expire(now + RECORD_RETENTION - Duration::from_secs(1));
         assert!(s.outcome("src", MigrationId([1; 16])).is_ok());
-        s.expire(now + RECORD_RETENTION, TTL);
+        s.expire(now + RECORD_RETENTION);
         assert_eq!(
             s.outcome("src", MigrationId([1; 16])).unwrap_err().0,
             ErrorCode::NotFound
@@ -706,7 +886,7 @@ mod tests {
         let now = Instant::now();
         let mut s = State::default();
         let mk = |s: &mut State, vm: &str, dst: &str| {
-            s.create(
+            s.create_test(
                 "src",
                 vm,
                 dst,
@@ -758,7 +938,7 @@ mod more_tests {
         let now = Instant::now();
         let mut s = State::default();
         let id = MigrationId([5; 16]);
-        s.create(
+        s.create_test(
             "src",
             "vm",
             "dst",
@@ -829,7 +1009,7 @@ mod transition_tests {
     fn state_at(path: &[(&str, Outcome)]) -> State {
         let mut s = State::default();
         let now = Instant::now();
-        s.create(
+        s.create_test(
             "src",
             "vm",
             "dst",
@@ -945,7 +1125,7 @@ mod transition_tests {
                         assert_eq!(rec, before, "{case} answers the record as it is");
                         continue;
                     }
-                    let Refused(code, message) = got.unwrap_err();
+                    let Refused(code, message, _) = got.unwrap_err();
                     if forbidden(caller, to) {
                         assert_eq!(code, ErrorCode::Forbidden, "{case}");
                     } else {
@@ -1110,5 +1290,279 @@ mod transition_tests {
                 (None, None),
             ]
         );
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    const LIMITS: Limits = Limits {
+        outbound_per_host: 2,
+        inbound_per_host: 3,
+        cluster: 4,
+        in_flight_ttl: Duration::from_secs(3600),
+    };
+
+    fn new<'a>(caller: &'a str, vm: &'a str, dst: &'a str, n: u8) -> NewMigration<'a> {
+        NewMigration {
+            caller,
+            vm,
+            destination: dst,
+            id: MigrationId([n; 16]),
+            key: zeroize::Zeroizing::new([n; 32]),
+            nonce: [n; 8],
+            request: None,
+            abort_stale: false,
+        }
+    }
+
+    fn created(step: Result<CreateStep, Refused>) -> Created {
+        match step.unwrap() {
+            CreateStep::Created(c) => c,
+            CreateStep::AbortFirst { .. } => panic!("expected a creation"),
+        }
+    }
+
+    #[allow(clippy::needless_pass_by_value)] // takes what `create` returns, as is
+    fn code(step: Result<CreateStep, Refused>) -> (ErrorCode, Hint) {
+        match step {
+            Err(Refused(code, _, hint)) => (code, hint),
+            Ok(_) => panic!("expected a refusal"),
+        }
+    }
+
+    use super::rules::Hint;
+
+    /// Commits and claims migration `n` (src → its destination): its VM is free again.
+    fn finish(s: &mut State, n: u8, dst: &str) {
+        let id = MigrationId([n; 16]);
+        s.record_outcome("src", id, Outcome::Committed, 1).unwrap();
+        s.confirm_outcome(id, 1).unwrap();
+        s.record_outcome(dst, id, Outcome::Claimed, 2).unwrap();
+        s.confirm_outcome(id, 2).unwrap();
+    }
+
+    #[test]
+    fn one_migration_per_vm_from_any_host_until_a_final_outcome() {
+        let now = Instant::now();
+        let mut s = State::new(Limits::default(), Duration::from_secs(60));
+        created(s.create(new("src", "vm", "dst", 1), now, 0));
+        for (caller, dst) in [("src", "dst"), ("other", "dst"), ("dst", "src")] {
+            let (c, hint) = code(s.create(new(caller, "vm", dst, 2), now, 0));
+            assert_eq!(c, ErrorCode::VmInFlight, "{caller}");
+            assert_eq!(hint.migration_id, Some(MigrationId([1; 16])));
+        }
+        // `committed` is not final: the VM is still moving.
+        let id = MigrationId([1; 16]);
+        s.record_outcome("src", id, Outcome::Committed, 1).unwrap();
+        s.confirm_outcome(id, 1).unwrap();
+        assert_eq!(
+            code(s.create(new("dst", "vm", "src", 2), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        s.record_outcome("dst", id, Outcome::Claimed, 2).unwrap();
+        // Pending (not yet on disk) still holds it.
+        assert_eq!(
+            code(s.create(new("dst", "vm", "src", 2), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        s.confirm_outcome(id, 2).unwrap();
+        created(s.create(new("dst", "vm", "src", 2), now, 0));
+        assert_eq!(s.in_flight(), 1);
+    }
+
+    #[test]
+    fn admission_counts_per_source_destination_and_cluster() {
+        let now = Instant::now();
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        created(s.create(new("src", "a", "d1", 1), now, 0));
+        let c = created(s.create(new("src", "b", "d1", 2), now, 0));
+        assert_eq!(
+            c.in_flight,
+            InFlight {
+                source: 2,
+                destination: 2,
+                cluster: 2
+            }
+        );
+        let (busy, hint) = code(s.create(new("src", "c", "d1", 3), now, 0));
+        assert_eq!(busy, ErrorCode::Busy);
+        assert!(hint.retry_after_ms.is_some());
+        // Other sources: the destination takes a third, then is full.
+        created(s.create(new("s2", "c", "d1", 3), now, 0));
+        assert_eq!(
+            code(s.create(new("s3", "d", "d1", 4), now, 0)).0,
+            ErrorCode::Busy
+        );
+        // The cluster's fourth and last.
+        created(s.create(new("s3", "d", "d2", 4), now, 0));
+        assert_eq!(
+            code(s.create(new("s4", "e", "d3", 5), now, 0)).0,
+            ErrorCode::Busy
+        );
+        // A final outcome frees all three counts.
+        finish(&mut s, 1, "d1");
+        let c = created(s.create(new("src", "e", "d1", 5), now, 0));
+        assert_eq!(
+            c.in_flight,
+            InFlight {
+                source: 2,
+                destination: 3,
+                cluster: 4
+            }
+        );
+    }
+
+    #[test]
+    fn a_refused_create_changes_nothing() {
+        let now = Instant::now();
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        created(s.create(new("src", "a", "d1", 1), now, 0));
+        created(s.create(new("src", "b", "d1", 2), now, 0));
+        for _ in 0..10 {
+            code(s.create(new("src", "c", "d1", 3), now, 0));
+            code(s.create(new("src", "a", "d1", 4), now, 0));
+        }
+        assert_eq!(s.in_flight(), 2);
+        assert!(s.outcome("src", MigrationId([3; 16])).is_err());
+    }
+
+    #[test]
+    fn in_flight_ttl_frees_the_vm_and_the_slot() {
+        let now = Instant::now();
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        created(s.create(new("src", "a", "d1", 1), now, 0));
+        s.expire(now + LIMITS.in_flight_ttl - Duration::from_millis(1));
+        assert_eq!(s.in_flight(), 1);
+        s.expire(now + LIMITS.in_flight_ttl);
+        assert_eq!(s.in_flight(), 0);
+        let later = now + LIMITS.in_flight_ttl;
+        created(s.create(new("other", "a", "d1", 2), later, 0));
+        // The freed migration's record still takes its steps.
+        let id = MigrationId([1; 16]);
+        assert!(
+            s.record_outcome("src", id, Outcome::Aborted, 3)
+                .unwrap()
+                .1
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_retried_request_gets_the_same_migration_and_key() {
+        let now = Instant::now();
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        let with_rid = |n: u8| NewMigration {
+            request: Some([42; 16]),
+            ..new("src", "a", "d1", n)
+        };
+        let first = created(s.create(with_rid(1), now, 0));
+        assert!(first.journal.is_some());
+        let again = created(s.create(with_rid(2), now, 0));
+        assert_eq!(
+            (again.id, again.key, again.nonce),
+            (first.id, first.key, first.nonce)
+        );
+        assert!(again.journal.is_none(), "nothing new to journal");
+        assert_eq!(s.in_flight(), 1);
+        // Another source's same request id is another request.
+        let theirs = NewMigration {
+            request: Some([42; 16]),
+            ..new("s2", "b", "d1", 3)
+        };
+        assert_eq!(created(s.create(theirs, now, 0)).id, MigrationId([3; 16]));
+        // Once the key is handed out, a retry cannot get it again.
+        s.fetch_key("d1", first.id, now).unwrap();
+        assert_eq!(code(s.create(with_rid(4), now, 0)).0, ErrorCode::Expired);
+        // The same id for a different VM is a client bug, refused.
+        let other_vm = NewMigration {
+            request: Some([42; 16]),
+            ..new("src", "z", "d1", 5)
+        };
+        assert_eq!(code(s.create(other_vm, now, 0)).0, ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn abort_stale_aborts_only_the_callers_own_null_migration() {
+        let now = Instant::now();
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        created(s.create(new("src", "a", "d1", 1), now, 0));
+        let stale = |caller, n| NewMigration {
+            abort_stale: true,
+            ..new(caller, "a", "d1", n)
+        };
+        // Another host may not.
+        assert_eq!(
+            code(s.create(stale("s2", 2), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        let CreateStep::AbortFirst {
+            stale: old,
+            journal,
+        } = s.create(stale("src", 2), now, 5).unwrap()
+        else {
+            panic!("expected the stale migration to be aborted first");
+        };
+        assert_eq!(old, MigrationId([1; 16]));
+        assert!(matches!(
+            journal,
+            JournalEntry::Outcome {
+                outcome: Outcome::Aborted,
+                ..
+            }
+        ));
+        // Until the abort is on disk the VM stays held.
+        assert_eq!(
+            code(s.create(new("src", "a", "d1", 2), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        s.confirm_outcome(old, 5).unwrap();
+        created(s.create(new("src", "a", "d1", 2), now, 0));
+        // Past `null` it is never aborted.
+        let id = MigrationId([2; 16]);
+        s.record_outcome("src", id, Outcome::Committed, 6).unwrap();
+        s.confirm_outcome(id, 6).unwrap();
+        let (c, _) = code(s.create(stale("src", 3), now, 0));
+        assert_eq!(c, ErrorCode::VmInFlight);
+        assert_eq!(
+            s.outcome("src", id).unwrap().outcome,
+            Some(Outcome::Committed)
+        );
+    }
+
+    #[test]
+    fn replay_rebuilds_the_vms_in_flight() {
+        let now = Instant::now();
+        let line = |n: u8, vm: &str| JournalEntry::Created {
+            migration_id: MigrationId([n; 16]).to_string(),
+            source: "src".into(),
+            destination: "dst".into(),
+            vm: vm.into(),
+            time_ms: 1_000,
+        };
+        let done = |n: u8, outcome| JournalEntry::Outcome {
+            migration_id: MigrationId([n; 16]).to_string(),
+            outcome,
+            time_ms: 1_001,
+        };
+        let mut s = State::new(LIMITS, Duration::from_secs(60));
+        s.replay(
+            [
+                line(1, "a"),
+                line(2, "b"),
+                done(2, Outcome::Committed),
+                line(3, "c"),
+                done(3, Outcome::Aborted),
+            ],
+            now,
+            2_000,
+        );
+        assert_eq!(s.in_flight(), 2, "a (null) and b (committed)");
+        assert_eq!(
+            code(s.create(new("x", "a", "y", 9), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        created(s.create(new("x", "c", "y", 9), now, 0));
     }
 }
