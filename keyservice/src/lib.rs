@@ -32,4 +32,4 @@ pub mod tls;
 
 pub use config::Config;
 pub use server::Server;
-pub use store::Limits;
+pub use store::{Limits, kek};

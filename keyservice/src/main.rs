@@ -29,6 +29,21 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Key-encryption keys for the etcd store.
+    Kek {
+        #[command(subcommand)]
+        command: KekCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KekCommand {
+    /// Write a fresh 256-bit KEK (64 hex digits, mode 0600) into a new file. Give the same
+    /// file to every replica (`[store] kek_file`); see docs/ha.md for rotating it.
+    Generate {
+        /// The file to create (never overwritten).
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -75,6 +90,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 files.dir.display(),
                 files.config().display()
             );
+            Ok(())
+        }
+        Command::Kek {
+            command: KekCommand::Generate { file },
+        } => {
+            vmotion_keyservice::kek::generate(&file)
+                .with_context(|| format!("writing {}", file.display()))?;
+            println!("wrote a new KEK into {} (mode 0600)", file.display());
             Ok(())
         }
         Command::Serve { config } => {

@@ -2,7 +2,9 @@
 //! ([`rules`]): the journal (default; one process, an fsynced local journal) and etcd
 //! (any number of replicas over one etcd cluster; `[store] kind = "etcd"`).
 
+pub(crate) mod etcd;
 pub(crate) mod journal;
+pub mod kek;
 pub(crate) mod rules;
 pub(crate) mod state;
 
@@ -35,22 +37,27 @@ pub(crate) struct CreateRequest<'a> {
 
 /// The store the configuration names.
 pub(crate) enum Store {
-    Journal(journal::JournalStore),
+    Journal(Box<journal::JournalStore>),
+    Etcd(Box<etcd::EtcdStore>),
 }
 
 impl Store {
     /// Opens (and for the journal, replays) the configured store.
     pub(crate) async fn open(config: &Config) -> Result<Self, ServeError> {
         match &config.store {
-            StoreConfig::Journal { path } => Ok(Self::Journal(journal::JournalStore::open(
-                path,
-                config.limits,
-                config.key_ttl,
-                config.registry_ttl,
-            )?)),
-            StoreConfig::Etcd(_) => {
-                Err(ServeError::Store("the etcd store is not built yet".into()))
+            StoreConfig::Journal { path } => {
+                let store = journal::JournalStore::open(
+                    path,
+                    config.limits,
+                    config.key_ttl,
+                    config.registry_ttl,
+                )?;
+                Ok(Self::Journal(Box::new(store)))
             }
+            StoreConfig::Etcd(etcd) => Ok(Self::Etcd(Box::new(
+                etcd::EtcdStore::open(etcd, config.limits, config.key_ttl, config.registry_ttl)
+                    .await?,
+            ))),
         }
     }
 
@@ -61,12 +68,14 @@ impl Store {
     ) -> Result<HostRecord, Refused> {
         match self {
             Self::Journal(s) => Ok(s.register(caller, req)),
+            Self::Etcd(s) => s.register(caller, req).await,
         }
     }
 
     pub(crate) async fn host(&self, host: &str) -> Result<Option<HostRecord>, Refused> {
         match self {
             Self::Journal(s) => Ok(s.host(host)),
+            Self::Etcd(s) => s.host(host).await,
         }
     }
 
@@ -95,6 +104,7 @@ impl Store {
         };
         match self {
             Self::Journal(s) => s.create(new).await,
+            Self::Etcd(s) => s.create(new).await,
         }
     }
 
@@ -105,6 +115,7 @@ impl Store {
     ) -> Result<Fetched, Refused> {
         match self {
             Self::Journal(s) => s.fetch_key(caller, id),
+            Self::Etcd(s) => s.fetch_key(caller, id).await,
         }
     }
 
@@ -116,6 +127,7 @@ impl Store {
     ) -> Result<OutcomeRecord, Refused> {
         match self {
             Self::Journal(s) => s.record_outcome(caller, id, outcome).await,
+            Self::Etcd(s) => s.record_outcome(caller, id, outcome).await,
         }
     }
 
@@ -126,6 +138,7 @@ impl Store {
     ) -> Result<OutcomeRecord, Refused> {
         match self {
             Self::Journal(s) => s.outcome(caller, id),
+            Self::Etcd(s) => s.outcome(caller, id).await,
         }
     }
 
@@ -133,6 +146,7 @@ impl Store {
     pub(crate) fn sweep(&self) {
         match self {
             Self::Journal(s) => s.sweep(),
+            Self::Etcd(_) => {}
         }
     }
 
@@ -145,6 +159,8 @@ impl Store {
                 s.flush().await;
                 held
             }
+            // Keys live sealed in etcd, under their leases; this process holds none.
+            Self::Etcd(_) => 0,
         }
     }
 }
