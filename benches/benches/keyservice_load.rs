@@ -53,6 +53,11 @@ fn main() {
     // and rate limits would refuse many of them, and they are not what is measured.
     config.connections_per_host = 0;
     config.requests_per_second_per_host = 0;
+    // Every create holds its VM and an admission slot until an outcome; the benchmark
+    // never records one, so the limits are off and every VM name is new.
+    config.limits.outbound_per_host = 0;
+    config.limits.inbound_per_host = 0;
+    config.limits.cluster = 0;
 
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -82,7 +87,7 @@ fn main() {
             let deadline = Instant::now() + Duration::from_secs(secs);
             let start = Instant::now();
             let mut tasks = Vec::new();
-            for _ in 0..clients {
+            for client in 0..clients {
                 let src = Arc::new(KeyServiceClient::new(&url, &src_id).unwrap());
                 let dst = Arc::new(KeyServiceClient::new(&url, &dst_id).unwrap());
                 tasks.push(tokio::spawn(async move {
@@ -91,9 +96,12 @@ fn main() {
                     let _ = dst.host("src").await;
                     let mut lat = Vec::new();
                     let mut errors = 0u64;
+                    let mut n = 0u64;
                     while Instant::now() < deadline {
                         let t = Instant::now();
-                        let ok = match src.create_migration("vm-bench", "dst").await {
+                        n += 1;
+                        let vm = format!("vm-{clients}-{client}-{n}");
+                        let ok = match src.create_migration(&vm, "dst").await {
                             Ok(m) => dst.fetch_key(m.id).await.is_ok(),
                             Err(_) => false,
                         };

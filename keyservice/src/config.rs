@@ -28,7 +28,7 @@
 //! outbound_per_host = 2       # migrations in flight from one source host
 //! inbound_per_host = 2        # ... to one destination host
 //! cluster = 5                 # ... in the whole cluster
-//! in_flight_ttl = "1h"        # a migration without a final outcome frees its VM after this
+//! in_flight_ttl = "1h"        # a migration still at `null` frees its VM after this
 //! ```
 //!
 //! Relative paths are relative to the configuration file's folder.

@@ -229,7 +229,7 @@ pub enum ErrorCode {
     /// This host sends requests faster than its rate limit: retry a little later.
     RateLimited,
     /// The VM already has a migration in flight (from any host); the error body names it
-    /// (`migration_id`). It ends with that migration's final outcome or its expiry.
+    /// (`migration_id`). It ends with that migration's first outcome (`committed` or `aborted`) or its expiry.
     VmInFlight,
     /// An admission limit is reached (migrations in flight from the source, to the
     /// destination or in the cluster): retry after `retry_after_ms`.

@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use vmotion_proto::MigrationId;
 
 use super::kek::{Keks, Sealed};
-use super::rules::{self, InFlight, Limits, Refused, Step, is_final, outcome_step};
+use super::rules::{self, InFlight, Limits, Refused, Step, holds_vm, outcome_step};
 use super::state::RECORD_RETENTION;
 use super::{Created, Fetched, NewMigration, unix_ms};
 use crate::api::{ErrorCode, HostRecord, Outcome, OutcomeRecord, RegisterRequest};
@@ -510,11 +510,11 @@ impl EtcdStore {
             }
         }
         let hint = if own {
-            "; it is past `null`, so only its final outcome ends it"
+            "; its outcome is being recorded, retry"
         } else {
             ""
         };
-        if is_final(record.outcome) {
+        if !holds_vm(record.outcome) {
             return Ok(Attempt::Raced); // released in the meantime
         }
         Err(rules::vm_in_flight(
@@ -637,7 +637,7 @@ impl EtcdStore {
     }
 
     /// The compare-and-set of one outcome step: the record as read, the new record, the
-    /// key dropped, and for a final outcome the VM and the slots given back.
+    /// key dropped, and for the first outcome the VM and the slots given back.
     fn outcome_txn(&self, id: MigrationId, record: &Record, seen: i64) -> Txn {
         let id_hex = id.to_string();
         let migration_key = self.key(&["migrations", &id_hex]);
@@ -650,7 +650,7 @@ impl EtcdStore {
             ),
             TxnOp::delete(self.key(&["keys", &id_hex]), None::<DeleteOptions>),
         ];
-        if is_final(record.outcome) {
+        if !holds_vm(record.outcome) {
             let vm_key = self.key(&["vms", &record.vm]);
             then.extend([
                 TxnOp::delete(self.key(&["out", &record.source, &id_hex]), None),

@@ -69,13 +69,14 @@ fn already_recorded(current: Option<Outcome>, to: Outcome) -> bool {
             && matches!(current, Some(Outcome::Claimed | Outcome::Reverted)))
 }
 
-/// Whether the migration is over: its VM is free again and it no longer counts against
-/// the admission limits.
-pub(crate) fn is_final(outcome: Option<Outcome>) -> bool {
-    matches!(
-        outcome,
-        Some(Outcome::Aborted | Outcome::Claimed | Outcome::Reverted)
-    )
+/// Whether a record at `outcome` still holds its VM and its admission slots: only at
+/// `null`. From its first outcome on (`committed` or `aborted`) the migration's data phase
+/// is over and the VM is at one known place (paused at the source until the claim, or
+/// running there again); what follows is decided by the outcome rules alone, and a host
+/// whose destination never reports back (a plaintext destination without the key
+/// service) frees the VM as soon as it commits.
+pub(crate) fn holds_vm(outcome: Option<Outcome>) -> bool {
+    outcome.is_none()
 }
 
 fn forbidden(id: MigrationId, to: Outcome) -> Refused {
@@ -193,7 +194,7 @@ pub(crate) fn parse_id(s: &str) -> Result<MigrationId, Refused> {
 }
 
 /// Most migrations in flight at once (0: no limit), and how long one holds its VM and
-/// its slot without a final outcome.
+/// its slot while its outcome is `null`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// From one source host.
@@ -202,7 +203,7 @@ pub struct Limits {
     pub inbound_per_host: usize,
     /// In the whole cluster (every replica of the service).
     pub cluster: usize,
-    /// A migration without a final outcome (`aborted`, `claimed`, `reverted`) stops
+    /// A migration whose outcome is still `null` (no `committed`, no `aborted`) stops
     /// holding its VM and its slot this long after its creation.
     pub in_flight_ttl: Duration,
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use vmotion_proto::{KeyMaterial, MigrationId, MigrationKey, MigrationNonce};
 
 use super::rules::{
-    self, InFlight, Limits, Refused, Step, is_final, outcome_step, parse_id, refuse,
+    self, InFlight, Limits, Refused, Step, holds_vm, outcome_step, parse_id, refuse,
 };
 use crate::api::{ErrorCode, HostRecord, Outcome, OutcomeRecord, RegisterRequest};
 
@@ -39,7 +39,7 @@ struct Migration {
     key: KeyState,
     key_expires: Instant,
     outcome: OutcomeState,
-    /// It holds its VM and counts against the limits (created, no final outcome, not past
+    /// It holds its VM and counts against the limits (created, no outcome yet, not past
     /// `in_flight_ttl`).
     in_flight: bool,
     /// The source's request id, while a retry may still be answered with this migration.
@@ -354,7 +354,7 @@ impl State {
         let stale = new.abort_stale && m.source == new.caller && m.outcome.current().is_none();
         if !stale || m.outcome.pending.is_some() {
             let hint = if new.abort_stale && m.source == new.caller {
-                "; it is past `null`, so only its final outcome ends it"
+                "; its outcome is being recorded, retry"
             } else {
                 ""
             };
@@ -528,7 +528,7 @@ impl State {
             m.outcome.recorded = Some((o, time_ms));
         }
         let record = record(id, m);
-        if is_final(record.outcome) {
+        if !holds_vm(record.outcome) {
             self.release(id);
         }
         Some(record)
@@ -552,7 +552,7 @@ impl State {
     pub(crate) fn expire(&mut self, now: Instant) {
         let key_ttl = self.key_ttl;
         self.hosts.retain(|_, h| h.expires > now);
-        // Migrations past `in_flight_ttl` without a final outcome free their VM and slots.
+        // Migrations past `in_flight_ttl` still at `null` free their VM and slots.
         while let Some(&(created, id)) = self.in_flight_by_age.front() {
             if now.saturating_duration_since(created) < self.limits.in_flight_ttl {
                 break;
@@ -677,7 +677,7 @@ impl State {
         let current = m.outcome.current();
         if rules::is_transition(current, outcome) {
             m.outcome.recorded = Some((outcome, time_ms));
-            if is_final(Some(outcome)) {
+            if !holds_vm(Some(outcome)) {
                 self.release(id);
             }
         } else {
@@ -1353,21 +1353,15 @@ mod in_flight_tests {
             assert_eq!(c, ErrorCode::VmInFlight, "{caller}");
             assert_eq!(hint.migration_id, Some(MigrationId([1; 16])));
         }
-        // `committed` is not final: the VM is still moving.
+        // Pending (not yet on disk) still holds it.
         let id = MigrationId([1; 16]);
         s.record_outcome("src", id, Outcome::Committed, 1).unwrap();
+        assert_eq!(
+            code(s.create(new("dst", "vm", "src", 2), now, 0)).0,
+            ErrorCode::VmInFlight
+        );
+        // `committed` on disk: the data phase is over, the VM is at one known place.
         s.confirm_outcome(id, 1).unwrap();
-        assert_eq!(
-            code(s.create(new("dst", "vm", "src", 2), now, 0)).0,
-            ErrorCode::VmInFlight
-        );
-        s.record_outcome("dst", id, Outcome::Claimed, 2).unwrap();
-        // Pending (not yet on disk) still holds it.
-        assert_eq!(
-            code(s.create(new("dst", "vm", "src", 2), now, 0)).0,
-            ErrorCode::VmInFlight
-        );
-        s.confirm_outcome(id, 2).unwrap();
         created(s.create(new("dst", "vm", "src", 2), now, 0));
         assert_eq!(s.in_flight(), 1);
     }
@@ -1401,7 +1395,7 @@ mod in_flight_tests {
             code(s.create(new("s4", "e", "d3", 5), now, 0)).0,
             ErrorCode::Busy
         );
-        // A final outcome frees all three counts.
+        // An outcome frees all three counts.
         finish(&mut s, 1, "d1");
         let c = created(s.create(new("src", "e", "d1", 5), now, 0));
         assert_eq!(
@@ -1558,11 +1552,16 @@ mod in_flight_tests {
             now,
             2_000,
         );
-        assert_eq!(s.in_flight(), 2, "a (null) and b (committed)");
+        assert_eq!(
+            s.in_flight(),
+            1,
+            "a (null); b (committed) and c (aborted) are past it"
+        );
         assert_eq!(
             code(s.create(new("x", "a", "y", 9), now, 0)).0,
             ErrorCode::VmInFlight
         );
-        created(s.create(new("x", "c", "y", 9), now, 0));
+        created(s.create(new("x", "b", "y", 9), now, 0));
+        created(s.create(new("x", "c", "y", 10), now, 0));
     }
 }

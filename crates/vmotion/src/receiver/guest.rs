@@ -98,7 +98,12 @@ impl Receiver {
                 tracing::warn!(reason = %why, "the received guest stays PAUSED and unsettled here");
                 ReceiveOutcome::Unsettled(why)
             }
-            Some(DestinationEnd::Failed(e)) => return Err(run.error(e)),
+            Some(DestinationEnd::Failed(e)) => {
+                // Before `Ready` the source can never commit, so `aborted` is safe here; it
+                // frees the VM at the key service at once instead of at its expiry.
+                crate::claim::abort_record(self.arbiter.as_deref(), hello.migration_id).await;
+                return Err(run.error(e));
+            }
             None => return Err(MigrateError::Internal("the session ended undecided".into())),
         };
         let r = report(&run.m, outcome);
