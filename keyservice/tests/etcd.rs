@@ -18,6 +18,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_vmotion-keyservice");
 struct Bed {
     dir: tempfile::TempDir,
     etcd: EtcdCluster,
+    /// `[store]` lines for TLS to etcd, when its members require it.
+    tls: String,
 }
 
 /// A running replica.
@@ -43,18 +45,37 @@ fn run(args: &[&str], dir: &Path) {
 impl Bed {
     /// `None` (with the reason printed) where etcd is not installed.
     fn start(members: usize) -> Option<Self> {
+        Self::start_with(members, false)
+    }
+
+    /// With etcd serving clients over mutual TLS only: its members use the PKI's service
+    /// certificate, the replicas present host `etcd-client`'s.
+    fn start_with(members: usize, tls: bool) -> Option<Self> {
         if let Err(why) = vmotion_testbed::etcd_available() {
             eprintln!("skipped: {why}");
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        run(
-            &["pki", "init", "--out", ".", "--hosts", "src,dst,third"],
-            dir.path(),
-        );
+        let hosts = "src,dst,third,etcd-client";
+        run(&["pki", "init", "--out", ".", "--hosts", hosts], dir.path());
         run(&["kek", "generate", "kek"], dir.path());
-        let etcd = EtcdCluster::start(members).unwrap();
-        Some(Self { dir, etcd })
+        let d = dir.path();
+        let (etcd, tls) = if tls {
+            let files = [
+                d.join("ca.pem"),
+                d.join("keyservice.pem"),
+                d.join("keyservice-key.pem"),
+            ];
+            let lines = "ca = \"ca.pem\"\ncert = \"hosts/etcd-client.pem\"\n\
+                         key = \"hosts/etcd-client-key.pem\"\n";
+            (
+                EtcdCluster::start_tls(members, files).unwrap(),
+                lines.to_owned(),
+            )
+        } else {
+            (EtcdCluster::start(members).unwrap(), String::new())
+        };
+        Some(Self { dir, etcd, tls })
     }
 
     /// A replica named `name` with these `[limits]` lines.
@@ -74,7 +95,8 @@ impl Bed {
                  key = \"keyservice-key.pem\"\naudit_log = \"{name}/audit.jsonl\"\n\
                  key_ttl = \"60s\"\n\
                  [store]\nkind = \"etcd\"\nendpoints = [{endpoints}]\nkek_file = \"kek\"\n\
-                 request_timeout = \"2s\"\n[limits]\n{limits}\n"
+                 request_timeout = \"2s\"\n{}[limits]\n{limits}\n",
+                self.tls
             ),
         )
         .unwrap();
@@ -216,6 +238,31 @@ async fn any_replica_answers_any_request() {
             .unwrap(),
         claimed
     );
+}
+
+/// etcd that serves clients over mutual TLS only: replicas with the client certificate
+/// work; one without TLS settings is refused by etcd and answers `unavailable`.
+#[tokio::test]
+async fn client_tls_to_etcd() {
+    let Some(mut bed) = Bed::start_with(1, true) else {
+        return;
+    };
+    assert!(bed.etcd.endpoints()[0].starts_with("https://"));
+    let a = bed.replica("a", UNLIMITED);
+    let (src, dst) = (bed.client(&a, "src"), bed.client(&a, "dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    dst.fetch_key(issued.id).await.unwrap();
+    src.record_outcome(issued.id, Outcome::Aborted)
+        .await
+        .unwrap();
+    bed.tls.clear();
+    let plain = bed.replica("plain", UNLIMITED);
+    let e = bed
+        .client(&plain, "src")
+        .create_migration("vm-2", "dst")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ErrorCode::Unavailable, "{e}");
 }
 
 /// The same VM from two hosts at once, through two replicas: one proceeds, the other is

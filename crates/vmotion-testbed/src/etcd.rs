@@ -20,6 +20,8 @@ struct Member {
     name: String,
     client_url: String,
     peer_url: String,
+    /// Plain HTTP `/health` and `/metrics`, whatever the client URLs speak.
+    metrics_url: String,
     data_dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -31,6 +33,9 @@ struct Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
+    /// Client TLS: CA, server certificate, server key (clients must present a
+    /// certificate from the CA).
+    tls: Option<[PathBuf; 3]>,
     dir: tempfile::TempDir,
 }
 
@@ -44,13 +49,25 @@ fn free_port() -> u16 {
 impl EtcdCluster {
     /// Starts `n` members and waits (at most 30 s) until the cluster has a leader.
     pub fn start(n: usize) -> Result<Self, String> {
+        Self::start_with(n, None)
+    }
+
+    /// As [`start`](Self::start), with clients served over TLS only (`https://` client
+    /// URLs, client certificates required): `[ca, cert, key]`.
+    pub fn start_tls(n: usize, tls: [PathBuf; 3]) -> Result<Self, String> {
+        Self::start_with(n, Some(tls))
+    }
+
+    fn start_with(n: usize, tls: Option<[PathBuf; 3]>) -> Result<Self, String> {
         etcd_available()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
                 name: format!("m{i}"),
-                client_url: format!("http://127.0.0.1:{}", free_port()),
+                client_url: format!("{scheme}://127.0.0.1:{}", free_port()),
                 peer_url: format!("http://127.0.0.1:{}", free_port()),
+                metrics_url: format!("http://127.0.0.1:{}", free_port()),
                 data_dir: dir.path().join(format!("m{i}.etcd")),
                 log: dir.path().join(format!("m{i}.log")),
                 child: None,
@@ -64,6 +81,7 @@ impl EtcdCluster {
         let mut cluster = Self {
             members,
             initial_cluster,
+            tls,
             dir,
         };
         for i in 0..n {
@@ -75,6 +93,18 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize) -> Result<(), String> {
         let m = &mut self.members[i];
+        let mut tls_args: Vec<std::ffi::OsString> = Vec::new();
+        if let Some([ca, cert, key]) = &self.tls {
+            for (flag, path) in [
+                ("--trusted-ca-file", ca),
+                ("--cert-file", cert),
+                ("--key-file", key),
+            ] {
+                tls_args.push(flag.into());
+                tls_args.push(path.into());
+            }
+            tls_args.push("--client-cert-auth".into());
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -93,6 +123,8 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", "vmotion-test"])
             // Loopback: elect within about a second of a leader's death.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--listen-metrics-urls", &m.metrics_url])
+            .args(&tls_args)
             .args(["--log-outputs", "stderr"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -148,7 +180,7 @@ impl EtcdCluster {
 
     /// Whether member `i` answers `/health` with a healthy cluster behind it.
     pub fn healthy(&self, i: usize) -> bool {
-        let addr = self.members[i].client_url.trim_start_matches("http://");
+        let addr = self.members[i].metrics_url.trim_start_matches("http://");
         let Ok(mut s) = TcpStream::connect(addr) else {
             return false;
         };
