@@ -42,6 +42,7 @@ impl ProgressDisplay {
     /// One line describing `p`.
     pub fn line(p: &Progress) -> String {
         let stage = match p.stage {
+            Stage::Queued => return Self::queued_line(p.elapsed),
             Stage::PreCopy => "pre-copy",
             Stage::StopAndCopy => "stop-and-copy",
             Stage::Switchover => "switchover",
@@ -59,6 +60,15 @@ impl ProgressDisplay {
             mb(p.throughput),
             p.throttle_percent,
             p.elapsed.as_secs_f64(),
+        )
+    }
+
+    /// The line shown while the key service has no admission slot for the migration yet,
+    /// `waited` so far.
+    pub fn queued_line(waited: Duration) -> String {
+        format!(
+            "queued: waiting for an admission slot at the key service ({} s)",
+            waited.as_secs()
         )
     }
 
@@ -165,5 +175,35 @@ impl KeyServiceArgs {
             }
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_migration_says_so_with_the_time_waited() {
+        let p = Progress {
+            stage: Stage::Queued,
+            iteration: 0,
+            bytes_sent: 0,
+            guest_bytes: 1 << 30,
+            remaining_bytes: 1 << 30,
+            dirty_rate_pages: 0.0,
+            throughput: 0.0,
+            throttle_percent: 0,
+            elapsed: Duration::from_millis(12_700),
+            eta: None,
+        };
+        assert_eq!(
+            ProgressDisplay::line(&p),
+            "queued: waiting for an admission slot at the key service (12 s)"
+        );
+        let running = Progress {
+            stage: Stage::PreCopy,
+            ..p
+        };
+        assert!(ProgressDisplay::line(&running).starts_with("pre-copy"));
     }
 }
