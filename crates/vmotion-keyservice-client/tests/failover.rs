@@ -6,9 +6,10 @@
 //! each test reads state back only from the replica that wrote it; which replica served a
 //! call shows in what it knows (a registration, a migration).
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt as _;
 use vmotion_keyservice::pki::PkiFiles;
@@ -247,9 +248,9 @@ async fn a_replica_shutting_down_passes_the_call_on() {
 }
 
 /// A "replica" with the service's certificate that reads one request and drops the
-/// connection without answering: whatever it was asked may have happened. Counts the
-/// requests it swallowed.
-async fn swallowing_replica(pki: &Pki) -> (String, Arc<AtomicU32>) {
+/// connection without answering: whatever it was asked may have happened. Keeps the
+/// bodies of the requests it swallowed.
+async fn swallowing_replica(pki: &Pki) -> (String, Arc<Mutex<Vec<String>>>) {
     let f = &pki.files;
     let config = vmotion_keyservice::tls::server_config(
         &f.ca(),
@@ -260,20 +261,85 @@ async fn swallowing_replica(pki: &Pki) -> (String, Arc<AtomicU32>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
-    let swallowed = Arc::new(AtomicU32::new(0));
-    let count = swallowed.clone();
+    let swallowed = Arc::new(Mutex::new(Vec::new()));
+    let kept = swallowed.clone();
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let Ok(mut tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let mut buf = [0u8; 4096];
-            if tls.read(&mut buf).await.unwrap_or(0) > 0 {
-                count.fetch_add(1, Ordering::SeqCst);
+            if let Some(body) = read_request(&mut tls).await {
+                kept.lock().unwrap().push(body);
             }
         }
     });
     (url, swallowed)
+}
+
+/// One HTTP/1.1 request's body (empty for none), or `None` if the connection ended first.
+async fn read_request(tls: &mut (impl tokio::io::AsyncRead + Unpin)) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if buf.len() >= end + 4 + length {
+                return Some(String::from_utf8_lossy(&buf[end + 4..end + 4 + length]).into());
+            }
+        }
+        match tls.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A create whose request may have reached a replica is sent again (to the next
+/// replica, then round again), every time with the request id the call drew; the next
+/// call draws a new one.
+#[tokio::test]
+async fn a_create_sent_again_carries_the_same_request_id() {
+    let pki = Pki::new();
+    let (one, first) = swallowing_replica(&pki).await;
+    let (two, second) = swallowing_replica(&pki).await;
+    let src = pki.client("src", &format!("{one},{two}"));
+    let e = src.create_migration("vm-1", "dst").await.unwrap_err();
+    assert!(matches!(e, ClientError::Exhausted { .. }), "{e}");
+    let id_of = |body: &String| {
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        v["request_id"].as_str().unwrap().to_owned()
+    };
+    let (first, second) = (
+        first.lock().unwrap().clone(),
+        second.lock().unwrap().clone(),
+    );
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "{first:?} {second:?}"
+    );
+    let ids: HashSet<String> = first.iter().chain(&second).map(id_of).collect();
+    assert_eq!(ids.len(), 1, "one request id for every retry: {ids:?}");
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(id.len(), 32);
+    assert!(
+        id.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    );
+
+    let (single, bodies) = swallowing_replica(&pki).await;
+    let src = pki.client("src", &single);
+    src.create_migration("vm-1", "dst").await.unwrap_err();
+    let again: HashSet<String> = bodies.lock().unwrap().iter().map(id_of).collect();
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_ne!(
+        again.into_iter().next().unwrap(),
+        id,
+        "a new call, a new id"
+    );
 }
 
 /// The key fetch is single-use: once its request may have reached a replica it is never
@@ -299,7 +365,7 @@ async fn a_key_fetch_that_may_have_arrived_is_never_sent_again() {
         shown.contains("key is unknown") && shown.contains("retry the migration from the source"),
         "{shown}"
     );
-    assert_eq!(swallowed.load(Ordering::SeqCst), 1);
+    assert_eq!(swallowed.lock().unwrap().len(), 1);
     let fetched = pki.client("dst", &b.url()).fetch_key(issued.id).await;
     assert!(
         fetched.is_ok(),
@@ -310,5 +376,5 @@ async fn a_key_fetch_that_may_have_arrived_is_never_sent_again() {
     // Registering is idempotent: swallowed by the first, sent again to B.
     let record = dst.register(&encrypting()).await.unwrap();
     assert_eq!(record.host, "dst");
-    assert_eq!(swallowed.load(Ordering::SeqCst), 2);
+    assert_eq!(swallowed.lock().unwrap().len(), 2);
 }
