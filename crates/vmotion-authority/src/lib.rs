@@ -32,6 +32,7 @@ mod memory_authority;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
 pub use memory::MemoryArbiter;
 pub use memory_authority::{MemoryAuthority, MemoryClient};
@@ -71,8 +72,8 @@ pub trait Arbiter: Send + Sync {
 /// Why a key authority gave no key. The message is the authority's own, whole.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthorityError {
-    /// No answer (network, TLS, timeout, the service busy): a migration may or may not
-    /// have been created; a retry, or another replica, may answer.
+    /// No answer (network, TLS, timeout, the service overloaded): a migration may or may
+    /// not have been created; a retry, or another replica, may answer.
     #[error("{0}")]
     Unreachable(String),
     /// The authority refused, for a reason that will not change by retrying: this host
@@ -80,6 +81,54 @@ pub enum AuthorityError {
     /// such migration, a request it cannot take (the destination is the caller itself).
     #[error("{0}")]
     Refused(String),
+    /// An admission limit is reached (migrations in flight from this source, to the
+    /// destination, or in the cluster): nothing was created. Ask again after
+    /// `retry_after`; the driver does, within its queue timeout.
+    #[error("{message}")]
+    Busy {
+        /// The authority's explanation.
+        message: String,
+        /// How long the authority asks the caller to wait, if it said.
+        retry_after: Option<Duration>,
+    },
+    /// The VM already has a migration in flight (from any host), so no second one is
+    /// created. It ends with that migration's final outcome or its key's expiry; a source
+    /// whose own earlier sender died before its switchover may ask with
+    /// [`CreateOptions::abort_stale`].
+    #[error("{}", in_flight_message(vm, *migration))]
+    VmInFlight {
+        /// The VM.
+        vm: String,
+        /// The migration holding it, if the authority named it.
+        migration: Option<MigrationId>,
+    },
+}
+
+fn in_flight_message(vm: &str, migration: Option<MigrationId>) -> String {
+    let which = migration.map_or_else(|| "a migration".to_owned(), |id| format!("migration {id}"));
+    format!(
+        "VM `{vm}` already has {which} in flight: no second migration of it can start until \
+         that one has its final outcome or its key expired"
+    )
+}
+
+/// How a source asks for a migration ([`KeyAuthority::create_migration_with`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CreateOptions {
+    /// Abort this source's own earlier migration of the same VM if its record is still
+    /// open (a sender that died before its switchover) instead of being refused with
+    /// [`AuthorityError::VmInFlight`]. Never touches a migration past its commit, nor
+    /// another host's.
+    pub abort_stale: bool,
+}
+
+impl CreateOptions {
+    /// The options with `abort_stale` set as given.
+    pub fn abort_stale(mut self, abort_stale: bool) -> Self {
+        self.abort_stale = abort_stale;
+        self
+    }
 }
 
 /// A migration as its source receives it from [`KeyAuthority::create_migration`].
@@ -112,12 +161,23 @@ pub trait KeyAuthority: Send + Sync {
     /// At the source: creates the migration of `vm` from this host to `destination`, with
     /// a fresh id, key and nonce and what the registry knows of the destination (an
     /// unregistered destination is [`DestinationCapability::Unregistered`], not an
-    /// error).
+    /// error). An authority with admission limits answers [`AuthorityError::Busy`] when
+    /// one is reached, and [`AuthorityError::VmInFlight`] while the VM has a migration in
+    /// flight.
+    fn create_migration_with<'a>(
+        &'a self,
+        vm: &'a str,
+        destination: &'a str,
+        options: CreateOptions,
+    ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>>;
+    /// [`create_migration_with`](Self::create_migration_with) with the default options.
     fn create_migration<'a>(
         &'a self,
         vm: &'a str,
         destination: &'a str,
-    ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>>;
+    ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>> {
+        self.create_migration_with(vm, destination, CreateOptions::default())
+    }
     /// At the destination: migration `id`'s key. Only its destination gets it, and only
     /// once.
     fn fetch_key(&self, id: MigrationId) -> BoxFuture<'_, Result<FetchedKey, AuthorityError>>;

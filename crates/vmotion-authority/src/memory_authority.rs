@@ -10,8 +10,8 @@ use vmotion_proto::{
 };
 
 use crate::{
-    Arbiter, ArbiterError, AuthorityError, BoxFuture, FetchedKey, IssuedKey, KeyAuthority,
-    MemoryArbiter, Record, Transition,
+    Arbiter, ArbiterError, AuthorityError, BoxFuture, CreateOptions, FetchedKey, IssuedKey,
+    KeyAuthority, MemoryArbiter, Record, Transition,
 };
 
 /// Keys, a host registry and the outcome records, in memory — the key service's rules
@@ -257,10 +257,13 @@ impl MemoryClient {
 }
 
 impl KeyAuthority for MemoryClient {
-    fn create_migration<'a>(
+    /// The memory authority has no admission limits and no in-flight check of its own
+    /// (callers keep one with `vmotion::InFlight`), so `abort_stale` has nothing to abort.
+    fn create_migration_with<'a>(
         &'a self,
         vm: &'a str,
         destination: &'a str,
+        _options: CreateOptions,
     ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>> {
         let r = self.create(vm, destination);
         Box::pin(async move { r })

@@ -42,6 +42,7 @@ impl ProgressDisplay {
     /// One line describing `p`.
     pub fn line(p: &Progress) -> String {
         let stage = match p.stage {
+            Stage::Queued => return Self::queued_line(p.elapsed),
             Stage::PreCopy => "pre-copy",
             Stage::StopAndCopy => "stop-and-copy",
             Stage::Switchover => "switchover",
@@ -62,21 +63,28 @@ impl ProgressDisplay {
         )
     }
 
+    /// The line shown while the key service has no admission slot for the migration yet,
+    /// `waited` so far.
+    pub fn queued_line(waited: Duration) -> String {
+        format!(
+            "queued: waiting for an admission slot at the key service ({} s)",
+            waited.as_secs()
+        )
+    }
+
     /// Shows a report.
     pub fn show(&self, p: &Progress) {
         let mut last = self
             .last
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let changed = last.0 != Some(p.stage) || last.1 != p.iteration;
         let mut err = std::io::stderr().lock();
         if self.tty {
             let _ = write!(err, "\r\x1b[2K{}", Self::line(p));
             if p.stage == Stage::Done {
                 let _ = writeln!(err);
             }
-        } else if changed && (last.2.elapsed() >= Duration::from_secs(2) || last.0 != Some(p.stage))
-        {
+        } else if log_line_due(&last, p, Instant::now()) {
             let _ = writeln!(err, "{}", Self::line(p));
             last.2 = Instant::now();
         }
@@ -84,6 +92,20 @@ impl ProgressDisplay {
         last.0 = Some(p.stage);
         last.1 = p.iteration;
     }
+}
+
+/// Off a terminal: whether `p` gets a log line, given the last one shown (stage,
+/// iteration, when). A new stage always does; a new iteration after 2 s; a queue, which
+/// has no iterations, every 10 s, so a log shows the wait going on.
+fn log_line_due(last: &(Option<Stage>, u32, Instant), p: &Progress, now: Instant) -> bool {
+    let since = now.saturating_duration_since(last.2);
+    if last.0 != Some(p.stage) {
+        return true;
+    }
+    if p.stage == Stage::Queued {
+        return since >= Duration::from_secs(10);
+    }
+    last.1 != p.iteration && since >= Duration::from_secs(2)
 }
 
 /// A KVM micro-VM as a receiver's sink: built paused, resumed on `Commit`.
@@ -128,8 +150,10 @@ pub fn kvm_pattern(s: &str) -> Result<vmotion_vmm::Pattern, String> {
 /// The key-service flags `vmotion-send` and `vmotion-recv` share.
 #[derive(Debug, clap::Args)]
 pub struct KeyServiceArgs {
-    /// Key service URL (https://HOST:PORT). Without it there are no keys: this host's
-    /// migrations can only be plaintext.
+    /// Key service: one or more comma-separated URLs (https://HOST:PORT), the replicas
+    /// of one service (e.g. https://ks1:7443,https://ks2:7443); a call that fails on one
+    /// moves to the next. Without it there are no keys: this host's migrations can only
+    /// be plaintext.
     #[arg(long, requires_all = ["ca", "cert", "key"])]
     pub keyservice: Option<String>,
     /// CA certificate that signed the key service's certificate.
@@ -165,5 +189,77 @@ impl KeyServiceArgs {
             }
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_queued_migration_says_so_with_the_time_waited() {
+        let p = Progress {
+            stage: Stage::Queued,
+            iteration: 0,
+            bytes_sent: 0,
+            guest_bytes: 1 << 30,
+            remaining_bytes: 1 << 30,
+            dirty_rate_pages: 0.0,
+            throughput: 0.0,
+            throttle_percent: 0,
+            elapsed: Duration::from_millis(12_700),
+            eta: None,
+        };
+        assert_eq!(
+            ProgressDisplay::line(&p),
+            "queued: waiting for an admission slot at the key service (12 s)"
+        );
+        let running = Progress {
+            stage: Stage::PreCopy,
+            ..p
+        };
+        assert!(ProgressDisplay::line(&running).starts_with("pre-copy"));
+    }
+
+    #[test]
+    fn off_a_terminal_a_queue_is_logged_every_ten_seconds() {
+        let t0 = Instant::now();
+        let queued = Progress {
+            stage: Stage::Queued,
+            iteration: 0,
+            bytes_sent: 0,
+            guest_bytes: 0,
+            remaining_bytes: 0,
+            dirty_rate_pages: 0.0,
+            throughput: 0.0,
+            throttle_percent: 0,
+            elapsed: Duration::ZERO,
+            eta: None,
+        };
+        let s = Duration::from_secs;
+        assert!(
+            log_line_due(&(None, u32::MAX, t0), &queued, t0),
+            "first line"
+        );
+        let shown = (Some(Stage::Queued), 0, t0);
+        assert!(!log_line_due(&shown, &queued, t0 + s(9)));
+        assert!(log_line_due(&shown, &queued, t0 + s(10)));
+        // Pre-copy as before: a stage change at once, a new iteration after 2 s.
+        let precopy = Progress {
+            stage: Stage::PreCopy,
+            ..queued
+        };
+        assert!(log_line_due(&shown, &precopy, t0 + s(1)));
+        let shown = (Some(Stage::PreCopy), 0, t0);
+        assert!(
+            !log_line_due(&shown, &precopy, t0 + s(30)),
+            "same iteration"
+        );
+        let next = Progress {
+            iteration: 1,
+            ..precopy
+        };
+        assert!(!log_line_due(&shown, &next, t0 + s(1)));
+        assert!(log_line_due(&shown, &next, t0 + s(2)));
     }
 }

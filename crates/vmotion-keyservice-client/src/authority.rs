@@ -2,8 +2,8 @@
 //! its key) and an [`Arbiter`] (its outcome record).
 
 use vmotion_authority::{
-    Arbiter, ArbiterError, AuthorityError, BoxFuture, FetchedKey, IssuedKey, KeyAuthority, Record,
-    Transition,
+    Arbiter, ArbiterError, AuthorityError, BoxFuture, CreateOptions, FetchedKey, IssuedKey,
+    KeyAuthority, Record, Transition,
 };
 use vmotion_proto::MigrationId;
 
@@ -62,6 +62,31 @@ fn authority_error(e: &ClientError) -> AuthorityError {
     }
 }
 
+/// A create's refusal: `busy` and `vm_in_flight` keep their own variants, so the driver
+/// can wait its turn, and name the migration holding the VM, without reading messages.
+fn create_error(e: ClientError, vm: &str) -> AuthorityError {
+    match e {
+        ClientError::Refused {
+            code: ErrorCode::Busy,
+            message,
+            retry_after,
+            ..
+        } => AuthorityError::Busy {
+            message,
+            retry_after,
+        },
+        ClientError::Refused {
+            code: ErrorCode::VmInFlight,
+            migration_id,
+            ..
+        } => AuthorityError::VmInFlight {
+            vm: vm.to_owned(),
+            migration: migration_id,
+        },
+        other => authority_error(&other),
+    }
+}
+
 async fn read(c: &KeyServiceClient, id: MigrationId) -> Result<Record, ArbiterError> {
     c.outcome(id)
         .await
@@ -87,15 +112,16 @@ impl Arbiter for KeyServiceClient {
 }
 
 impl KeyAuthority for KeyServiceClient {
-    fn create_migration<'a>(
+    fn create_migration_with<'a>(
         &'a self,
         vm: &'a str,
         destination: &'a str,
+        options: CreateOptions,
     ) -> BoxFuture<'a, Result<IssuedKey, AuthorityError>> {
         Box::pin(async move {
-            let issued = Self::create_migration(self, vm, destination)
+            let issued = Self::create_migration_with(self, vm, destination, options)
                 .await
-                .map_err(|e| authority_error(&e))?;
+                .map_err(|e| create_error(e, vm))?;
             Ok(IssuedKey {
                 id: issued.id,
                 destination: issued.destination_capability(),
@@ -110,5 +136,56 @@ impl KeyAuthority for KeyServiceClient {
                 .await
                 .map_err(|e| authority_error(&e))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use vmotion_proto::MigrationId;
+
+    use super::*;
+
+    fn refused(code: ErrorCode) -> ClientError {
+        ClientError::Refused {
+            status: code.status(),
+            code,
+            message: "the service's words".into(),
+            migration_id: Some(MigrationId([0xab; 16])),
+            retry_after: Some(Duration::from_millis(1500)),
+        }
+    }
+
+    #[test]
+    fn busy_and_vm_in_flight_keep_their_meaning() {
+        assert_eq!(
+            create_error(refused(ErrorCode::Busy), "web-1"),
+            AuthorityError::Busy {
+                message: "the service's words".into(),
+                retry_after: Some(Duration::from_millis(1500)),
+            }
+        );
+        let in_flight = create_error(refused(ErrorCode::VmInFlight), "web-1");
+        assert_eq!(
+            in_flight,
+            AuthorityError::VmInFlight {
+                vm: "web-1".into(),
+                migration: Some(MigrationId([0xab; 16])),
+            }
+        );
+        let shown = in_flight.to_string();
+        assert!(
+            shown.contains("web-1") && shown.contains(&"ab".repeat(16)),
+            "{shown}"
+        );
+        assert!(matches!(
+            create_error(refused(ErrorCode::Forbidden), "web-1"),
+            AuthorityError::Refused(_)
+        ));
+        assert!(matches!(
+            create_error(refused(ErrorCode::Unavailable), "web-1"),
+            AuthorityError::Unreachable(_)
+        ));
     }
 }

@@ -5,7 +5,11 @@
 //!
 //! - [`KeyServiceClient`]: one host's client, authenticated by its certificate
 //!   ([`ClientIdentity`]); it registers the host, creates migrations, fetches keys and
-//!   moves outcome records. It is a `vmotion_authority::Authority` (a
+//!   moves outcome records. It takes one or more replicas' URLs and fails over between
+//!   them: a request that never left this host goes to the next replica for every call;
+//!   one that may have reached a replica is sent again only if the call is idempotent,
+//!   never a key fetch (the table is in the `failover` module's source, and in
+//!   `docs/keyservice-api.md`). It is a `vmotion_authority::Authority` (a
 //!   [`KeyAuthority`](vmotion_authority::KeyAuthority) and an
 //!   [`Arbiter`](vmotion_authority::Arbiter)): the driver takes it as
 //!   `Arc<dyn Authority>` and never names it.
@@ -20,6 +24,7 @@
 pub mod api;
 mod authority;
 mod client;
+mod failover;
 pub mod tls;
 
 pub use client::{ClientError, IssuedMigration, KeyServiceClient};

@@ -48,9 +48,23 @@ pub enum MigrateError {
     /// The receiver could not get this migration's key (the reason).
     #[error("no key for this migration: {0}")]
     NoKey(String),
-    /// The key authority (the key service) failed or refused to create the migration.
+    /// The key authority (the key service) failed or refused to create the migration
+    /// (among its refusals: the VM already has a migration in flight,
+    /// [`AuthorityError::VmInFlight`](vmotion_authority::AuthorityError::VmInFlight)).
     #[error("key service: {0}")]
     KeyService(#[from] vmotion_authority::AuthorityError),
+    /// The key authority had no admission slot for the migration (its admission limits
+    /// were reached) until the queue timeout passed: nothing was created or sent, the VM
+    /// was not touched.
+    #[error("{}", queue_message(*waited, *limit, message))]
+    QueueTimeout {
+        /// How long the source waited.
+        waited: Duration,
+        /// The queue timeout.
+        limit: Duration,
+        /// The authority's last refusal.
+        message: String,
+    },
     /// The arbiter did not answer before the pause, so the VM was never paused: without it
     /// no switchover could be recorded.
     #[error("the arbiter does not answer, so the VM was not paused: {0}")]
@@ -103,6 +117,21 @@ pub enum MigrateError {
     Internal(String),
 }
 
+fn queue_message(waited: Duration, limit: Duration, message: &str) -> String {
+    let waited = Duration::from_secs(waited.as_secs());
+    if limit.is_zero() {
+        format!(
+            "the key service has no admission slot for this migration now, and the queue \
+             timeout is 0 (do not wait): {message}"
+        )
+    } else {
+        format!(
+            "the key service gave this migration no admission slot within the queue timeout \
+             (waited {waited:?} of {limit:?}): {message}"
+        )
+    }
+}
+
 impl MigrateError {
     /// The code that reports this error to the peer in an `Abort`.
     pub fn abort_code(&self, default: AbortCode) -> AbortCode {
@@ -120,7 +149,13 @@ impl MigrateError {
     /// Nothing was sent and the VM was never touched: a refusal before the first page
     /// (`vmotion-send` exit code 3).
     pub fn is_refusal(&self) -> bool {
-        matches!(self, Self::Refused(_) | Self::PreflightRefused(_))
+        matches!(
+            self,
+            Self::Refused(_)
+                | Self::PreflightRefused(_)
+                | Self::QueueTimeout { .. }
+                | Self::KeyService(vmotion_authority::AuthorityError::VmInFlight { .. })
+        )
     }
 }
 

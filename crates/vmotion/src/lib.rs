@@ -33,7 +33,7 @@ mod transport;
 mod tunnel;
 mod wire;
 
-pub use connect::{KeySource, NetOptions};
+pub use connect::{DEFAULT_QUEUE_TIMEOUT, KeySource, NetOptions};
 pub use error::MigrateError;
 pub use in_flight::InFlight;
 pub use receiver::{Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys};
@@ -45,8 +45,8 @@ pub use tunnel::{
     TunnelSenderBuilder,
 };
 pub use vmotion_authority::{
-    Arbiter, ArbiterError, Authority, AuthorityError, BoxFuture, FetchedKey, IssuedKey,
-    KeyAuthority, MemoryArbiter, MemoryAuthority, MemoryClient, Record, Transition,
+    Arbiter, ArbiterError, Authority, AuthorityError, BoxFuture, CreateOptions, FetchedKey,
+    IssuedKey, KeyAuthority, MemoryArbiter, MemoryAuthority, MemoryClient, Record, Transition,
 };
 pub use vmotion_mover::Sink;
 pub use vmotion_session::DestinationOutcome;

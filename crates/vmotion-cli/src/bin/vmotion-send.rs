@@ -7,7 +7,7 @@
 //! | 0 | committed (with `--tunnel`: the tunnel closed cleanly, every byte delivered) | running at the destination (with `--tunnel`: ask QEMU's `query-migrate`) |
 //! | 1 | could not start (key service, sources, I/O before the migration) | untouched at the source |
 //! | 2 | bad usage or a bad policy file | untouched at the source |
-//! | 3 | refused by policy or negotiation, before a page was sent | running at the source |
+//! | 3 | refused before a page was sent: by policy or negotiation, the destination's pre-flight, or the key service (the VM has a migration in flight; no admission slot within `--queue-timeout`) | running at the source |
 //! | 4 | aborted | running at the source |
 //! | 5 | outcome unknown, or the resume failed | **paused** at the source: settle it first |
 
@@ -19,8 +19,8 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 use vmotion::{
-    Endpoint, KeySource, Listener, MigrateError, MigrationReport, Sender, TunnelReport,
-    TunnelSender,
+    AuthorityError, Endpoint, KeySource, Listener, MigrateError, MigrationReport, Sender,
+    TunnelReport, TunnelSender,
 };
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
@@ -97,6 +97,18 @@ struct Args {
     /// DSCP code point (0-63) to mark migration traffic with, e.g. 10 (AF11) or 46 (EF).
     #[arg(long, value_parser = clap::value_parser!(u8).range(0..=63))]
     dscp: Option<u8>,
+    /// How long to wait for an admission slot when the key service answers that its
+    /// limits on migrations in flight are reached (e.g. "90s", "10m"; 0: do not wait).
+    /// Past it: exit 3, nothing sent.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    queue_timeout: Duration,
+    /// Abort this host's own earlier migration of the VM, if the key service still has
+    /// it open, instead of being refused because the VM is in flight. Only for a source
+    /// whose earlier vmotion-send died before its switchover: never while that sender may
+    /// still run. The key service never aborts a migration past its commit, nor another
+    /// host's.
+    #[arg(long, requires = "keyservice")]
+    abort_stale: bool,
 }
 
 fn pattern(s: &str) -> Result<Pattern, String> {
@@ -124,7 +136,9 @@ fn exit_code(e: &MigrateError) -> u8 {
     match e {
         MigrateError::Refused(_)
         | MigrateError::PreflightRefused(_)
-        | MigrateError::AlreadyInFlight(_) => REFUSED,
+        | MigrateError::AlreadyInFlight(_)
+        | MigrateError::QueueTimeout { .. }
+        | MigrateError::KeyService(AuthorityError::VmInFlight { .. }) => REFUSED,
         // The negotiation itself was tampered with: refused before any page.
         MigrateError::Protocol(Error::PeerMisbehaved(
             PeerMisbehaved::DecisionMismatch { .. }
@@ -135,6 +149,45 @@ fn exit_code(e: &MigrateError) -> u8 {
         MigrateError::KeyService(_) => NOT_STARTED,
         MigrateError::InvalidOptions(_) => USAGE,
         _ => ABORTED,
+    }
+}
+
+/// `e`'s message, with what the operator can do about a key-service refusal.
+fn explain(e: &MigrateError, abort_stale: bool) -> String {
+    let hint = match e {
+        MigrateError::KeyService(AuthorityError::VmInFlight { .. }) if abort_stale => {
+            " (--abort-stale did not apply: that migration is another host's, or past its \
+             switchover; it ends with its final outcome or its key's expiry)"
+        }
+        MigrateError::KeyService(AuthorityError::VmInFlight { .. }) => {
+            " (if that is this host's own earlier migration of the VM and its vmotion-send \
+             died before the switchover, run again with --abort-stale to abort it; never \
+             while that sender may still be running)"
+        }
+        MigrateError::QueueTimeout { .. } => {
+            " (the key service's limits on migrations in flight were reached: retry later, \
+             or wait longer with --queue-timeout)"
+        }
+        _ => "",
+    };
+    format!("{e}{hint}")
+}
+
+/// Tunnel mode has no progress line: says it is queued, then every 10 s.
+fn queued_notice() -> impl Fn(Duration) + Send + Sync + 'static {
+    let last = std::sync::Mutex::new(None::<u64>);
+    move |waited| {
+        let secs = waited.as_secs();
+        let mut last = last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.is_none_or(|l| secs >= l + 10) {
+            *last = Some(secs);
+            eprintln!(
+                "vmotion-send: {}",
+                vmotion_cli::ProgressDisplay::queued_line(waited)
+            );
+        }
     }
 }
 
@@ -239,6 +292,9 @@ async fn run_tunnel(
         .key(key)
         .max_connections(args.max_connections)
         .accept_timeout(Duration::from_secs(args.accept_timeout.max(1)))
+        .queue_timeout(args.queue_timeout)
+        .abort_stale(args.abort_stale)
+        .on_queued(queued_notice())
         .network(vmotion::NetOptions {
             bind: args.bind,
             dscp: args.dscp,
@@ -261,7 +317,10 @@ async fn run_tunnel(
             }
             _ => "",
         };
-        (exit_code(&e), format!("{e}{hint}"))
+        (
+            exit_code(&e),
+            format!("{}{hint}", explain(&e, args.abort_stale)),
+        )
     })?;
     let local = Listener::bind(listen)
         .await
@@ -384,12 +443,14 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
             bind: args.bind,
             dscp: args.dscp,
         })
+        .queue_timeout(args.queue_timeout)
+        .abort_stale(args.abort_stale)
         .build()
         .map_err(|e| (USAGE, e.to_string()))?
         .migrate(args.to.clone(), &mut *source)
         .await
         .map(|r| Done::Migrated(Box::new(r)))
-        .map_err(|e| (exit_code(&e), e.to_string()))
+        .map_err(|e| (exit_code(&e), explain(&e, args.abort_stale)))
 }
 
 fn main() -> ExitCode {

@@ -22,8 +22,8 @@ use vmotion_proto::{
 // Shared with the tunnel: setup in `crate::connect`, the abort record in `crate::claim`.
 pub(crate) use crate::claim::abort_record;
 pub(crate) use crate::connect::connect_within;
+use crate::connect::{Admission, handshake, resolve_key};
 pub(crate) use crate::connect::{KeySource, NetOptions};
-use crate::connect::{handshake, resolve_key};
 
 use crate::error::MigrateError;
 use crate::in_flight::InFlight;
@@ -92,11 +92,15 @@ pub struct Sender {
     progress_timeout: Duration,
     claim_timeout: Duration,
     in_flight: InFlight,
+    admission: Admission,
 }
 
 /// Where a migration is, for progress displays.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// Waiting for an admission slot at the key authority (its create answered busy):
+    /// nothing is sent yet. `elapsed` is the time waited so far.
+    Queued,
     /// Pre-copy iterations, the VM running.
     PreCopy,
     /// The VM is paused; the last pages and the device state are going out.
@@ -133,6 +137,24 @@ pub struct Progress {
     pub eta: Option<Duration>,
 }
 
+impl Progress {
+    /// Waiting for admission, `waited` so far; nothing sent.
+    fn queued(guest_bytes: u64, waited: Duration) -> Self {
+        Self {
+            stage: Stage::Queued,
+            iteration: 0,
+            bytes_sent: 0,
+            guest_bytes,
+            remaining_bytes: guest_bytes,
+            dirty_rate_pages: 0.0,
+            throughput: 0.0,
+            throttle_percent: 0,
+            elapsed: waited,
+            eta: None,
+        }
+    }
+}
+
 impl std::fmt::Debug for Sender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Sender")
@@ -163,7 +185,9 @@ impl Sender {
     /// Starts building the migration of VM `vm_name`. Defaults: opportunistic policy, no
     /// key (so plaintext), no arbiter, one data stream, the default convergence policy, a
     /// 10 s switchover timeout, a 10 s claim timeout, a 150 s progress timeout, 2 MiB
-    /// chunks, 256 KiB batches, no bandwidth cap, an in-flight set of its own.
+    /// chunks, 256 KiB batches, no bandwidth cap, an in-flight set of its own, a
+    /// [`DEFAULT_QUEUE_TIMEOUT`](crate::DEFAULT_QUEUE_TIMEOUT) for an admission slot at
+    /// the key authority, no stale migration aborted.
     pub fn builder(vm_name: &str) -> SenderBuilder {
         SenderBuilder(Self {
             vm_name: vm_name.to_owned(),
@@ -184,6 +208,7 @@ impl Sender {
             progress_timeout: crate::DEFAULT_PROGRESS_TIMEOUT,
             claim_timeout: Duration::from_secs(10),
             in_flight: InFlight::new(),
+            admission: Admission::default(),
         })
     }
 }
@@ -274,6 +299,25 @@ impl SenderBuilder {
         self
     }
 
+    /// How long to wait for an admission slot while the key authority answers that its
+    /// admission limits are reached (progress reports [`Stage::Queued`] meanwhile); past
+    /// it the migration fails with [`MigrateError::QueueTimeout`], nothing sent. Zero:
+    /// do not wait, fail at the first such answer.
+    pub fn queue_timeout(mut self, t: Duration) -> Self {
+        self.0.admission.queue_timeout = t;
+        self
+    }
+
+    /// Asks the key authority to abort this host's own earlier migration of the VM if it
+    /// is still open, instead of refusing with
+    /// [`AuthorityError::VmInFlight`](crate::AuthorityError::VmInFlight). Only for a
+    /// source whose earlier sender died before its switchover: the authority never aborts
+    /// a migration past its commit, nor another host's.
+    pub fn abort_stale(mut self, abort_stale: bool) -> Self {
+        self.0.admission.abort_stale = abort_stale;
+        self
+    }
+
     /// The sender, or what is wrong with the options.
     pub fn build(self) -> Result<Sender, MigrateError> {
         let s = self.0;
@@ -314,7 +358,21 @@ impl Sender {
         let to = to.into();
         // Pre-flight: one migration of a VM at a time, through this in-flight set.
         let in_flight = self.in_flight.claim(&self.vm_name)?;
-        let keyed = resolve_key(self.key, &self.vm_name, self.arbiter.clone()).await?;
+        let guest_bytes = source.memory().page_count() * source.memory().page_size();
+        let progress = self.progress.clone();
+        let queued = move |waited: Duration| {
+            if let Some(p) = &progress {
+                (p.0)(&Progress::queued(guest_bytes, waited));
+            }
+        };
+        let keyed = resolve_key(
+            self.key,
+            &self.vm_name,
+            self.arbiter.clone(),
+            self.admission,
+            &queued,
+        )
+        .await?;
         // Every log line from here on carries the migration id.
         let span = tracing::info_span!("migration", id = %keyed.id, vm = %self.vm_name);
         let settings = run::Settings {

@@ -14,7 +14,9 @@ use vmotion_proto::{
 
 use super::pump::Pumps;
 use super::{DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, TunnelReport, await_peer_end};
-use crate::connect::{HANDSHAKE_TIMEOUT, KeySource, NetOptions, connect, handshake, resolve_key};
+use crate::connect::{
+    Admission, HANDSHAKE_TIMEOUT, KeySource, NetOptions, QueuedFn, connect, handshake, resolve_key,
+};
 use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::error::MigrateError;
 use crate::transport::{Accept, Conn, Endpoint};
@@ -53,6 +55,8 @@ pub struct TunnelSender {
     accept_timeout: Duration,
     linger: Duration,
     in_flight: crate::InFlight,
+    admission: Admission,
+    on_queued: Option<QueuedFn>,
 }
 
 /// Builder of a [`TunnelSender`].
@@ -61,7 +65,9 @@ pub struct TunnelSenderBuilder(TunnelSender);
 
 impl TunnelSender {
     /// A tunnel for `vm_name`: opportunistic policy, no key (set one), at most
-    /// [`DEFAULT_MAX_CONNECTIONS`] connections, QEMU given 2 minutes to connect.
+    /// [`DEFAULT_MAX_CONNECTIONS`] connections, QEMU given 2 minutes to connect, a
+    /// [`DEFAULT_QUEUE_TIMEOUT`](crate::DEFAULT_QUEUE_TIMEOUT) for an admission slot at
+    /// the key authority.
     pub fn builder(vm_name: &str) -> TunnelSenderBuilder {
         TunnelSenderBuilder(Self {
             vm_name: vm_name.to_owned(),
@@ -75,6 +81,8 @@ impl TunnelSender {
             accept_timeout: Duration::from_secs(120),
             linger: Duration::from_millis(300),
             in_flight: crate::InFlight::new(),
+            admission: Admission::default(),
+            on_queued: None,
         })
     }
 }
@@ -131,6 +139,29 @@ impl TunnelSenderBuilder {
         self
     }
 
+    /// How long [`TunnelSender::negotiate`] waits for an admission slot while the key
+    /// authority answers that its admission limits are reached; past it,
+    /// [`MigrateError::QueueTimeout`]. Zero: do not wait.
+    pub fn queue_timeout(mut self, t: Duration) -> Self {
+        self.0.admission.queue_timeout = t;
+        self
+    }
+
+    /// Calls `f` with the time waited, at least every second, while waiting for an
+    /// admission slot.
+    pub fn on_queued(mut self, f: impl Fn(Duration) + Send + Sync + 'static) -> Self {
+        self.0.on_queued = Some(QueuedFn(Arc::new(f)));
+        self
+    }
+
+    /// Asks the key authority to abort this host's own earlier, still open migration of
+    /// the VM (a sender that died before its switchover) instead of refusing with
+    /// [`AuthorityError::VmInFlight`](crate::AuthorityError::VmInFlight).
+    pub fn abort_stale(mut self, abort_stale: bool) -> Self {
+        self.0.admission.abort_stale = abort_stale;
+        self
+    }
+
     /// The sender, or what is wrong with the options.
     pub fn build(self) -> Result<TunnelSender, MigrateError> {
         let t = self.0;
@@ -160,7 +191,13 @@ impl TunnelSender {
         let started = Instant::now();
         let to = to.into();
         let in_flight = self.in_flight.claim(&self.vm_name)?;
-        let keyed = resolve_key(self.key, &self.vm_name, None).await?;
+        let on_queued = self.on_queued.clone();
+        let queued = move |waited: Duration| {
+            if let Some(f) = &on_queued {
+                (f.0)(waited);
+            }
+        };
+        let keyed = resolve_key(self.key, &self.vm_name, None, self.admission, &queued).await?;
         let (migration_id, material, destination, arbiter) =
             (keyed.id, keyed.material, keyed.destination, keyed.arbiter);
         let span = tracing::info_span!("tunnel", id = %migration_id, vm = %self.vm_name);
