@@ -108,7 +108,7 @@ fn in_flight_message(vm: &str, migration: Option<MigrationId>) -> String {
     let which = migration.map_or_else(|| "a migration".to_owned(), |id| format!("migration {id}"));
     format!(
         "VM `{vm}` already has {which} in flight: no second migration of it can start until \
-         that one has its final outcome or its key expired"
+         that one has an outcome (committed or aborted) or its in_flight_ttl at the key service passes"
     )
 }
 

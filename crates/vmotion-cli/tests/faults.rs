@@ -723,7 +723,8 @@ fn kill_9_of_the_sender_leaves_the_destination_clean() {
 
 /// kill -9 of the key service during pre-copy: the sender finds the arbiter gone before
 /// the pause and aborts (exit 4) with the VM never paused; the destination discards.
-/// Once the key service is back a retry works.
+/// Once the key service is back the VM is still held by that migration (no one could
+/// record its abort); a retry with `--abort-stale` works.
 #[test]
 fn kill_9_of_the_keyservice_during_precopy_never_pauses_the_vm() {
     let mut w = World::new();
@@ -755,10 +756,26 @@ fn kill_9_of_the_keyservice_during_precopy_never_pauses_the_vm() {
     );
 
     w.start_keyservice();
+    // Neither side could record `aborted` (the key service was down), so the replayed
+    // journal still has the first migration at `null`, holding the VM: a plain retry is
+    // refused naming it, and the source takes over its own stale migration explicitly.
+    let first = migration_id(&o);
+    let refused = send(&w, "slow", &d.addr, 8, &["--max-bandwidth", "unlimited"]);
+    expect(
+        &refused,
+        3,
+        &["already has migration", &first, "--abort-stale"],
+    );
     // The daemon registers again within its refresh period.
     let mut last = None;
     let worked = eventually(Duration::from_secs(10), || {
-        let o = send(&w, "slow", &d.addr, 8, &["--max-bandwidth", "unlimited"]);
+        let o = send(
+            &w,
+            "slow",
+            &d.addr,
+            8,
+            &["--max-bandwidth", "unlimited", "--abort-stale"],
+        );
         let ok = o.status.code() == Some(0);
         if !ok {
             assert_eq!(o.status.code(), Some(3), "{}", text(&o));

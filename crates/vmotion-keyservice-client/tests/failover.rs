@@ -56,7 +56,9 @@ impl Replica {
     fn start(pki: &Pki, name: &str) -> Self {
         let mut config = Config::load(&pki.files.config()).unwrap();
         config.listen = "127.0.0.1:0".parse().unwrap();
-        config.journal = pki.files.dir.join(name).join("journal.jsonl");
+        config.store = vmotion_keyservice::config::StoreConfig::Journal {
+            path: pki.files.dir.join(name).join("journal.jsonl"),
+        };
         config.audit_log = pki.files.dir.join(name).join("audit.jsonl");
         let (bound, addr) = std::sync::mpsc::channel();
         let (shut_down, shutdown) = tokio::sync::oneshot::channel::<()>();
