@@ -211,6 +211,11 @@ async fn any_replica_answers_any_request() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), ErrorCode::Conflict);
+    // The audit log is written in batches, just after the answer.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !a.audit().contains("\"result\":\"conflict\"") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(
         a.audit().contains("\"result\":\"conflict\""),
         "{}",

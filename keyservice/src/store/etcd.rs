@@ -195,6 +195,20 @@ impl EtcdStore {
         }
     }
 
+    /// A get of `key` (a count of the prefix `key`, with `count`). `local` reads the
+    /// member's own copy (serializable: no round of the leader, possibly a little behind):
+    /// fine to decide a write that compares what it read, never to refuse or to answer.
+    fn get(key: impl Into<Vec<u8>>, count: bool, local: bool) -> TxnOp {
+        let mut o = GetOptions::new();
+        if count {
+            o = o.with_prefix().with_count_only();
+        }
+        if local {
+            o = o.with_serializable();
+        }
+        TxnOp::get(key, Some(o))
+    }
+
     /// Reads several keys (or counts prefixes) at one revision.
     async fn read(&self, ops: Vec<TxnOp>) -> Result<(i64, Vec<etcd_client::GetResponse>), Refused> {
         let mut r = self.txn(Txn::new().and_then(ops)).await?;
@@ -256,13 +270,13 @@ impl EtcdStore {
         Ok((record.expires_at_ms > unix_ms()).then_some(record))
     }
 
-    async fn record(&self, id: MigrationId) -> Result<Option<(Record, KeyValue)>, Refused> {
-        let (_, got) = self
-            .read(vec![TxnOp::get(
-                self.key(&["migrations", &id.to_string()]),
-                None,
-            )])
-            .await?;
+    async fn record(
+        &self,
+        id: MigrationId,
+        local: bool,
+    ) -> Result<Option<(Record, KeyValue)>, Refused> {
+        let key = self.key(&["migrations", &id.to_string()]);
+        let (_, got) = self.read(vec![Self::get(key, false, local)]).await?;
         let Some(kv) = got.first().and_then(first).cloned() else {
             return Ok(None);
         };
@@ -274,8 +288,8 @@ impl EtcdStore {
     pub(crate) async fn create(&self, new: NewMigration<'_>) -> Result<Created, Refused> {
         rules::check_create(new.caller, new.vm, new.destination)?;
         let mut abort_stale = new.abort_stale;
-        for _ in 0..MAX_ATTEMPTS {
-            match self.try_create(&new, abort_stale).await? {
+        for attempt in 0..MAX_ATTEMPTS {
+            match self.try_create(&new, abort_stale, attempt == 0).await? {
                 Attempt::Done(created) => return Ok(*created),
                 Attempt::Raced => {}
                 Attempt::AbortedStale => abort_stale = false,
@@ -292,6 +306,7 @@ impl EtcdStore {
         &self,
         new: &NewMigration<'_>,
         abort_stale: bool,
+        local: bool,
     ) -> Result<Attempt, Refused> {
         let (caller, destination) = (new.caller, new.destination);
         let rid = new.request.map(hex::encode);
@@ -299,19 +314,29 @@ impl EtcdStore {
         let out_prefix = self.key(&["out", caller, ""]);
         let in_prefix = self.key(&["in", destination, ""]);
         let vms_prefix = self.key(&["vms", ""]);
-        let count = || Some(GetOptions::new().with_prefix().with_count_only());
         let mut ops = vec![
-            TxnOp::get(vm_key.clone(), None),
-            TxnOp::get(out_prefix.clone(), count()),
-            TxnOp::get(in_prefix.clone(), count()),
-            TxnOp::get(vms_prefix.clone(), count()),
-            TxnOp::get(self.key(&["hosts", destination]), None),
+            Self::get(vm_key.clone(), false, local),
+            Self::get(out_prefix.clone(), true, local),
+            Self::get(in_prefix.clone(), true, local),
+            Self::get(vms_prefix.clone(), true, local),
+            Self::get(self.key(&["hosts", destination]), false, local),
         ];
         let request_key = rid.as_ref().map(|r| self.key(&["requests", caller, r]));
         if let Some(k) = &request_key {
-            ops.push(TxnOp::get(k.clone(), None));
+            ops.push(Self::get(k.clone(), false, local));
         }
         let (rev, got) = self.read(ops).await?;
+        let counted = InFlight {
+            source: count_of(&got[1]),
+            destination: count_of(&got[2]),
+            cluster: count_of(&got[3]),
+        };
+        let clear = got.first().and_then(first).is_none()
+            && got.get(5).and_then(first).is_none()
+            && self.limits.admit(counted, caller, destination).is_ok();
+        if local && !clear {
+            return Ok(Attempt::Raced); // decide that on a fresh read
+        }
         let dest_record = Self::live_host(got.get(4))?;
         if let Some(kv) = got.get(5).and_then(first) {
             let id = rules::parse_id(&String::from_utf8_lossy(kv.value()))?;
@@ -320,11 +345,6 @@ impl EtcdStore {
                 .await
                 .map(|c| Attempt::Done(Box::new(c)));
         }
-        let counted = InFlight {
-            source: count_of(&got[1]),
-            destination: count_of(&got[2]),
-            cluster: count_of(&got[3]),
-        };
         if let Some(kv) = got.first().and_then(first) {
             let holder = rules::parse_id(&String::from_utf8_lossy(kv.value()))?;
             if holder == new.id {
@@ -493,7 +513,7 @@ impl EtcdStore {
         holder: MigrationId,
         abort_stale: bool,
     ) -> Result<Attempt, Refused> {
-        let Some((record, _)) = self.record(holder).await? else {
+        let Some((record, _)) = self.record(holder, false).await? else {
             return Ok(Attempt::Raced); // its record expired under the lock: read again
         };
         let detail = format!(" (from {} to {})", record.source, record.destination);
@@ -531,26 +551,21 @@ impl EtcdStore {
     ) -> Result<Fetched, Refused> {
         let id_hex = id.to_string();
         let key_key = self.key(&["keys", &id_hex]);
-        let (_, got) = self
-            .read(vec![
-                TxnOp::get(self.key(&["migrations", &id_hex]), None),
-                TxnOp::get(key_key.clone(), None),
-                TxnOp::get(self.key(&["fetched", &id_hex]), None),
-            ])
-            .await?;
-        let Some(rkv) = got.first().and_then(first) else {
-            return rules::refuse(ErrorCode::NotFound, format!("no migration {id}"));
-        };
-        let record: Record =
-            serde_json::from_slice(rkv.value()).map_err(|e| corrupt("migration record", e))?;
-        if record.destination != caller {
-            return rules::refuse(
-                ErrorCode::Forbidden,
-                format!("only migration {id}'s destination may fetch its key"),
-            );
-        }
-        let Some(kkv) = got.get(1).and_then(first) else {
-            return Err(gone(id, got.get(2).and_then(first).is_some()));
+        let mut local = true;
+        let (record, rkv, kkv) = loop {
+            let (_, got) = self
+                .read(vec![
+                    Self::get(self.key(&["migrations", &id_hex]), false, local),
+                    Self::get(key_key.clone(), false, local),
+                    Self::get(self.key(&["fetched", &id_hex]), false, local),
+                ])
+                .await?;
+            let found = fetchable(id, caller, &got);
+            match found {
+                Err(_) if local => local = false, // refuse only on a fresh read
+                Err(e) => return Err(e),
+                Ok(f) => break f,
+            }
         };
         let sealed: Sealed =
             serde_json::from_slice(kkv.value()).map_err(|e| corrupt("sealed key", e))?;
@@ -609,8 +624,14 @@ impl EtcdStore {
         id: MigrationId,
         outcome: Outcome,
     ) -> Result<OutcomeRecord, Refused> {
-        for _ in 0..MAX_ATTEMPTS {
-            let Some((mut record, kv)) = self.record(id).await? else {
+        for attempt in 0..MAX_ATTEMPTS {
+            // The first read is the member's own copy: it may only lead to a write that
+            // compares it; an answer (a retry's record, a refusal) comes from a fresh one.
+            let local = attempt == 0;
+            let Some((mut record, kv)) = self.record(id, local).await? else {
+                if local {
+                    continue;
+                }
                 return rules::refuse(ErrorCode::NotFound, format!("no migration {id}"));
             };
             let step = outcome_step(
@@ -619,8 +640,11 @@ impl EtcdStore {
                 caller,
                 record.outcome,
                 outcome,
-            )?;
-            if step == Step::Retry {
+            );
+            if local && step != Ok(Step::Write) {
+                continue;
+            }
+            if step? == Step::Retry {
                 return Ok(record.answer(id));
             }
             record.outcome = Some(outcome);
@@ -673,7 +697,7 @@ impl EtcdStore {
         caller: &str,
         id: MigrationId,
     ) -> Result<OutcomeRecord, Refused> {
-        let Some((record, _)) = self.record(id).await? else {
+        let Some((record, _)) = self.record(id, false).await? else {
             return rules::refuse(ErrorCode::NotFound, format!("no migration {id}"));
         };
         if record.source != caller && record.destination != caller {
@@ -693,6 +717,29 @@ enum Attempt {
     Raced,
     /// The source's stale migration was aborted: try again, without aborting more.
     AbortedStale,
+}
+
+/// What a fetch read: the record and the key, or why it cannot have the key.
+fn fetchable(
+    id: MigrationId,
+    caller: &str,
+    got: &[etcd_client::GetResponse],
+) -> Result<(Record, KeyValue, KeyValue), Refused> {
+    let Some(rkv) = got.first().and_then(first) else {
+        return rules::refuse(ErrorCode::NotFound, format!("no migration {id}"));
+    };
+    let record: Record =
+        serde_json::from_slice(rkv.value()).map_err(|e| corrupt("migration record", e))?;
+    if record.destination != caller {
+        return rules::refuse(
+            ErrorCode::Forbidden,
+            format!("only migration {id}'s destination may fetch its key"),
+        );
+    }
+    let Some(kkv) = got.get(1).and_then(first) else {
+        return Err(gone(id, got.get(2).and_then(first).is_some()));
+    };
+    Ok((record, rkv.clone(), kkv.clone()))
 }
 
 fn count_of(g: &etcd_client::GetResponse) -> usize {
