@@ -9,7 +9,8 @@
 //!   over the replicas;
 //!
 //! then the failover time: two etcd replicas under load, one of them stopped, and how long
-//! the clients that used it wait until they are served again by the other.
+//! the clients that used it wait until they are served again by the other; and, for
+//! scale, one replica on a single-member etcd.
 //!
 //! Goals: the journal at least 5,000 pairs/s with p99 under 10 ms (key-service issue);
 //! etcd at least 2,000 pairs/s with p99 under 20 ms, failover under 2 s (HA issue), on the
@@ -315,4 +316,14 @@ fn main() {
         }
     }
     failover(&files, &cluster, &client_rt, if smoke { 4 } else { 16 });
+    drop(cluster);
+    // For scale: one replica on a single-member etcd (no replication behind it).
+    let single = vmotion_testbed::EtcdCluster::start(1).expect("one etcd member");
+    let config = etcd_config(&files, &single, "/single/");
+    let replica = start_replica(&config);
+    for &clients in levels {
+        let urls = [replica.url.clone()];
+        let l = client_rt.block_on(run_pairs(&files, &urls, clients, secs, "single", None));
+        print_level("etcd x1, 1-member etcd", clients, &l);
+    }
 }
