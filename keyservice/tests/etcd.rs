@@ -2,9 +2,8 @@
 //! loopback) and several real `vmotion-keyservice` replicas over real mutual TLS. Each
 //! test skips, saying why, where no `etcd` is installed.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -123,23 +122,11 @@ impl Replica {
     fn spawn(dir: &Path, config: &Path, name: &str) -> Self {
         std::fs::create_dir_all(dir.join(name)).unwrap();
         let log = std::fs::File::create(dir.join(name).join("stderr.log")).unwrap();
-        let mut child = Command::new(BIN)
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-            .to_owned();
+            .env("RUST_LOG", "debug");
+        let (child, addr) = vmotion_testbed::spawn_listening(&mut cmd, log.into()).unwrap();
         Self {
             child,
             addr,

@@ -106,19 +106,14 @@ impl Ha {
                 .unwrap();
             let mut cmd = Command::new(keyservice_bin());
             cmd.args(["serve", "--config"]).arg(&config);
-            let mut child = cmd.stdout(Stdio::piped()).stderr(log).spawn().unwrap();
-            let mut line = String::new();
-            std::io::BufRead::read_line(
-                &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-                &mut line,
-            )
-            .unwrap();
-            if let Some(addr) = line.trim().strip_prefix("listening on ") {
-                self.addrs[i] = addr.to_owned();
-                self.replicas[i] = Some(Proc(child));
-                return;
+            match vmotion_testbed::spawn_listening(&mut cmd, log.into()) {
+                Ok((child, addr)) => {
+                    self.addrs[i] = addr;
+                    self.replicas[i] = Some(Proc(child));
+                    return;
+                }
+                Err(why) => eprintln!("replica {i}: {why}; again"), // the port may not be free yet
             }
-            let _ = child.wait(); // the port may not be free yet
             assert!(Instant::now() < deadline, "replica {i} did not start");
             std::thread::sleep(Duration::from_millis(100));
         }

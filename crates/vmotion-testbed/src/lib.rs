@@ -9,3 +9,29 @@
 mod etcd;
 
 pub use etcd::{EtcdCluster, etcd_available};
+
+/// Starts a daemon that prints `listening on ADDR` as its first line on stdout (as
+/// `vmotion-keyservice serve` and `vmotion-recv` do), its stderr to `stderr`. Returns the
+/// child and the address, or the line it printed instead (e.g. when its port is taken).
+pub fn spawn_listening(
+    cmd: &mut std::process::Command,
+    stderr: std::process::Stdio,
+) -> Result<(std::process::Child, String), String> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|e| format!("cannot start {:?}: {e}", cmd.get_program()))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().expect("piped");
+    let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+    match line.trim().strip_prefix("listening on ") {
+        Some(addr) => Ok((child, addr.to_owned())),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("{:?} printed {line:?}", cmd.get_program()))
+        }
+    }
+}

@@ -40,16 +40,7 @@ pub fn spawn_listening(cmd: &mut Command) -> (Proc, String) {
 /// Starts a daemon with its stderr going to `stderr`; returns it and the address it
 /// printed.
 pub fn spawn_listening_logged(cmd: &mut Command, stderr: Stdio) -> (Proc, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected {line:?}"))
-        .to_owned();
+    let (child, addr) = vmotion_testbed::spawn_listening(cmd, stderr).unwrap();
     (Proc(child), addr)
 }
 
