@@ -123,6 +123,13 @@ impl EtcdCluster {
             .args(["--initial-cluster-token", "vmotion-test"])
             // Loopback: elect within about a second of a leader's death.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            // As docs/ha.md asks of every deployment: old revisions do not pile up.
+            .args([
+                "--auto-compaction-mode",
+                "periodic",
+                "--auto-compaction-retention",
+                "5m",
+            ])
             .args(["--listen-metrics-urls", &m.metrics_url])
             .args(&tls_args)
             .args(["--log-outputs", "stderr"])

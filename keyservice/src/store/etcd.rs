@@ -314,11 +314,14 @@ impl EtcdStore {
         let out_prefix = self.key(&["out", caller, ""]);
         let in_prefix = self.key(&["in", destination, ""]);
         let vms_prefix = self.key(&["vms", ""]);
+        // A count walks its whole range in etcd's index: only where a limit applies (else
+        // a get of one absent key keeps the positions, and the count is 0).
+        let l = self.limits;
         let mut ops = vec![
             Self::get(vm_key.clone(), false, local),
-            Self::get(out_prefix.clone(), true, local),
-            Self::get(in_prefix.clone(), true, local),
-            Self::get(vms_prefix.clone(), true, local),
+            Self::get(out_prefix.clone(), l.outbound_per_host != 0, local),
+            Self::get(in_prefix.clone(), l.inbound_per_host != 0, local),
+            Self::get(vms_prefix.clone(), l.cluster != 0, local),
             Self::get(self.key(&["hosts", destination]), false, local),
         ];
         let request_key = rid.as_ref().map(|r| self.key(&["requests", caller, r]));
