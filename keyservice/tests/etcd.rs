@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use vmotion_keyservice_client::api::{ErrorCode, Outcome, RegisterRequest};
-use vmotion_keyservice_client::{ClientError, ClientIdentity, KeyServiceClient};
+use vmotion_keyservice_client::{ClientError, ClientIdentity, CreateOptions, KeyServiceClient};
 use vmotion_testbed::EtcdCluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmotion-keyservice");
@@ -255,6 +255,40 @@ async fn client_tls_to_etcd() {
         .await
         .unwrap_err();
     assert_eq!(code(&e), ErrorCode::Unavailable, "{e}");
+}
+
+/// A create sent again with the same request id, through the other replica (its first
+/// answer lost): the same migration and the same key, nothing created twice; once the key
+/// is fetched, a late retry cannot get it again.
+#[tokio::test]
+async fn a_retried_create_through_another_replica_creates_nothing_twice() {
+    let Some(bed) = Bed::start(3) else { return };
+    let (a, b) = (bed.replica("a", UNLIMITED), bed.replica("b", UNLIMITED));
+    let (via_a, via_b) = (bed.client(&a, "src"), bed.client(&b, "src"));
+    let options = CreateOptions::default().request_id([7; 16]);
+    let first = via_a
+        .create_migration_with("vm-r", "dst", options)
+        .await
+        .unwrap();
+    let again = via_b
+        .create_migration_with("vm-r", "dst", options)
+        .await
+        .unwrap();
+    assert_eq!(again.id, first.id);
+    assert_eq!(
+        again.material.key.expose_secret(),
+        first.material.key.expose_secret()
+    );
+    assert_eq!(again.material.nonce.0, first.material.nonce.0);
+    // Exactly one migration of the VM: a create with a new request id is refused.
+    let e = via_b.create_migration("vm-r", "dst").await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::VmInFlight, "{e}");
+    bed.client(&b, "dst").fetch_key(first.id).await.unwrap();
+    let late = via_a
+        .create_migration_with("vm-r", "dst", options)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&late), ErrorCode::Expired, "{late}");
 }
 
 /// The same VM from two hosts at once, through two replicas: one proceeds, the other is

@@ -117,13 +117,23 @@ fn in_flight_message(vm: &str, migration: Option<MigrationId>) -> String {
 #[non_exhaustive]
 pub struct CreateOptions {
     /// Abort this source's own earlier migration of the same VM if its record is still
-    /// open (a sender that died before its switchover) instead of being refused with
-    /// [`AuthorityError::VmInFlight`]. Never touches a migration past its commit, nor
+    /// at `null` (a sender that died before its switchover) instead of being refused with
+    /// [`AuthorityError::VmInFlight`]. Never touches a migration past `null`, nor
     /// another host's.
     pub abort_stale: bool,
+    /// The request's id, where the caller keeps it itself (e.g. across its own restart):
+    /// a create sent again with the same id by the same source answers the migration the
+    /// first one created. `None`: a fresh id per call (reused on that call's retries).
+    pub request_id: Option<[u8; 16]>,
 }
 
 impl CreateOptions {
+    /// The options with this request id.
+    pub fn request_id(mut self, id: [u8; 16]) -> Self {
+        self.request_id = Some(id);
+        self
+    }
+
     /// The options with `abort_stale` set as given.
     pub fn abort_stale(mut self, abort_stale: bool) -> Self {
         self.abort_stale = abort_stale;

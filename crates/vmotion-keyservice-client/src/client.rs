@@ -562,7 +562,10 @@ impl KeyServiceClient {
         let body = serde_json::to_vec(&CreateMigrationRequest {
             vm: vm.to_owned(),
             destination: destination.to_owned(),
-            request_id: Some(request_id()?),
+            request_id: Some(match options.request_id {
+                Some(id) => id.iter().map(|b| format!("{b:02x}")).collect(),
+                None => request_id()?,
+            }),
             abort_stale: options.abort_stale,
         })
         .expect("serializes");

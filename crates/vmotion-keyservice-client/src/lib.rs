@@ -29,4 +29,4 @@ pub mod tls;
 
 pub use client::{ClientError, IssuedMigration, KeyServiceClient};
 pub use tls::ClientIdentity;
-pub use vmotion_authority::FetchedKey;
+pub use vmotion_authority::{CreateOptions, FetchedKey};

@@ -130,10 +130,13 @@ impl EtcdStore {
         registry_ttl: Duration,
     ) -> Result<Self, ServeError> {
         let keks = Keks::load(&config.kek, &config.previous_keks).map_err(ServeError::Store)?;
+        // One attempt gets a third of the request's time, so a request stuck on a member
+        // that just died is sent again (to another) within the request's deadline.
+        let attempt = attempt_timeout(config.request_timeout);
         let mut options = ConnectOptions::new()
-            .with_timeout(config.request_timeout)
-            .with_connect_timeout(config.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), config.request_timeout);
+            .with_timeout(attempt)
+            .with_connect_timeout(attempt)
+            .with_keep_alive(Duration::from_millis(500), attempt);
         if let Some((ca, cert, key)) = &config.tls {
             options = options.with_tls(tls_options(ca, cert, key)?);
         }
@@ -181,10 +184,12 @@ impl EtcdStore {
         let mut pause = Duration::from_millis(20);
         loop {
             let mut client = self.client.clone();
-            let error = match tokio::time::timeout_at(deadline, client.txn(txn.clone())).await {
+            let now = tokio::time::Instant::now();
+            let cut = deadline.min(now + attempt_timeout(self.timeout));
+            let error = match tokio::time::timeout_at(cut, client.txn(txn.clone())).await {
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(e)) => e.to_string(),
-                Err(_) => format!("no answer within {:?}", self.timeout),
+                Err(_) => format!("no answer within {:?}", attempt_timeout(self.timeout)),
             };
             if tokio::time::Instant::now() + pause >= deadline {
                 return Err(unavailable(error));
@@ -743,6 +748,11 @@ fn fetchable(
         return Err(gone(id, got.get(2).and_then(first).is_some()));
     };
     Ok((record, rkv.clone(), kkv.clone()))
+}
+
+/// The time one etcd request attempt gets out of a request's `timeout`.
+fn attempt_timeout(timeout: Duration) -> Duration {
+    (timeout / 3).max(Duration::from_millis(100))
 }
 
 fn count_of(g: &etcd_client::GetResponse) -> usize {
