@@ -432,3 +432,62 @@ fn an_etcd_member_killed_mid_migration_changes_nothing() {
     assert_eq!(ha.outcome_at(0, &id).as_deref(), Some("claimed"));
     assert_eq!(ha.outcome_at(1, &id).as_deref(), Some("claimed"));
 }
+
+/// Quorum lost mid-migration (2 of 3 etcd members SIGKILLed during pre-copy): the
+/// service fails closed, so the sender finds the arbiter silent before the pause and
+/// aborts with the VM never paused (exit 4), and the destination keeps nothing. Quorum
+/// back: the same replicas serve again by themselves, and the source retries its own
+/// stale migration with `--abort-stale`.
+#[test]
+fn quorum_lost_mid_migration_leaves_the_vm_at_the_source() {
+    let Some(mut ha) = Ha::start() else { return };
+    let sinks = ha.p("sinks");
+    let (_daemon, addr) = ha.daemon(&sinks);
+    ha.policy("q", SLOW);
+    let sending = ha.send("q", "src", 0, &addr, &[]);
+    assert!(eventually(Duration::from_secs(20), || sinks
+        .join("q.receiving")
+        .exists()));
+    ha.etcd.kill(1);
+    ha.etcd.kill(2);
+    let o = wait_output(sending, Duration::from_secs(60));
+    expect(&o, 4, &["aborted, the VM keeps running at the source"]);
+    assert!(
+        eventually(Duration::from_secs(15), || !sinks
+            .join("q.receiving")
+            .exists()
+            && !sinks.join("q.unsettled").exists()
+            && !sinks.join("q.mem").exists()),
+        "the destination kept something of a migration that never committed"
+    );
+    ha.etcd.restart(1).unwrap();
+    ha.etcd.restart(2).unwrap();
+    ha.etcd.wait_healthy(Duration::from_secs(30)).unwrap();
+    let back = Instant::now();
+    let id = ha.created_for("q");
+    // The replicas' etcd connections come back by themselves, within seconds: until
+    // then a sender is refused before it starts (exit 1, `unavailable`).
+    let mut last = None;
+    let served = eventually(Duration::from_secs(30), || {
+        let o = wait_output(
+            ha.send("q", "src", 1, &addr, &["--abort-stale"]),
+            Duration::from_secs(60),
+        );
+        let code = o.status.code();
+        assert!(matches!(code, Some(0 | 1)), "{}", text(&o));
+        let done = code == Some(0);
+        last = Some(o);
+        done
+    });
+    let o = last.unwrap();
+    assert!(
+        served,
+        "not served again after quorum returned:\n{}",
+        text(&o)
+    );
+    eprintln!("served again {:?} after quorum returned", back.elapsed());
+    let again = migration_id(&o);
+    assert_eq!(ha.outcome_at(0, &again).as_deref(), Some("claimed"));
+    // Nothing was recorded while etcd had no quorum; the retry aborted it.
+    assert_eq!(ha.outcome_at(1, &id).as_deref(), Some("aborted"));
+}
