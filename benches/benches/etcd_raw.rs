@@ -10,12 +10,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let secs: u64 = std::env::var("VMOTION_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(if smoke { 1 } else { 5 });
+    let (smoke, secs) = vmotion_benches::run_mode();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

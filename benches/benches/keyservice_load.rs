@@ -267,14 +267,7 @@ fn failover(
 }
 
 fn main() {
-    // `cargo bench` passes --bench; `cargo test --benches` passes nothing useful: run a
-    // short smoke pass then, so the harness stays exercised.
-    let args: Vec<String> = std::env::args().collect();
-    let smoke = !args.iter().any(|a| a == "--bench");
-    let secs: u64 = std::env::var("VMOTION_BENCH_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(if smoke { 1 } else { 5 });
+    let (smoke, secs) = vmotion_benches::run_mode();
     let dir = tempfile::tempdir().expect("temp dir");
     let files = pki::init(dir.path(), &["src".into(), "dst".into()], &[]).expect("pki");
     let client_rt = tokio::runtime::Builder::new_multi_thread()

@@ -41,3 +41,16 @@ pub fn direct_keys(id: MigrationId, encrypted: bool) -> (ReceiverKeys, VmPolicy,
         )
     }
 }
+
+/// How a harness-less benchmark was started: `cargo bench` passes `--bench` (a full run);
+/// `cargo test --benches` does not (a short smoke pass, so the harness stays exercised).
+/// Returns whether this is a smoke pass and the seconds per level (`VMOTION_BENCH_SECS`,
+/// default 1 for smoke, 5 otherwise).
+pub fn run_mode() -> (bool, u64) {
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let secs = std::env::var("VMOTION_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if smoke { 1 } else { 5 });
+    (smoke, secs)
+}

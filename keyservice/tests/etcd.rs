@@ -28,19 +28,6 @@ struct Replica {
     dir: PathBuf,
 }
 
-fn run(args: &[&str], dir: &Path) {
-    let out = Command::new(BIN)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Bed {
     /// `None` (with the reason printed) where etcd is not installed.
     fn start(members: usize) -> Option<Self> {
@@ -56,8 +43,7 @@ impl Bed {
         }
         let dir = tempfile::tempdir().unwrap();
         let hosts = "src,dst,third,etcd-client";
-        run(&["pki", "init", "--out", ".", "--hosts", hosts], dir.path());
-        run(&["kek", "generate", "kek"], dir.path());
+        vmotion_testbed::keyservice_pki(Path::new(BIN), dir.path(), hosts).unwrap();
         let d = dir.path();
         let (etcd, tls) = if tls {
             let files = [

@@ -28,19 +28,6 @@ struct Ha {
     addrs: Vec<String>,
 }
 
-fn ks(args: &[&str], dir: &Path) {
-    let out = Command::new(keyservice_bin())
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 impl Ha {
     fn start() -> Option<Self> {
         if let Err(why) = vmotion_testbed::etcd_available() {
@@ -48,11 +35,7 @@ impl Ha {
             return None;
         }
         let dir = tempfile::tempdir().unwrap();
-        ks(
-            &["pki", "init", "--out", ".", "--hosts", "src,dst,third"],
-            dir.path(),
-        );
-        ks(&["kek", "generate", "kek"], dir.path());
+        vmotion_testbed::keyservice_pki(&keyservice_bin(), dir.path(), "src,dst,third").unwrap();
         fs::create_dir(dir.path().join("policy")).unwrap();
         let etcd = EtcdCluster::start(3).unwrap();
         let mut ha = Self {

@@ -35,3 +35,31 @@ pub fn spawn_listening(
         }
     }
 }
+
+/// Makes the key service's development PKI (for `hosts`, comma-separated) and a KEK named
+/// `kek` in `dir`, with the `vmotion-keyservice` binary at `bin`, as an operator would.
+pub fn keyservice_pki(
+    bin: &std::path::Path,
+    dir: &std::path::Path,
+    hosts: &str,
+) -> Result<(), String> {
+    for args in [
+        &["pki", "init", "--out", ".", "--hosts", hosts][..],
+        &["kek", "generate", "kek"],
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+        if !out.status.success() {
+            return Err(format!(
+                "{} {}: {}",
+                bin.display(),
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+    }
+    Ok(())
+}
