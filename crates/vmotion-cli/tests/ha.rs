@@ -266,7 +266,6 @@ enum When {
 fn a_replica_killed_at_each_step_commits_once_or_leaves_the_vm_at_the_source() {
     let Some(mut ha) = Ha::start() else { return };
     let sinks = ha.p("sinks");
-    let (_daemon, addr) = ha.daemon(&sinks);
     let steps = [
         When::AfterCreate,
         When::AfterFetch,
@@ -277,6 +276,9 @@ fn a_replica_killed_at_each_step_commits_once_or_leaves_the_vm_at_the_source() {
     for (round, when) in steps.into_iter().enumerate() {
         let vm = format!("r{round}");
         ha.policy(&vm, SLOW);
+        // A daemon of its own per round: a client keeps to the replica that last answered,
+        // and the last round's kill moved the previous daemon to replica 1.
+        let (daemon, addr) = ha.daemon(&sinks);
         let fetches = |ha: &Ha| ha.audit(0).matches("\"fetch_key\"").count();
         let fetched_before = fetches(&ha);
         let sending = ha.send(&vm, "src", 0, &addr, &[]);
@@ -320,6 +322,7 @@ fn a_replica_killed_at_each_step_commits_once_or_leaves_the_vm_at_the_source() {
             "{when:?}: the destination's folder does not match {on_b:?}"
         );
         eprintln!("{when:?}: exit {:?}, record {on_b:?}", o.status.code());
+        drop(daemon);
     }
 }
 
