@@ -277,6 +277,39 @@ async fn a_retried_create_through_another_replica_creates_nothing_twice() {
     assert_eq!(code(&late), ErrorCode::Expired, "{late}");
 }
 
+/// A key written without its destination's name beside it (as a replica older than the
+/// one-transaction fetch writes it, during a rolling upgrade) is still handed out once,
+/// to its destination only.
+#[tokio::test]
+async fn a_key_without_its_destination_name_is_still_fetched_once() {
+    let Some(bed) = Bed::start(1) else { return };
+    let a = bed.replica("a", UNLIMITED);
+    let issued = bed
+        .client(&a, "src")
+        .create_migration("vm-old", "dst")
+        .await
+        .unwrap();
+    let mut etcd = etcd_client::Client::connect(bed.etcd.endpoints(), None)
+        .await
+        .unwrap();
+    let dest = format!("/vmotion/dest/{}", issued.id);
+    assert_eq!(etcd.delete(dest, None).await.unwrap().deleted(), 1);
+    let e = bed
+        .client(&a, "third")
+        .fetch_key(issued.id)
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ErrorCode::Forbidden, "{e}");
+    let dst = bed.client(&a, "dst");
+    let fetched = dst.fetch_key(issued.id).await.unwrap();
+    assert_eq!(
+        fetched.material.key.expose_secret(),
+        issued.material.key.expose_secret()
+    );
+    let again = dst.fetch_key(issued.id).await.unwrap_err();
+    assert_eq!(code(&again), ErrorCode::AlreadyFetched, "{again}");
+}
+
 /// The same VM from two hosts at once, through two replicas: one proceeds, the other is
 /// refused `vm_in_flight` naming the first; a final outcome frees the VM cluster-wide.
 #[tokio::test]

@@ -8,7 +8,8 @@
 //! | `P hosts/{host}` | the registry entry (JSON, with its expiry) | none |
 //! | `P migrations/{id}` | source, destination, VM, outcome (JSON) | record retention (24 h) |
 //! | `P keys/{id}` | the key and nonce **sealed** under the KEK ([`super::kek`]) | key TTL |
-//! | `P fetched/{id}` | empty: the key was handed out | the record's |
+//! | `P dest/{id}` | the destination's name, for the fetch to compare | key TTL |
+//! | `P fetched/{id}` | a random token: the key was handed out | the record's |
 //! | `P requests/{source}/{request id}` | the migration id it created | key TTL |
 //! | `P vms/{vm}` | the migration id holding the VM | `in_flight_ttl` |
 //! | `P out/{source}/{id}`, `P in/{destination}/{id}` | empty: admission slots | `in_flight_ttl` |
@@ -292,6 +293,11 @@ impl EtcdStore {
 
     pub(crate) async fn create(&self, new: NewMigration<'_>) -> Result<Created, Refused> {
         rules::check_create(new.caller, new.vm, new.destination)?;
+        if self.limits.counts_nothing()
+            && let Some(created) = self.create_at_once(&new).await?
+        {
+            return Ok(created);
+        }
         let mut abort_stale = new.abort_stale;
         for attempt in 0..MAX_ATTEMPTS {
             match self.try_create(&new, abort_stale, attempt == 0).await? {
@@ -366,6 +372,53 @@ impl EtcdStore {
             return self.stale_or_refused(new, holder, abort_stale).await;
         }
         self.limits.admit(counted, caller, destination)?;
+        let (when, then) = self.create_writes(new, Some(rev)).await?;
+        let r = self.txn(Txn::new().when(when).and_then(then)).await?;
+        if !r.succeeded() {
+            return Ok(Attempt::Raced);
+        }
+        let counted = InFlight {
+            source: counted.source + 1,
+            destination: counted.destination + 1,
+            cluster: counted.cluster + 1,
+        };
+        Ok(Attempt::Done(Box::new(self.fresh(
+            new,
+            dest_record,
+            counted,
+        ))))
+    }
+
+    /// A create with no count to read: one transaction that writes if the VM is free and
+    /// the id and the request id are new, and reads the destination's registry entry.
+    /// `None` when a compare failed: the read-decide-write rounds tell why.
+    async fn create_at_once(&self, new: &NewMigration<'_>) -> Result<Option<Created>, Refused> {
+        let (when, mut then) = self.create_writes(new, None).await?;
+        then.push(TxnOp::get(self.key(&["hosts", new.destination]), None));
+        let r = self.txn(Txn::new().when(when).and_then(then)).await?;
+        if !r.succeeded() {
+            return Ok(None);
+        }
+        let dest_record = Self::live_host(gets(r.op_responses()).first())?;
+        let one = InFlight {
+            source: 1,
+            destination: 1,
+            cluster: 1,
+        };
+        Ok(Some(self.fresh(new, dest_record, one)))
+    }
+
+    /// The compares and writes of a create: the VM is free, the id and the request id are
+    /// new, and (with `counted_at`, the revision the counts were read at) no slot of a
+    /// limited scope was taken since → the record, the sealed key, the destination's
+    /// name for the fetch to compare, the request, the VM lock and the slots.
+    async fn create_writes(
+        &self,
+        new: &NewMigration<'_>,
+        counted_at: Option<i64>,
+    ) -> Result<(Vec<Compare>, Vec<TxnOp>), Refused> {
+        let (caller, destination) = (new.caller, new.destination);
+        let vm_key = self.key(&["vms", new.vm]);
         let id = new.id;
         let id_hex = id.to_string();
         let now_ms = unix_ms();
@@ -392,16 +445,23 @@ impl EtcdStore {
             Compare::version(vm_key.clone(), CompareOp::Equal, 0),
             Compare::create_revision(migration_key.clone(), CompareOp::Equal, 0),
         ];
-        for (limit, prefix) in [
-            (self.limits.outbound_per_host, &out_prefix),
-            (self.limits.inbound_per_host, &in_prefix),
-            (self.limits.cluster, &vms_prefix),
-        ] {
-            if limit != 0 {
+        let scopes = [
+            (
+                self.limits.outbound_per_host,
+                self.key(&["out", caller, ""]),
+            ),
+            (
+                self.limits.inbound_per_host,
+                self.key(&["in", destination, ""]),
+            ),
+            (self.limits.cluster, self.key(&["vms", ""])),
+        ];
+        for (limit, prefix) in scopes {
+            if let Some(rev) = counted_at
+                && limit != 0
+            {
                 // No slot was taken in this range since the counts were read.
-                when.push(
-                    Compare::mod_revision(prefix.clone(), CompareOp::Less, rev + 1).with_prefix(),
-                );
+                when.push(Compare::mod_revision(prefix, CompareOp::Less, rev + 1).with_prefix());
             }
         }
         let with = |lease| Some(PutOptions::new().with_lease(lease));
@@ -416,6 +476,7 @@ impl EtcdStore {
                 serde_json::to_vec(&sealed).expect("serializes"),
                 with(key_lease),
             ),
+            TxnOp::put(self.key(&["dest", &id_hex]), destination, with(key_lease)),
             TxnOp::put(vm_key, id_hex.clone(), with(flight_lease)),
             TxnOp::put(self.key(&["out", caller, &id_hex]), "", with(flight_lease)),
             TxnOp::put(
@@ -424,24 +485,12 @@ impl EtcdStore {
                 with(flight_lease),
             ),
         ];
-        if let Some(k) = request_key {
+        if let Some(r) = new.request {
+            let k = self.key(&["requests", caller, &hex::encode(r)]);
             when.push(Compare::version(k.clone(), CompareOp::Equal, 0));
             then.push(TxnOp::put(k, id_hex, with(key_lease)));
         }
-        let r = self.txn(Txn::new().when(when).and_then(then)).await?;
-        if !r.succeeded() {
-            return Ok(Attempt::Raced);
-        }
-        let counted = InFlight {
-            source: counted.source + 1,
-            destination: counted.destination + 1,
-            cluster: counted.cluster + 1,
-        };
-        Ok(Attempt::Done(Box::new(self.fresh(
-            new,
-            dest_record,
-            counted,
-        ))))
+        Ok((when, then))
     }
 
     /// The answer to a create that landed.
@@ -552,36 +601,113 @@ impl EtcdStore {
         ))
     }
 
+    /// The single-use key fetch, one transaction: if the caller is the migration's
+    /// destination and the key was not handed out, read the record and the sealed key,
+    /// delete both the key and the destination's name, and mark it fetched. Otherwise the
+    /// same transaction reads why not. An etcd answer lost on the way loses the key with
+    /// it (the resent transaction finds this fetch's own marker): the fetch fails
+    /// `unavailable` and the migration aborts with its VM at the source, as when the
+    /// HTTP answer to a fetch is lost.
     pub(crate) async fn fetch_key(
         &self,
         caller: &str,
         id: MigrationId,
     ) -> Result<Fetched, Refused> {
         let id_hex = id.to_string();
-        let key_key = self.key(&["keys", &id_hex]);
-        let mut local = true;
-        let (record, rkv, kkv) = loop {
-            let (_, got) = self
-                .read(vec![
-                    Self::get(self.key(&["migrations", &id_hex]), false, local),
-                    Self::get(key_key.clone(), false, local),
-                    Self::get(self.key(&["fetched", &id_hex]), false, local),
-                ])
-                .await?;
-            let found = fetchable(id, caller, &got);
-            match found {
-                Err(_) if local => local = false, // refuse only on a fresh read
-                Err(e) => return Err(e),
-                Ok(f) => break f,
-            }
-        };
+        let [record_key, key_key, fetched_key, dest_key] =
+            ["migrations", "keys", "fetched", "dest"].map(|k| self.key(&[k, &id_hex]));
+        let token = self.token()?;
+        let marker = Some(PutOptions::new().with_lease(self.lease(RECORD_RETENTION).await?));
+        let txn = Txn::new()
+            .when([
+                Compare::value(dest_key.clone(), CompareOp::Equal, caller),
+                Compare::version(fetched_key.clone(), CompareOp::Equal, 0),
+                Compare::version(key_key.clone(), CompareOp::Greater, 0),
+            ])
+            .and_then([
+                TxnOp::get(record_key.clone(), None),
+                TxnOp::get(key_key.clone(), None),
+                TxnOp::delete(key_key.clone(), None),
+                TxnOp::delete(dest_key, None),
+                TxnOp::put(fetched_key.clone(), token.clone(), marker),
+            ])
+            .or_else([
+                TxnOp::get(record_key, None),
+                TxnOp::get(key_key, None),
+                TxnOp::get(fetched_key.clone(), None),
+            ]);
+        let r = self.txn(txn).await?;
+        let succeeded = r.succeeded();
+        let got = gets(r.op_responses());
+        if !succeeded
+            && got
+                .get(2)
+                .and_then(first)
+                .is_some_and(|kv| kv.value() == token.as_bytes())
+        {
+            // Our transaction landed and its answer was lost: the key is gone with it.
+            return rules::refuse(
+                ErrorCode::Unavailable,
+                format!(
+                    "the key of migration {id} was taken from etcd but etcd's answer was \
+                     lost; a key is never handed out twice: start the migration again"
+                ),
+            );
+        }
+        let (record, rkv, kkv) = fetchable(id, caller, &got)?;
+        if !succeeded {
+            // Fetchable, yet the compares failed: a key written without the destination's
+            // name (by an older replica): take it with a compare-and-delete.
+            return self.take(id, record, &rkv, &kkv).await;
+        }
         let sealed: Sealed =
             serde_json::from_slice(kkv.value()).map_err(|e| corrupt("sealed key", e))?;
-        let expired = sealed.expires_ms <= unix_ms();
+        if sealed.expires_ms <= unix_ms() {
+            // Not handed out: the marker would say "already fetched" to the next caller.
+            let del = Txn::new()
+                .when([Compare::value(fetched_key.clone(), CompareOp::Equal, token)])
+                .and_then([TxnOp::delete(fetched_key, None)]);
+            self.txn(del).await?;
+            return Err(gone(id, false));
+        }
+        self.opened(id, record, &sealed)
+    }
+
+    /// A fresh random token that names one fetch.
+    fn token(&self) -> Result<String, Refused> {
         let mut token = [0u8; 16];
         ring::rand::SecureRandom::fill(&self.rng, &mut token)
             .map_err(|_| Refused::new(ErrorCode::Internal, "the OS random generator failed"))?;
-        let token = hex::encode(token);
+        Ok(hex::encode(token))
+    }
+
+    /// The key as the destination gets it.
+    fn opened(&self, id: MigrationId, record: Record, sealed: &Sealed) -> Result<Fetched, Refused> {
+        let material = self
+            .keks
+            .open(id, sealed)
+            .map_err(|e| Refused::new(ErrorCode::Internal, e))?;
+        Ok(Fetched {
+            material,
+            source: record.source,
+            vm: record.vm,
+        })
+    }
+
+    /// The fetch of a key read in `kkv`: compare-and-delete it, and mark it fetched.
+    async fn take(
+        &self,
+        id: MigrationId,
+        record: Record,
+        rkv: &KeyValue,
+        kkv: &KeyValue,
+    ) -> Result<Fetched, Refused> {
+        let id_hex = id.to_string();
+        let key_key = self.key(&["keys", &id_hex]);
+        let sealed: Sealed =
+            serde_json::from_slice(kkv.value()).map_err(|e| corrupt("sealed key", e))?;
+        let expired = sealed.expires_ms <= unix_ms();
+        let token = self.token()?;
         let fetched_key = self.key(&["fetched", &id_hex]);
         let mut then = vec![TxnOp::delete(key_key.clone(), None)];
         if !expired {
@@ -606,15 +732,7 @@ impl EtcdStore {
             // Another fetch (or an outcome) took it between the read and the write.
             return Err(gone(id, true));
         }
-        let material = self
-            .keks
-            .open(id, &sealed)
-            .map_err(|e| Refused::new(ErrorCode::Internal, e))?;
-        Ok(Fetched {
-            material,
-            source: record.source,
-            vm: record.vm,
-        })
+        self.opened(id, record, &sealed)
     }
 
     /// Whether the fetch marker is ours: our transaction landed, its answer was lost.
@@ -681,6 +799,7 @@ impl EtcdStore {
                 keep_lease,
             ),
             TxnOp::delete(self.key(&["keys", &id_hex]), None::<DeleteOptions>),
+            TxnOp::delete(self.key(&["dest", &id_hex]), None),
         ];
         if !holds_vm(record.outcome) {
             let vm_key = self.key(&["vms", &record.vm]);
@@ -744,8 +863,9 @@ fn fetchable(
             format!("only migration {id}'s destination may fetch its key"),
         );
     }
-    let Some(kkv) = got.get(1).and_then(first) else {
-        return Err(gone(id, got.get(2).and_then(first).is_some()));
+    let fetched = got.get(2).and_then(first).is_some();
+    let Some(kkv) = got.get(1).and_then(first).filter(|_| !fetched) else {
+        return Err(gone(id, fetched));
     };
     Ok((record, rkv.clone(), kkv.clone()))
 }
