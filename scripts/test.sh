@@ -7,8 +7,11 @@ cd "$(dirname "$0")/.."
 # System packages the tests need: QEMU for the tunnel tests (they skip, saying why,
 # where it cannot be installed).
 scripts/install-qemu.sh
-# etcd and protoc for the replicated control plane (issue 12; nothing uses them yet).
+# etcd and protoc for the replicated control plane.
 scripts/install-control-plane.sh
+# A Linux guest for the QEMU tests: Debian's cloud kernel and busybox, downloaded (not
+# installed) and cached under target/linux-guest. Its tests skip, saying why, without it.
+scripts/linux-guest.sh >/dev/null || echo "test.sh: no Linux guest (see above); its tests skip" >&2
 
 # Some tests run the workspace's binaries as real processes (the key service): build them.
 cargo build --workspace --all-features --bins

@@ -11,6 +11,9 @@
 //! - [`guest`] holds two Multiboot images QEMU boots with `-kernel`: [`idle_guest`]
 //!   (halts; memory never changes after boot) and [`dirty_guest`] (rewrites a region at a
 //!   pace set in bytes per second, timed with the PIT).
+//! - [`linux`] boots a real Linux guest (Debian's cloud kernel and busybox, from
+//!   `scripts/linux-guest.sh`) whose serial heartbeat shows it running on across
+//!   migrations; it runs under TCG here (see the module).
 //! - [`memfile`] fills, creates and compares memory files.
 //! - [`write_tls_creds`] writes a `tls-creds-x509` directory for TLS migrations.
 //!
@@ -79,6 +82,7 @@
 
 mod error;
 pub mod guest;
+pub mod linux;
 pub mod memfile;
 mod process;
 mod qmp;
@@ -86,7 +90,8 @@ mod tls;
 
 pub use error::{Error, Result};
 pub use guest::{dirty_guest, idle_guest};
+pub use linux::LinuxGuest;
 pub use memfile::{create_zeroed, fill_random, first_difference, zero_pages};
-pub use process::{Accel, Qemu, QemuConfig, kvm_usable, qemu_binary};
+pub use process::{Accel, DEFAULT_CPU, Qemu, QemuConfig, kvm_usable, qemu_binary};
 pub use qmp::Qmp;
 pub use tls::write_tls_creds;

@@ -21,6 +21,8 @@ const QEMU: &str = "qemu-system-x86_64";
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long [`Qemu::quit`] waits for QEMU to exit before killing it.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The CPU of [`QemuConfig::new`]: see [`QemuConfig::args`].
+pub const DEFAULT_CPU: &str = "qemu64,kvmclock=off";
 /// How much of the log errors quote.
 const LOG_TAIL_LINES: usize = 20;
 
@@ -98,8 +100,18 @@ pub struct QemuConfig {
     pub mem_path: PathBuf,
     /// Whether QEMU touches all of guest RAM at start (`prealloc=on`).
     pub prealloc: bool,
-    /// The Multiboot image passed to `-kernel` (see [`crate::guest`]).
+    /// The image passed to `-kernel`: a Multiboot image (see [`crate::guest`]) or a
+    /// Linux kernel ([`crate::linux`]).
     pub kernel: PathBuf,
+    /// `-initrd`, for a Linux kernel.
+    pub initrd: Option<PathBuf>,
+    /// `-append`: a Linux kernel's command line.
+    pub append: Option<String>,
+    /// Where the guest's first serial port writes (`-serial file:PATH`); `None`: no
+    /// serial port.
+    pub serial_log: Option<PathBuf>,
+    /// `-cpu`: the model and its flags.
+    pub cpu: String,
     /// `-incoming` argument, e.g. `defer` or `unix:/path`; `None` boots the guest.
     pub incoming: Option<String>,
     /// The accelerator.
@@ -125,6 +137,10 @@ impl QemuConfig {
             mem_path: mem_path.into(),
             prealloc: false,
             kernel: kernel.into(),
+            initrd: None,
+            append: None,
+            serial_log: None,
+            cpu: DEFAULT_CPU.into(),
             incoming: None,
             accel: Accel::detect(),
             extra_args: Vec::new(),
@@ -143,7 +159,7 @@ impl QemuConfig {
 
     /// QEMU's command line, without the binary.
     ///
-    /// The CPU is the named model `qemu64` (`-cpu host` crashes QEMU on the nested
+    /// The CPU ([`DEFAULT_CPU`]) is the named model `qemu64` (`-cpu host` crashes QEMU on the nested
     /// hypervisor of the development machines; a named model also keeps source and
     /// destination identical) without kvmclock: SeaBIOS enables kvmclock when it sees it
     /// and never turns it off, and KVM then keeps rewriting a pvclock structure in guest
@@ -167,8 +183,6 @@ impl QemuConfig {
             "pc,memory-backend=mem",
             "-accel",
             self.accel.as_str(),
-            "-cpu",
-            "qemu64,kvmclock=off",
             "-smp",
             "1",
             "-nodefaults",
@@ -177,15 +191,22 @@ impl QemuConfig {
             "none",
             "-vga",
             "none",
-            "-serial",
-            "none",
             "-monitor",
             "none",
         ]
         .into_iter()
         .map(OsString::from)
         .collect();
+        let mut serial = OsString::from("none");
+        if let Some(log) = &self.serial_log {
+            serial = OsString::from("file:");
+            serial.push(log);
+        }
         args.extend([
+            "-cpu".into(),
+            self.cpu.clone().into(),
+            "-serial".into(),
+            serial,
             "-m".into(),
             format!("{mib}M").into(),
             "-object".into(),
@@ -195,6 +216,12 @@ impl QemuConfig {
             "-qmp".into(),
             qmp,
         ]);
+        if let Some(initrd) = &self.initrd {
+            args.extend(["-initrd".into(), initrd.clone().into()]);
+        }
+        if let Some(append) = &self.append {
+            args.extend(["-append".into(), append.into()]);
+        }
         if let Some(incoming) = &self.incoming {
             args.extend(["-incoming".into(), incoming.into()]);
         }
