@@ -1,9 +1,10 @@
 //! Shared pieces of vmotion's command-line tools: the key-service flags, the progress
-//! display, the KVM micro-VM as a receiver's sink and the memory-file sink folder
-//! ([`sink_dir`]).
+//! display, the KVM micro-VM as a receiver's sink, the memory-file sink folder
+//! ([`sink_dir`]) and the source QEMU of `vmotion-send --qemu` ([`qemu_source`]).
 
 #![forbid(unsafe_code)]
 
+pub mod qemu_source;
 pub mod sink_dir;
 
 use std::io::{IsTerminal, Write};

@@ -42,7 +42,7 @@ pub use sender::{Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};
 pub use tunnel::{
     DEFAULT_MAX_CONNECTIONS, MAX_ACCEPT_TIMEOUT, NegotiatedTunnel, TunnelReport, TunnelSender,
-    TunnelSenderBuilder,
+    TunnelSenderBuilder, TunnelVerdict,
 };
 pub use vmotion_authority::{
     Arbiter, ArbiterError, Authority, AuthorityError, BoxFuture, CreateOptions, FetchedKey,

@@ -45,7 +45,7 @@ use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::transport::Conn;
 
 pub(crate) use receiver::receive_tunnel;
-pub use sender::{NegotiatedTunnel, TunnelSender, TunnelSenderBuilder};
+pub use sender::{NegotiatedTunnel, TunnelSender, TunnelSenderBuilder, TunnelVerdict};
 
 use pump::PumpStats;
 

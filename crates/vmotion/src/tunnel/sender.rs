@@ -284,6 +284,17 @@ impl NegotiatedTunnel {
         self.session.negotiated()
     }
 
+    /// The handle that records the hypervisor's verdict at the arbiter, for a caller that
+    /// learns it (QEMU's `query-migrate`). The tunnel itself records nothing once
+    /// negotiated: it carries bytes and cannot know where the VM runs. Until a verdict
+    /// is recorded the key service holds the VM as in flight.
+    pub fn verdict(&self) -> TunnelVerdict {
+        TunnelVerdict {
+            arbiter: self._arbiter.clone(),
+            id: self.session.negotiated().migration_id,
+        }
+    }
+
     /// Carries every connection the hypervisor makes to `local` until all have closed in
     /// both directions (or `cancel` completes, which aborts the tunnel). Returns what was
     /// carried; on any error every local and remote connection is dropped.
@@ -306,6 +317,49 @@ impl NegotiatedTunnel {
         }
         .instrument(span)
         .await
+    }
+}
+
+/// Records a tunnelled migration's outcome as the hypervisor tells it
+/// ([`NegotiatedTunnel::verdict`]). Without an arbiter (no key service) both are no-ops.
+#[derive(Clone)]
+pub struct TunnelVerdict {
+    arbiter: Option<Arc<dyn vmotion_authority::Arbiter>>,
+    id: MigrationId,
+}
+
+impl std::fmt::Debug for TunnelVerdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelVerdict")
+            .field("id", &self.id)
+            .field("arbiter", &self.arbiter.is_some())
+            .finish()
+    }
+}
+
+impl TunnelVerdict {
+    /// The hypervisor completed its migration (the VM runs at the destination): records
+    /// `committed`, which frees the VM for its next migration.
+    pub async fn completed(&self) -> Result<(), vmotion_authority::ArbiterError> {
+        self.record(vmotion_authority::Transition::Commit).await
+    }
+
+    /// The hypervisor's migration failed or was cancelled (the VM runs at the source):
+    /// records `aborted`.
+    pub async fn failed(&self) -> Result<(), vmotion_authority::ArbiterError> {
+        self.record(vmotion_authority::Transition::Abort).await
+    }
+
+    async fn record(
+        &self,
+        t: vmotion_authority::Transition,
+    ) -> Result<(), vmotion_authority::ArbiterError> {
+        match &self.arbiter {
+            Some(a) => crate::claim::record(a.as_ref(), self.id, Some(t))
+                .await
+                .map(drop),
+            None => Ok(()),
+        }
     }
 }
 
