@@ -1,9 +1,11 @@
 //! Shared pieces of vmotion's command-line tools: the key-service flags, the progress
 //! display, the KVM micro-VM as a receiver's sink, the memory-file sink folder
-//! ([`sink_dir`]) and the source QEMU of `vmotion-send --qemu` ([`qemu_source`]).
+//! ([`sink_dir`]), the source QEMU of `vmotion-send --qemu` ([`qemu_source`]) and the
+//! destination QEMU of `vmotion-recv --qemu-qmp` ([`qemu_destination`]).
 
 #![forbid(unsafe_code)]
 
+pub mod qemu_destination;
 pub mod qemu_source;
 pub mod sink_dir;
 

@@ -58,8 +58,14 @@ impl Bed {
         let run = w.p("run");
         std::fs::create_dir(&run).unwrap();
         let incoming = format!("unix:{}", run.join("{vm}.incoming").display());
+        let qmp = format!("unix:{}", run.join("{vm}.vmotion.qmp").display());
         let mut args = extra.to_vec();
         args.extend(["--tunnel", &incoming]);
+        if args.contains(&"--qemu-qmp") {
+            // The daemon reaches each VM's destination QEMU at RUN/{vm}.vmotion.qmp.
+            let at = args.iter().position(|a| *a == "--qemu-qmp").unwrap();
+            args.insert(at + 1, &qmp);
+        }
         let (recv, addr) = w.recv(Some("dst"), &args);
         let mem = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
         Some(Self {
@@ -105,11 +111,16 @@ impl Bed {
         q
     }
 
-    /// A destination QEMU `name` for VM `vm`, listening where the daemon delivers it.
-    fn destination(&self, name: &str, vm: &str, multifd: Option<u16>) -> Qemu {
+    /// A destination QEMU `name`, waiting (`-incoming defer`) for someone to say where.
+    fn waiting(&self, name: &str) -> Qemu {
         let mut c = self.config(name, (0, 0));
         c.incoming = Some("defer".into());
-        let mut q = Qemu::spawn(c).unwrap();
+        Qemu::spawn(c).unwrap()
+    }
+
+    /// A destination QEMU `name` for VM `vm`, listening where the daemon delivers it.
+    fn destination(&self, name: &str, vm: &str, multifd: Option<u16>) -> Qemu {
+        let mut q = self.waiting(name);
         if let Some(n) = multifd {
             q.qmp().set_capabilities(&[("multifd", true)]).unwrap();
             q.qmp()
@@ -178,7 +189,18 @@ fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
 /// One hop: `vm` from QEMU `src` to a new destination QEMU `dst_name`; checks the
 /// report and both QEMUs' states, and returns the destination and the report.
 fn hop(bed: &Bed, vm: &str, src: &mut Qemu, dst_name: &str, multifd: Option<u16>) -> (Qemu, Value) {
-    let mut dst = bed.destination(dst_name, vm, multifd);
+    let dst = bed.destination(dst_name, vm, multifd);
+    hop_to(bed, vm, src, dst, multifd)
+}
+
+/// [`hop`] to a destination QEMU made ready by someone else.
+fn hop_to(
+    bed: &Bed,
+    vm: &str,
+    src: &mut Qemu,
+    mut dst: Qemu,
+    multifd: Option<u16>,
+) -> (Qemu, Value) {
     let streams = multifd.unwrap_or(1).to_string();
     let send = bed.send(vm, src, &["--streams", &streams]);
     let (code, out, err) = finish(send, Duration::from_secs(300));
@@ -260,6 +282,49 @@ fn a_linux_guest_migrates_live_over_multifd() {
 #[test]
 fn a_linux_guest_rewriting_its_memory_migrates_live() {
     migrate_once(Some(2), (64, 0));
+}
+
+/// `vmotion-recv --qemu-qmp`: the daemon sets the destination QEMU's multifd and issues
+/// `migrate-incoming` itself; the test only starts QEMU with `-incoming defer`.
+#[test]
+fn the_daemon_readies_the_destination_qemu_itself() {
+    let Some(bed) = Bed::new(&["--qemu-qmp"]) else {
+        return;
+    };
+    bed.w.policy("auto", "encryption = \"required\"\n");
+    let mut src = bed.boot("src", (0, 0));
+    // Named after the VM: its QMP socket is where the daemon's template points.
+    let dst = bed.waiting("auto");
+    let (_dst, _) = hop_to(&bed, "auto", &mut src, dst, Some(2));
+    assert_heartbeat_unbroken(&[bed.serial("src"), bed.serial("auto")]);
+}
+
+/// `--qemu-qmp` with no destination QEMU for the VM: the daemon's preparation fails, the
+/// tunnel is aborted with that reason, QEMU's migration fails at the source (exit 6) and
+/// the guest runs on there.
+#[test]
+fn a_missing_destination_qemu_fails_the_migration_with_the_reason() {
+    let Some(bed) = Bed::new(&["--qemu-qmp"]) else {
+        return;
+    };
+    bed.w.policy("nowhere", "encryption = \"required\"\n");
+    let mut src = bed.boot("src", (0, 0));
+    let (code, out, err) = finish(bed.send("nowhere", &src, &[]), Duration::from_secs(120));
+    assert_eq!(code, Some(6), "{out}\n{err}");
+    assert!(
+        err.contains("preparing the destination hypervisor"),
+        "{err}"
+    );
+    assert!(
+        err.contains("nowhere.vmotion.qmp"),
+        "the socket is named: {err}"
+    );
+    assert_eq!(
+        src.qmp().migration_status().unwrap().as_deref(),
+        Some("failed")
+    );
+    assert_eq!(src.qmp().query_status().unwrap(), "running");
+    assert_beats_on(&bed, "src");
 }
 
 /// Ten hops in a row, back and forth between two "hosts" (a new QEMU each time): the

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
+use vmotion_cli::qemu_destination::{self, QmpTemplate};
 use vmotion_cli::sink_dir::{FileSink, SinkDir};
 use vmotion_keyservice_client::KeyServiceClient;
 use vmotion_keyservice_client::api::RegisterRequest;
@@ -90,6 +91,13 @@ struct Args {
     /// stream of their own.
     #[arg(long, requires = "tunnel")]
     allow_plaintext_tunnels: bool,
+    /// The destination QEMU of each tunnelled VM, reached over QMP: unix:PATH with {vm}
+    /// (e.g. unix:/run/vmotion/{vm}.qmp). Once a tunnel is authenticated the daemon sets
+    /// that QEMU's multifd to match the tunnel's connections and issues
+    /// `migrate-incoming` itself (start QEMU with `-incoming defer`); after the tunnel
+    /// closes it logs when the guest runs here (or that it does not within 30 s).
+    #[arg(long, requires = "tunnel", value_name = "TEMPLATE")]
+    qemu_qmp: Option<String>,
 }
 
 /// The destination hypervisor's incoming address for VM `vm`, from the `--tunnel`
@@ -251,6 +259,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let running: Running = Arc::default();
     let arrivals = Arrivals {
         running: running.clone(),
+        qemu_qmp: args
+            .qemu_qmp
+            .as_deref()
+            .and_then(|t| QmpTemplate::parse(t).ok()),
         held: std::sync::Mutex::default(),
     };
     receiver
@@ -328,6 +340,10 @@ fn receiver(
         receiver = receiver.arbiter(c.clone());
     }
     if let Some(template) = args.tunnel.clone() {
+        if let Some(qmp) = &args.qemu_qmp {
+            let qmp = QmpTemplate::parse(qmp).map_err(|e| anyhow::anyhow!("--qemu-qmp: {e}"))?;
+            receiver = prepare_qemus(receiver, template.clone(), qmp);
+        }
         receiver = take_tunnels(receiver, template, args.allow_plaintext_tunnels)?;
     }
     if let (Some(interface), Some(dir)) = (args.announce_interface.clone(), args.policy_dir.clone())
@@ -362,6 +378,21 @@ fn take_tunnels(
             }
             tunnel_target(&template, &hello.vm_name)
         }))
+}
+
+/// `--qemu-qmp`: each tunnel's destination QEMU is made ready over QMP once the tunnel
+/// is authenticated (multifd to match, `migrate-incoming` where the tunnel delivers).
+fn prepare_qemus(receiver: Receiver, template: String, qmp: QmpTemplate) -> Receiver {
+    receiver.prepare_tunnels(move |hello| {
+        let incoming = tunnel_target(&template, &hello.vm_name)?;
+        let uri = match &incoming {
+            Endpoint::Tcp(a) => format!("tcp:{a}"),
+            Endpoint::Unix(_) => incoming.to_string(),
+        };
+        qemu_destination::prepare(&qmp.path(&hello.vm_name), hello.streams, &uri)?;
+        tracing::info!(migration = %hello.migration_id, vm = %hello.vm_name, %uri, connections = hello.streams, "destination QEMU waits for the migration");
+        Ok(())
+    })
 }
 
 /// The post-resume hook: announces the VM's addresses from its policy file in `dir` on
@@ -478,9 +509,26 @@ impl Sinks {
 /// The micro-VMs running here.
 type Running = Arc<std::sync::Mutex<Vec<Arc<vmotion_cli::KvmSink>>>>;
 
+/// Logs, from a thread of its own, when the destination QEMU at `qmp` runs the guest
+/// that just arrived through a tunnel (or that it does not within 30 s).
+fn watch_qemu(qmp: PathBuf, id: vmotion_proto::MigrationId, vm: String) {
+    std::thread::spawn(move || {
+        match qemu_destination::wait_running(&qmp, Duration::from_secs(30)) {
+            Ok(after) => {
+                tracing::info!(migration = %id, %vm, after_ms = after.as_millis(), "guest running here (QEMU)")
+            }
+            Err(e) => {
+                tracing::warn!(migration = %id, %vm, error = %e, "the destination QEMU does not run the guest")
+            }
+        }
+    });
+}
+
 /// What the daemon keeps of the migrations it received.
 struct Arrivals {
     running: Running,
+    /// `--qemu-qmp`: where each tunnelled VM's destination QEMU is watched.
+    qemu_qmp: Option<QmpTemplate>,
     /// Guests whose claim did not settle: perhaps the only copy allowed to run.
     held: std::sync::Mutex<Vec<AnySink>>,
 }
@@ -500,6 +548,13 @@ impl Arrivals {
                     epochs = report.epochs,
                     "tunnel closed"
                 );
+                if let Some(qmp) = &self.qemu_qmp {
+                    watch_qemu(
+                        qmp.path(&report.vm_name),
+                        report.migration_id,
+                        report.vm_name,
+                    );
+                }
             }
             Ok(vmotion::Incoming::Vm(report, sink)) => self.received(report, sink),
             Err(e) => {

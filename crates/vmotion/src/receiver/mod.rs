@@ -59,6 +59,8 @@ pub(crate) enum Prepared<S> {
 /// Picks the destination hypervisor's incoming address for a tunnel from its `Hello`
 /// (the VM name), or refuses it.
 type TunnelTarget = Arc<dyn Fn(&Hello) -> Result<Endpoint, String> + Send + Sync>;
+/// See [`Receiver::prepare_tunnels`].
+pub(crate) type TunnelPrepare = Arc<dyn Fn(&Hello) -> Result<(), String> + Send + Sync>;
 
 /// How a [`Receiver`] gets migration keys.
 pub enum ReceiverKeys {
@@ -159,6 +161,7 @@ pub struct Receiver {
     incoming: InFlight,
     on_resumed: Option<ResumedHook>,
     tunnel_target: Option<TunnelTarget>,
+    tunnel_prepare: Option<TunnelPrepare>,
     plaintext_tunnels: bool,
 }
 
@@ -197,6 +200,7 @@ impl Receiver {
             incoming: InFlight::new(),
             on_resumed: None,
             tunnel_target: None,
+            tunnel_prepare: None,
             plaintext_tunnels: false,
         }
     }
@@ -247,6 +251,18 @@ impl Receiver {
         target: impl Fn(&Hello) -> Result<Endpoint, String> + Send + Sync + 'static,
     ) -> Self {
         self.tunnel_target = Some(Arc::new(target));
+        self
+    }
+
+    /// Runs `prepare` for each tunnel once its handshake is authenticated, before any of
+    /// its connections is delivered: e.g. to make the destination hypervisor listen
+    /// (QEMU's `migrate-incoming` over QMP). It runs on a blocking thread; an `Err`
+    /// aborts the tunnel with that reason, which the sender gets.
+    pub fn prepare_tunnels(
+        mut self,
+        prepare: impl Fn(&Hello) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Self {
+        self.tunnel_prepare = Some(Arc::new(prepare));
         self
     }
 
@@ -552,11 +568,12 @@ impl Receiver {
             let session = self.finish_handshake(&mut control, received, key).await?;
             tracing::info!(mode = ?session.negotiated().mode, "handshake done");
             if let Some(target) = tunnel {
+                let prepare = self.tunnel_prepare.clone().map(|p| (p, hello.clone()));
                 return crate::tunnel::receive_tunnel(
                     session,
                     control,
                     data,
-                    target,
+                    (target, prepare),
                     self.timeout,
                     started.elapsed(),
                 )

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
-use vmotion_proto::message::{Complete, Ready};
+use vmotion_proto::message::{Complete, Hello, Ready};
 use vmotion_proto::{AbortCode, Channel, FrameType, ReceiverSession, WireFrame};
 
 use super::pump::Pumps;
@@ -14,6 +14,7 @@ use crate::accept::{DataSource, first_frame};
 use crate::connect::{HANDSHAKE_TIMEOUT, NetOptions, connect};
 use crate::control::{ControlEvent, ControlReader, ControlWriter};
 use crate::error::MigrateError;
+use crate::receiver::TunnelPrepare;
 use crate::transport::{Accept, Conn, Endpoint, Peer};
 
 /// Most connections whose bind is read aside at once; the next one waits in the listen
@@ -27,16 +28,20 @@ pub(crate) async fn receive_tunnel(
     session: ReceiverSession,
     control: Conn,
     data: DataSource<'_, impl Accept>,
-    target: Endpoint,
+    (target, prepare): (Endpoint, Option<(TunnelPrepare, Hello)>),
     timeout: Duration,
     setup: Duration,
 ) -> Result<TunnelReport, MigrateError> {
     let negotiated = session.negotiated().clone();
     let mut d = Delivery::start(session, control, data, target, timeout)?;
-    let verified = match d.until_complete().await {
-        Ok(complete) => d.verify(&complete).await,
-        Err(e) => Err(e),
-    };
+    let verified = async {
+        if let Some((prepare, hello)) = prepare {
+            prepared(prepare, hello).await?;
+        }
+        let complete = d.until_complete().await?;
+        d.verify(&complete).await
+    }
+    .await;
     let carried = d.first_at.map(|t| t.elapsed()).unwrap_or_default();
     if let Err(e) = verified {
         d.pumps.abort_all();
@@ -54,6 +59,16 @@ pub(crate) async fn receive_tunnel(
     let report = TunnelReport::new(&negotiated, d.pumps.done(), setup, carried, false);
     tracing::info!("{}", report.summary());
     Ok(report)
+}
+
+/// Runs the receiver's preparation of the destination hypervisor on a blocking thread.
+async fn prepared(prepare: TunnelPrepare, hello: Hello) -> Result<(), MigrateError> {
+    tokio::task::spawn_blocking(move || prepare(&hello))
+        .await
+        .map_err(|e| MigrateError::Internal(format!("the tunnel's preparation failed: {e}")))?
+        .map_err(|e| {
+            MigrateError::TunnelFailed(format!("preparing the destination hypervisor: {e}"))
+        })
 }
 
 /// A tunnel being delivered here: its session (which binds data streams), where they
