@@ -327,6 +327,75 @@ fn a_missing_destination_qemu_fails_the_migration_with_the_reason() {
     assert_beats_on(&bed, "src");
 }
 
+/// A stand-in for `virsh migrate`: migrates the QEMU at QMP socket argv[1] to
+/// `$VMOTION_MIGRATE_URI` and exits 0 only when QEMU says `completed`.
+const MIGRATE_COMMAND: &str = r#"
+import json, os, socket, sys, time
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+def cmd(c, a=None):
+    m = {"execute": c}
+    if a is not None: m["arguments"] = a
+    f.write(json.dumps(m) + "\n"); f.flush()
+    while True:
+        r = json.loads(f.readline())
+        if "return" in r or "error" in r: return r
+f.readline(); cmd("qmp_capabilities")
+cmd("migrate-set-parameters", {"max-bandwidth": 1 << 40})
+cmd("migrate", {"uri": os.environ["VMOTION_MIGRATE_URI"]})
+while True:
+    r = cmd("query-migrate")["return"]; st = r.get("status")
+    if st in ("completed", "failed", "cancelled"):
+        if st != "completed": print(json.dumps(r), file=sys.stderr)
+        sys.exit(0 if st == "completed" else 1)
+    time.sleep(0.05)
+"#;
+
+/// `vmotion-send --tunnel ... -- COMMAND`: the command drives the hypervisor; its exit
+/// status is the verdict, recorded at the key service. A command that succeeds: exit 0,
+/// `committed`, the guest beating on at the destination. One that fails: exit 6,
+/// `aborted`, the guest at the source.
+#[test]
+fn a_command_drives_the_migration_and_its_status_is_the_verdict() {
+    let Some(bed) = Bed::new(&[]) else { return };
+    bed.w.policy("cmd-vm", "encryption = \"required\"\n");
+    let mut src = bed.boot("src", (0, 0));
+    let run = |vm: &str, command: &[&str]| {
+        let listen = format!("unix:{}", bed.run.join(format!("{vm}.out")).display());
+        let child = Command::new(SEND)
+            .args(["--vm", vm, "--to", &bed.addr, "--policy-dir"])
+            .arg(bed.w.p("policy"))
+            .args(bed.w.identity("src"))
+            .args(["--destination", "dst", "--json", "--max-connections", "1"])
+            .args(["--tunnel", &listen, "--"])
+            .args(command)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        finish(child, Duration::from_secs(120))
+    };
+    // A command that fails: the hypervisor's verdict is "failed", the VM never left.
+    let (code, out, err) = run("cmd-vm", &["false"]);
+    assert_eq!(code, Some(6), "{out}\n{err}");
+    assert_eq!(
+        bed.w.outcome(&migration_of(&err)).as_deref(),
+        Some("aborted")
+    );
+    assert_eq!(src.qmp().query_status().unwrap(), "running");
+    // The VM is free again: the next migration of it goes ahead.
+    let _dst = bed.destination("dst", "cmd-vm", None);
+    let qmp = bed.vmotion_qmp("src").display().to_string();
+    let (code, out, err) = run("cmd-vm", &["python3", "-c", MIGRATE_COMMAND, &qmp]);
+    assert_eq!(code, Some(0), "{out}\n{err}");
+    let report: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(report["outcome"], "completed", "{report}");
+    assert_eq!(report["tunnel"]["mode"], "encrypted", "{report}");
+    let id = report["tunnel"]["migration_id"].as_str().unwrap();
+    assert_eq!(bed.w.outcome(id).as_deref(), Some("committed"));
+    assert_eq!(src.qmp().query_status().unwrap(), "postmigrate");
+    assert_heartbeat_unbroken(&[bed.serial("src"), bed.serial("dst")]);
+}
+
 /// Ten hops in a row, back and forth between two "hosts" (a new QEMU each time): the
 /// heartbeat never breaks.
 #[test]

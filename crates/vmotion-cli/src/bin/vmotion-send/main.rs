@@ -10,7 +10,7 @@
 //! | 3 | refused before a page was sent: by policy or negotiation, the destination's pre-flight, or the key service (the VM has a migration in flight; no admission slot within `--queue-timeout`) | running at the source |
 //! | 4 | aborted (with `--qemu`: a convergence limit of the policy cancelled QEMU's migration) | running at the source |
 //! | 5 | outcome unknown, or the resume failed (with `--qemu`: the QMP connection was lost mid-migration) | **paused** at the source: settle it first (with `--qemu`: ask QEMU's `query-migrate`) |
-//! | 6 | `--qemu`: QEMU's migration failed (QEMU's error is quoted) | running at the source |
+//! | 6 | `--qemu`: QEMU's migration failed (QEMU's error is quoted); `-- COMMAND`: the command failed | running at the source |
 //! | 7 | `--qemu`: QEMU's migration was cancelled (SIGINT or SIGTERM: `migrate_cancel`) | running at the source |
 
 use std::path::PathBuf;
@@ -21,14 +21,15 @@ use std::time::Duration;
 use clap::Parser;
 use serde_json::json;
 use vmotion::{
-    AuthorityError, Endpoint, KeySource, Listener, MigrateError, MigrationReport, NegotiatedTunnel,
-    Sender, TunnelReport, TunnelSender,
+    AuthorityError, Endpoint, KeySource, MigrateError, MigrationReport, Sender, TunnelReport,
 };
 use vmotion_cli::qemu_source::{QemuOutcome, QemuSettings};
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
 use vmotion_proto::{MigrationId, Mode};
+
+mod hypervisor;
 
 /// Migrates one VM to a vmotion-recv, as the VM's policy file says.
 #[derive(Parser)]
@@ -95,6 +96,13 @@ struct Args {
     /// runs as another user).
     #[arg(long, value_name = "QMP_SOCKET", conflicts_with_all = ["synthetic_mib", "kvm_mib", "memfile"])]
     qemu: Option<PathBuf>,
+    /// Tunnel mode: once the tunnel is ready, run this command (everything after `--`,
+    /// e.g. `virsh migrate --live VM DEST --migrateuri unix://PATH`) to make the
+    /// hypervisor migrate; its exit status is the verdict (0: the VM runs at the
+    /// destination, recorded `committed`; else `aborted`, exit 6). It gets
+    /// `VMOTION_MIGRATE_URI`; its output goes to stderr; SIGINT / SIGTERM are passed on.
+    #[arg(last = true, requires = "tunnel", value_name = "COMMAND")]
+    then_run: Vec<String>,
     /// Tunnel mode: most connections QEMU may open (1 + multifd channels).
     #[arg(long, default_value_t = vmotion::DEFAULT_MAX_CONNECTIONS, requires = "tunnel")]
     max_connections: u16,
@@ -266,6 +274,8 @@ enum Done {
     Tunnelled(TunnelReport),
     /// `--qemu`: QEMU completed; the tunnel's report, or why it did not end cleanly.
     Qemu(QemuOutcome, Result<TunnelReport, String>),
+    /// `--tunnel ... -- COMMAND`: the command (shown) succeeded; the tunnel's report.
+    Command(String, Result<TunnelReport, String>),
 }
 
 async fn shutdown_signal() {
@@ -276,252 +286,6 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-/// Tunnel mode: negotiate, then listen for QEMU and carry its connections.
-async fn run_tunnel(
-    args: &Args,
-    listen: &Endpoint,
-    policy: vmotion_proto::VmPolicy,
-    key: KeySource,
-) -> Result<Done, (u8, String)> {
-    if args.synthetic_mib.is_some() || args.kvm_mib.is_some() || args.memfile.is_some() {
-        return Err((
-            USAGE,
-            "--tunnel carries QEMU's migration: name no other source".into(),
-        ));
-    }
-    let tunnel = negotiate_tunnel(args, listen, policy, key, args.max_connections).await?;
-    let (local, _) = listen_for_qemu(listen, &tunnel).await?;
-    tunnel
-        .run(&local, shutdown_signal())
-        .await
-        .map(Done::Tunnelled)
-        .map_err(|e| (exit_code(&e), e.to_string()))
-}
-
-/// Negotiates a tunnel for QEMU's `connections` to `listen`: a refusal ends here, before
-/// anything listens.
-async fn negotiate_tunnel(
-    args: &Args,
-    listen: &Endpoint,
-    policy: vmotion_proto::VmPolicy,
-    key: KeySource,
-    connections: u16,
-) -> Result<NegotiatedTunnel, (u8, String)> {
-    // What reaches this socket is QEMU's plaintext: never from another host.
-    if let Endpoint::Tcp(a) = listen
-        && !a.ip().is_loopback()
-    {
-        return Err((
-            USAGE,
-            format!(
-                "--tunnel {a}: listen on a unix: path or a loopback address (QEMU's stream \
-                 arrives there in clear)"
-            ),
-        ));
-    }
-    let negotiate = TunnelSender::builder(&args.vm)
-        .policy(policy)
-        .key(key)
-        .max_connections(connections)
-        .accept_timeout(Duration::from_secs(args.accept_timeout.max(1)))
-        .queue_timeout(args.queue_timeout)
-        .abort_stale(args.abort_stale)
-        .on_queued(queued_notice())
-        .network(vmotion::NetOptions {
-            bind: args.bind,
-            dscp: args.dscp,
-        })
-        .build()
-        .map_err(|e| (USAGE, e.to_string()))?
-        .negotiate(args.to.clone());
-    // A signal during the negotiation ends it too (nothing listens for QEMU yet).
-    let negotiated = tokio::select! {
-        r = negotiate => r,
-        () = shutdown_signal() => Err(MigrateError::TunnelFailed(
-            "cancelled during the negotiation; nothing listened for QEMU".into(),
-        )),
-    };
-    negotiated.map_err(|e| {
-        let hint = match e {
-            MigrateError::Refused(vmotion_proto::Refusal::TooManyStreams) => {
-                " (the receiver takes fewer streams than --max-connections: lower it, or \
-                     raise its --max-streams)"
-            }
-            _ => "",
-        };
-        (
-            exit_code(&e),
-            format!("{}{hint}", explain(&e, args.abort_stale)),
-        )
-    })
-}
-
-/// Listens on `listen` for QEMU and says so: the listener and the URI for QEMU's
-/// `migrate`.
-async fn listen_for_qemu(
-    listen: &Endpoint,
-    tunnel: &NegotiatedTunnel,
-) -> Result<(Listener, String), (u8, String)> {
-    let local = Listener::bind(listen)
-        .await
-        .map_err(|e| (NOT_STARTED, format!("listening for QEMU on {listen}: {e}")))?;
-    let mode = match tunnel.negotiated().mode {
-        Mode::Encrypted(_) => "encrypted".to_owned(),
-        Mode::Plaintext(r) => format!("PLAINTEXT ({r})"),
-    };
-    let uri = local
-        .local_endpoint()
-        .map_or_else(|_| listen.to_string(), |e| qemu_uri(&e));
-    eprintln!(
-        "vmotion-send: tunnel ready ({mode}, migration {}): QEMU may now migrate to {uri}",
-        tunnel.negotiated().migration_id,
-    );
-    Ok((local, uri))
-}
-
-/// `--qemu`: one command migrates a running QEMU through the tunnel (see the flag).
-async fn run_qemu(
-    args: &Args,
-    qmp_path: &std::path::Path,
-    policy: vmotion_proto::VmPolicy,
-    key: KeySource,
-    settings: QemuSettings,
-) -> Result<Done, (u8, String)> {
-    let path = qmp_path.to_owned();
-    let mut qemu = blocking(move || {
-        let mut q = vmotion_cli::qemu_source::QemuSource::connect(&path)?;
-        q.configure(&settings)?;
-        Ok(q)
-    })
-    .await
-    .map_err(|e| (NOT_STARTED, e))?;
-    // QEMU's connections arrive on a private socket unless --tunnel names one.
-    let private = tempfile::Builder::new()
-        .prefix("vmotion-send-")
-        .tempdir()
-        .map_err(|e| {
-            (
-                NOT_STARTED,
-                format!("a folder for the tunnel's socket: {e}"),
-            )
-        })?;
-    let listen = args
-        .tunnel
-        .clone()
-        .unwrap_or_else(|| Endpoint::Unix(private.path().join("migrate.sock")));
-    let tunnel = negotiate_tunnel(args, &listen, policy, key, settings.connections()).await?;
-    let (local, uri) = listen_for_qemu(&listen, &tunnel).await?;
-    let verdict = tunnel.verdict();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let carrying = tokio::spawn(async move {
-        tunnel
-            .run(&local, async {
-                let _ = stopped.await;
-            })
-            .await
-    });
-    let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let on_signal = cancel.clone();
-    let signals = tokio::spawn(async move {
-        shutdown_signal().await;
-        eprintln!("vmotion-send: cancelling QEMU's migration (migrate_cancel)");
-        on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
-    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
-    let followed = blocking(move || {
-        qemu.migrate(&uri)?;
-        qemu.follow(&settings.convergence, &cancel, &|p| display.show(p))
-    })
-    .await;
-    signals.abort();
-    let outcome = match followed {
-        Ok(o) => o,
-        Err(e) => {
-            let _ = stop.send(());
-            return Err((
-                UNKNOWN,
-                format!("lost QEMU's migration: {e}; ask QEMU (query-migrate) how it ended"),
-            ));
-        }
-    };
-    let completed = outcome.status == "completed";
-    let tunnel = end_tunnel(carrying, stop, completed).await;
-    // QEMU's verdict is where the VM runs: record it, which frees the VM at the key
-    // service for its next migration.
-    let recorded = if completed {
-        verdict.completed().await
-    } else {
-        verdict.failed().await
-    };
-    if let Err(e) = recorded {
-        eprintln!(
-            "vmotion-send: warning: could not record QEMU's verdict at the key service ({e}): \
-             the VM stays held there as in flight until its in_flight_ttl, or --abort-stale"
-        );
-    }
-    match outcome.status.as_str() {
-        "completed" => Ok(Done::Qemu(outcome, tunnel)),
-        status => {
-            // After migrate_cancel, "failed" is the cancel too (its I/O error won).
-            let code = match (outcome.cancel_sent, &outcome.limit) {
-                (true, Some(_)) => ABORTED,
-                (true, None) => QEMU_CANCELLED,
-                (false, _) => QEMU_FAILED,
-            };
-            let why = outcome
-                .limit
-                .as_deref()
-                .or(outcome.error())
-                .unwrap_or("QEMU gave no reason")
-                .to_owned();
-            let tunnel = tunnel
-                .err()
-                .map_or_else(String::new, |e| format!("; the tunnel: {e}"));
-            Err((code, format!("QEMU's migration {status}: {why}{tunnel}")))
-        }
-    }
-}
-
-/// Runs `f` on a blocking thread.
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, String> + Send + 'static,
-) -> Result<T, String> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .unwrap_or_else(|e| Err(format!("the QMP thread failed: {e}")))
-}
-
-/// Ends the tunnel after QEMU's migration ended: a completed one closes QEMU's
-/// connections and the tunnel with them (waited for up to 30 s); after a failure or a
-/// cancel, QEMU's connections may linger, so the tunnel is stopped after 2 s.
-async fn end_tunnel(
-    carrying: tokio::task::JoinHandle<Result<TunnelReport, MigrateError>>,
-    stop: tokio::sync::oneshot::Sender<()>,
-    completed: bool,
-) -> Result<TunnelReport, String> {
-    let grace = Duration::from_secs(if completed { 30 } else { 2 });
-    let mut carrying = carrying;
-    let joined = match tokio::time::timeout(grace, &mut carrying).await {
-        Ok(j) => j,
-        Err(_) => {
-            let _ = stop.send(());
-            carrying.await
-        }
-    };
-    match joined {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("the tunnel's task failed: {e}")),
-    }
-}
-
-/// The URI to give QEMU's `migrate` for `e`.
-fn qemu_uri(e: &Endpoint) -> String {
-    match e {
-        Endpoint::Tcp(a) => format!("tcp:{a}"),
-        Endpoint::Unix(_) => e.to_string(),
     }
 }
 
@@ -571,10 +335,10 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
             max_bandwidth,
             convergence,
         };
-        return run_qemu(&args, qmp, policy.vm_policy, key, settings).await;
+        return hypervisor::run_qemu(&args, qmp, policy.vm_policy, key, settings).await;
     }
     if let Some(listen) = &args.tunnel {
-        return run_tunnel(&args, listen, policy.vm_policy, key).await;
+        return hypervisor::run_tunnel(&args, listen, policy.vm_policy, key).await;
     }
     let mut source: Box<dyn Source> = match (&args.synthetic_mib, &args.memfile) {
         _ if args.kvm_mib.is_some() => {
@@ -637,6 +401,22 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
 
 /// `--qemu`'s report: QEMU's figures beside the tunnel's.
 fn print_qemu_report(qemu: &QemuOutcome, tunnel: &Result<TunnelReport, String>, json: bool) {
+    print_hypervisor_report(("qemu", qemu.figures(), qemu.summary()), tunnel, json);
+}
+
+/// The report of `--tunnel ... -- COMMAND`: the command beside the tunnel's figures.
+fn print_command_report(command: &str, tunnel: &Result<TunnelReport, String>, json: bool) {
+    let line = format!("`{command}` succeeded");
+    print_hypervisor_report(("command", json!(command), line), tunnel, json);
+}
+
+/// A report of a migration the hypervisor made: what it said (`(key, json, line)`)
+/// beside the tunnel's figures.
+fn print_hypervisor_report(
+    (key, said, line): (&str, serde_json::Value, String),
+    tunnel: &Result<TunnelReport, String>,
+    json: bool,
+) {
     if json {
         let t = match tunnel {
             Ok(r) => tunnel_json(r),
@@ -644,10 +424,10 @@ fn print_qemu_report(qemu: &QemuOutcome, tunnel: &Result<TunnelReport, String>, 
         };
         println!(
             "{}",
-            json!({ "outcome": "completed", "qemu": qemu.figures(), "tunnel": t })
+            json!({ "outcome": "completed", key: said, "tunnel": t })
         );
     } else {
-        println!("{}", qemu.summary());
+        println!("{line}");
         match tunnel {
             Ok(r) => println!("{}", r.summary()),
             Err(e) => println!("tunnel: {e}"),
@@ -662,7 +442,8 @@ fn print_qemu_report(qemu: &QemuOutcome, tunnel: &Result<TunnelReport, String>, 
             }
         }
         Err(e) => eprintln!(
-            "vmotion-send: warning: QEMU completed, but the tunnel did not end cleanly: {e}"
+            "vmotion-send: warning: the hypervisor completed, but the tunnel did not end \
+             cleanly: {e}"
         ),
     }
 }
@@ -681,6 +462,7 @@ fn main() -> ExitCode {
     // why a migration is plaintext or refused.
     let keyless = args.keyservice.keyservice.is_none();
     let tunnel = args.tunnel.is_some() || args.qemu.is_some();
+    let command = !args.then_run.is_empty();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -704,6 +486,10 @@ fn main() -> ExitCode {
         }
         Ok(Done::Qemu(qemu, tunnel)) => {
             print_qemu_report(&qemu, &tunnel, json);
+            ExitCode::from(COMMITTED)
+        }
+        Ok(Done::Command(command, tunnel)) => {
+            print_command_report(&command, &tunnel, json);
             ExitCode::from(COMMITTED)
         }
         Ok(Done::Migrated(report)) => {
@@ -736,6 +522,10 @@ fn main() -> ExitCode {
             }
             let what = match code {
                 REFUSED if tunnel => "tunnel refused, nothing listened for QEMU",
+                QEMU_FAILED if command => {
+                    "the migration command failed: the hypervisor says the VM did not move \
+                     (recorded aborted); check where it runs before starting it anywhere"
+                }
                 QEMU_FAILED => "QEMU's migration failed, the VM keeps running at the source",
                 QEMU_CANCELLED => "QEMU's migration cancelled, the VM keeps running at the source",
                 REFUSED => "refused, the VM keeps running at the source",
