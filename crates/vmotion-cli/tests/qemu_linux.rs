@@ -66,7 +66,13 @@ impl Bed {
             let at = args.iter().position(|a| *a == "--qemu-qmp").unwrap();
             args.insert(at + 1, &qmp);
         }
-        let (recv, addr) = w.recv(Some("dst"), &args);
+        let log = std::fs::File::create(run.join("recv.log")).unwrap();
+        let mut cmd = Command::new(RECV);
+        cmd.args(["--listen", "127.0.0.1:0"])
+            .args(&args)
+            .args(w.identity("dst"))
+            .env("RUST_LOG", "info");
+        let (recv, addr) = spawn_listening_logged(&mut cmd, log.into());
         let mem = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
         Some(Self {
             w,
@@ -297,6 +303,15 @@ fn the_daemon_readies_the_destination_qemu_itself() {
     let dst = bed.waiting("auto");
     let (_dst, _) = hop_to(&bed, "auto", &mut src, dst, Some(2));
     assert_heartbeat_unbroken(&[bed.serial("src"), bed.serial("auto")]);
+    // The daemon saw QEMU run the guest.
+    let log = bed.run.join("recv.log");
+    assert!(
+        eventually(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .contains("guest running here (QEMU)")),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
 }
 
 /// `--qemu-qmp` with no destination QEMU for the VM: the daemon's preparation fails, the
