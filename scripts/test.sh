@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 scripts/install-qemu.sh
 # etcd and protoc for the replicated control plane.
 scripts/install-control-plane.sh
+# libvirt 9.0 for the libvirt tests (they start their own daemons; skip without it).
+scripts/install-libvirt.sh
 # A Linux guest for the QEMU tests: Debian's cloud kernel and busybox, downloaded (not
 # installed) and cached under target/linux-guest. Its tests skip, saying why, without it.
 scripts/linux-guest.sh >/dev/null || echo "test.sh: no Linux guest (see above); its tests skip" >&2

@@ -159,20 +159,6 @@ fn migration_id(o: &Output) -> String {
     found[0].clone()
 }
 
-/// Polls `cond` every 20 ms for at most `limit`; whether it became true.
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The names in a folder, sorted (none if it is missing).
 fn names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = fs::read_dir(dir)

@@ -235,17 +235,6 @@ fn migration_id(o: &Output) -> String {
         .to_owned()
 }
 
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    true
-}
-
 /// Where a kill lands.
 #[derive(Debug, Clone, Copy)]
 enum When {

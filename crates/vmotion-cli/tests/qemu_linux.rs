@@ -158,17 +158,6 @@ impl Bed {
     }
 }
 
-fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while !cond() {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    true
-}
-
 /// Waits (bounded) for `child` and returns its exit code, stdout and stderr.
 fn finish(mut child: Child, limit: Duration) -> (Option<i32>, String, String) {
     let mut out = child.stdout.take().unwrap();
