@@ -10,7 +10,7 @@ use vmotion_keyservice::{Config, Server, pki};
 /// vmotion's key service: per-migration keys, host registry and outcome records over
 /// mutual TLS.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -117,6 +117,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Packaging: `--generate man|bash|zsh|fish` (scripts/dist.sh).
+    if let Some(code) = vmotion_clidoc::generate_if_asked::<Cli>("vmotion-keyservice") {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -498,9 +498,9 @@ enum Interruption {
     DestinationKilled,
 }
 
-/// A migration interrupted in the middle ends with `code`, QEMU's migration `status`,
-/// the record `aborted`, and the guest beating on at the source.
-fn interrupted(how: Interruption, code: i32, status: &str, says: &str) {
+/// A migration interrupted in the middle ends with `code`, QEMU's migration status one
+/// of `statuses`, the record `aborted`, and the guest beating on at the source.
+fn interrupted(how: Interruption, code: i32, statuses: &[&str], says: &str) {
     let Some(bed) = Bed::new(&[]) else { return };
     let mut src = bed.boot("src", (0, 0));
     let dst = bed.destination("dst", "interrupted", None);
@@ -519,9 +519,10 @@ fn interrupted(how: Interruption, code: i32, status: &str, says: &str) {
     assert!(said.contains(says), "{said}");
     let id = migration_of(&said);
     assert_eq!(bed.w.outcome(&id).as_deref(), Some("aborted"));
-    assert_eq!(
-        src.qmp().migration_status().unwrap().as_deref(),
-        Some(status)
+    let status = src.qmp().migration_status().unwrap();
+    assert!(
+        statuses.contains(&status.as_deref().unwrap_or("none")),
+        "QEMU's migration ended {status:?}, not one of {statuses:?}"
     );
     assert_eq!(src.qmp().query_status().unwrap(), "running");
     assert_beats_on(&bed, "src");
@@ -544,7 +545,14 @@ fn assert_beats_on(bed: &Bed, name: &str) {
 /// guest runs on at the source.
 #[test]
 fn sigint_cancels_the_migration_and_the_guest_runs_on() {
-    interrupted(Interruption::Sigint, 7, "cancelled", "cancelled");
+    // QEMU 10 now and then ends a cancelled migration `failed`: the return path's I/O
+    // error from the cancel can win over the cancel itself.
+    interrupted(
+        Interruption::Sigint,
+        7,
+        &["cancelled", "failed"],
+        "cancelled",
+    );
 }
 
 /// The destination QEMU killed mid-migration: QEMU's migration fails at the source, the
@@ -554,7 +562,7 @@ fn a_destination_qemu_killed_mid_migration_leaves_the_guest_at_the_source() {
     interrupted(
         Interruption::DestinationKilled,
         6,
-        "failed",
+        &["failed"],
         "QEMU's migration failed",
     );
 }

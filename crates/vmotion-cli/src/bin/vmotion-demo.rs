@@ -24,7 +24,7 @@ use vmotion_proto::{EncryptionPolicy, Mode, VmPolicy};
 
 /// One encrypted live migration on this machine: key service, receiver, sender, check.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = 256)]
@@ -341,6 +341,10 @@ fn verify(source: &dyn vmotion_mover::Source, destination: &DemoSink) -> anyhow:
 }
 
 fn main() -> ExitCode {
+    // Packaging: `--generate man|bash|zsh|fish` (scripts/dist.sh).
+    if let Some(code) = vmotion_clidoc::generate_if_asked::<Args>("vmotion-demo") {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

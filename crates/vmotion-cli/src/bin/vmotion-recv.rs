@@ -22,7 +22,7 @@ use vmotion_proto::message::Hello;
 
 /// vmotion's destination daemon.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 struct Args {
     /// Where to listen: HOST:PORT (port 0: any free port; the address is printed on
     /// stdout), or unix:PATH for migrations on this host (the socket file is removed
@@ -624,6 +624,10 @@ impl Arrivals {
 }
 
 fn main() -> ExitCode {
+    // Packaging: `--generate man|bash|zsh|fish` (scripts/dist.sh).
+    if let Some(code) = vmotion_clidoc::generate_if_asked::<Args>("vmotion-recv") {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -33,7 +33,7 @@ mod hypervisor;
 
 /// Migrates one VM to a vmotion-recv, as the VM's policy file says.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version)]
 // With keys, the key service must know where they are for.
 #[command(group(clap::ArgGroup::new("with_keys").arg("keyservice").requires("destination")))]
 struct Args {
@@ -449,6 +449,10 @@ fn print_hypervisor_report(
 }
 
 fn main() -> ExitCode {
+    // Packaging: `--generate man|bash|zsh|fish` (scripts/dist.sh).
+    if let Some(code) = vmotion_clidoc::generate_if_asked::<Args>("vmotion-send") {
+        return code;
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
