@@ -271,13 +271,18 @@ fn a_replica_killed_at_each_step_commits_once_or_leaves_the_vm_at_the_source() {
         let fetches = |ha: &Ha| ha.audit(0).matches("\"fetch_key\"").count();
         let fetched_before = fetches(&ha);
         let sending = ha.send(&vm, "src", 0, &addr, &[]);
-        let hit = eventually(Duration::from_secs(20), || match when {
-            When::AfterCreate => ha.audit(0).lines().any(|l| {
-                l.contains("\"create_migration\"") && l.contains(&format!("\"vm\":\"{vm}\""))
-            }),
-            When::AfterFetch => fetches(&ha) > fetched_before,
-            When::AroundTheOutcome(_) => sinks.join(format!("{vm}.unsettled")).exists(),
-        });
+        // Every 2 ms: the guest is unsettled for only milliseconds before the claim.
+        let hit = poll_until(
+            Duration::from_secs(20),
+            Duration::from_millis(2),
+            || match when {
+                When::AfterCreate => ha.audit(0).lines().any(|l| {
+                    l.contains("\"create_migration\"") && l.contains(&format!("\"vm\":\"{vm}\""))
+                }),
+                When::AfterFetch => fetches(&ha) > fetched_before,
+                When::AroundTheOutcome(_) => sinks.join(format!("{vm}.unsettled")).exists(),
+            },
+        );
         assert!(hit, "round {round}: {when:?} never happened");
         if let When::AroundTheOutcome(us) = when {
             std::thread::sleep(Duration::from_micros(us));
@@ -449,7 +454,11 @@ fn quorum_lost_mid_migration_leaves_the_vm_at_the_source() {
             Duration::from_secs(60),
         );
         let code = o.status.code();
-        assert!(matches!(code, Some(0 | 1)), "{}", text(&o));
+        // Not yet: the key service still unavailable (exit 1), or the daemon still
+        // finishing the migration the outage cut (it records that one's abort, with its
+        // own deadlines, before it takes the VM again: exit 3, "already in flight").
+        let daemon_busy = code == Some(3) && text(&o).contains("is already in flight");
+        assert!(matches!(code, Some(0 | 1)) || daemon_busy, "{}", text(&o));
         let done = code == Some(0);
         last = Some(o);
         done

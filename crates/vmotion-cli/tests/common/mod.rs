@@ -248,13 +248,23 @@ pub fn wait_for_file(p: &std::path::Path) {
 }
 
 /// Polls `cond` every 20 ms until it holds (`true`) or `limit` has passed (`false`).
-pub fn eventually(limit: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn eventually(limit: std::time::Duration, cond: impl FnMut() -> bool) -> bool {
+    poll_until(limit, std::time::Duration::from_millis(20), cond)
+}
+
+/// Polls `cond` every `every` until it holds (`true`) or `limit` has passed (`false`):
+/// a short `every` for a state that lasts only milliseconds.
+pub fn poll_until(
+    limit: std::time::Duration,
+    every: std::time::Duration,
+    mut cond: impl FnMut() -> bool,
+) -> bool {
     let deadline = std::time::Instant::now() + limit;
     while !cond() {
         if std::time::Instant::now() > deadline {
             return false;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(every);
     }
     true
 }
