@@ -12,6 +12,7 @@
 //! registry_ttl = "60s"        # how long a host registration lasts unless refreshed
 //! connections_per_host = 32   # open connections one certified host may hold (0: no limit)
 //! requests_per_second_per_host = 1000   # sustained rate per host, bursts of twice that (0: no limit)
+//! admins = ["ops"]            # client identities that may put any host in maintenance
 //!
 //! [store]                     # optional; without it, the journal store
 //! kind = "etcd"               # "journal" (default) or "etcd"
@@ -66,6 +67,9 @@ pub struct Config {
     /// Requests per second one certified host may make, sustained (bursts of twice as
     /// many; 0: no limit).
     pub requests_per_second_per_host: u32,
+    /// Client identities that may put any host in maintenance (a host may always do it
+    /// for itself).
+    pub admins: Vec<String>,
 }
 
 /// The store: the journal (one replica) or etcd (any number of replicas).
@@ -146,6 +150,8 @@ struct RawConfig {
     connections_per_host: usize,
     #[serde(default = "default_requests_per_second_per_host")]
     requests_per_second_per_host: u32,
+    #[serde(default)]
+    admins: Vec<String>,
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
@@ -302,6 +308,7 @@ impl Config {
             registry_ttl: raw.registry_ttl,
             connections_per_host: raw.connections_per_host,
             requests_per_second_per_host: raw.requests_per_second_per_host,
+            admins: raw.admins,
             limits: crate::store::Limits {
                 outbound_per_host: raw.limits.outbound_per_host,
                 inbound_per_host: raw.limits.inbound_per_host,

@@ -34,6 +34,37 @@ enum Command {
         #[command(subcommand)]
         command: KekCommand,
     },
+    /// Maintenance mode of a host, at a running key service: no migration is created to
+    /// a draining host. Needs the host's own certificate, or an admin's (`admins`).
+    Host {
+        /// drain, undrain or status.
+        #[arg(value_enum)]
+        action: HostAction,
+        /// The host.
+        host: String,
+        /// The key service: https://HOST:PORT, several comma-separated (replicas).
+        #[arg(long)]
+        keyservice: String,
+        /// The CA that signed the key service's certificate.
+        #[arg(long, value_name = "FILE")]
+        ca: PathBuf,
+        /// This caller's client certificate (the host's own, or an admin's).
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        /// Its private key.
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum HostAction {
+    /// Put the host in maintenance: no migration is created to it from now on.
+    Drain,
+    /// Take it out of maintenance.
+    Undrain,
+    /// Say whether it is in maintenance.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -98,6 +129,32 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             vmotion_keyservice::kek::generate(&file)
                 .with_context(|| format!("writing {}", file.display()))?;
             println!("wrote a new KEK into {} (mode 0600)", file.display());
+            Ok(())
+        }
+        Command::Host {
+            action,
+            host,
+            keyservice,
+            ca,
+            cert,
+            key,
+        } => {
+            let identity = vmotion_keyservice_client::ClientIdentity { ca, cert, key };
+            let client = vmotion_keyservice_client::KeyServiceClient::new(&keyservice, &identity)?;
+            let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            let m = runtime.block_on(async {
+                match action {
+                    HostAction::Drain => client.set_maintenance(&host, true).await,
+                    HostAction::Undrain => client.set_maintenance(&host, false).await,
+                    HostAction::Status => client.maintenance(&host).await,
+                }
+            })?;
+            let state = if m.draining {
+                "draining (in maintenance)"
+            } else {
+                "in service"
+            };
+            println!("{host}: {state}");
             Ok(())
         }
         Command::Serve { config } => {

@@ -540,3 +540,42 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Maintenance across replicas: a host drained through one replica gets no migration
+/// through the other (`host_draining`, in the create's transaction, also when the first
+/// read was the member's own copy), until undrained.
+#[tokio::test]
+async fn a_host_drained_through_one_replica_gets_no_migration_through_the_other() {
+    let Some(bed) = Bed::start(3) else { return };
+    let (a, b) = (bed.replica("a", UNLIMITED), bed.replica("b", UNLIMITED));
+    assert!(
+        bed.client(&a, "dst")
+            .set_maintenance("dst", true)
+            .await
+            .unwrap()
+            .draining
+    );
+    let src_b = bed.client(&b, "src");
+    assert!(src_b.maintenance("dst").await.unwrap().draining);
+    let e = src_b.create_migration("vm-m", "dst").await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::HostDraining, "{e}");
+    // With a limit on, the create reads first: the same answer.
+    let limited = bed.replica(
+        "c",
+        "outbound_per_host = 2\ninbound_per_host = 2\ncluster = 5",
+    );
+    let e = bed
+        .client(&limited, "src")
+        .create_migration("vm-m", "dst")
+        .await
+        .unwrap_err();
+    assert_eq!(code(&e), ErrorCode::HostDraining, "{e}");
+    bed.client(&b, "dst")
+        .set_maintenance("dst", false)
+        .await
+        .unwrap();
+    bed.client(&a, "src")
+        .create_migration("vm-m", "dst")
+        .await
+        .unwrap();
+}

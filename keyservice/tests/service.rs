@@ -1089,3 +1089,59 @@ async fn one_host_cannot_flood_the_service_with_requests() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     src.host("dst").await.expect("served again after a pause");
 }
+
+/// Maintenance mode: a draining host gets no migration (`host_draining`, naming it) until
+/// it is undrained, also across a restart (the journal keeps it); only the host itself
+/// or an admin may drain it; other destinations are unaffected; the operator's command
+/// (`vmotion-keyservice host undrain`) ends it.
+#[tokio::test]
+async fn a_draining_host_gets_no_migration_until_undrained() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst,ops");
+    let config = dir.path().join("test.toml");
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\n\
+         key = \"keyservice-key.pem\"\njournal = \"state/journal.jsonl\"\n\
+         audit_log = \"state/audit.jsonl\"\nadmins = [\"ops\"]\n\
+         [limits]\noutbound_per_host = 0\ninbound_per_host = 0\ncluster = 0\n",
+    )
+    .unwrap();
+    let svc = Service::spawn(dir.path(), config.clone());
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let e = src.set_maintenance("dst", true).await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::Forbidden, "{e}");
+    assert!(!dst.maintenance("dst").await.unwrap().draining);
+    assert!(dst.set_maintenance("dst", true).await.unwrap().draining);
+    let e = src.create_migration("vm-a", "dst").await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::HostDraining, "{e}");
+    assert!(e.to_string().contains("dst"), "{e}");
+    src.create_migration("vm-b", "ops").await.unwrap();
+    drop(svc);
+
+    let svc = Service::spawn(dir.path(), config);
+    let src = svc.client("src");
+    assert!(src.maintenance("dst").await.unwrap().draining);
+    let e = src.create_migration("vm-c", "dst").await.unwrap_err();
+    assert_eq!(code(&e), ErrorCode::HostDraining, "{e}");
+    let d = dir.path();
+    let out = Command::new(BIN)
+        .args(["host", "undrain", "dst", "--keyservice", &svc.url(), "--ca"])
+        .arg(d.join("ca.pem"))
+        .arg("--cert")
+        .arg(d.join("hosts/ops.pem"))
+        .arg("--key")
+        .arg(d.join("hosts/ops-key.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "dst: in service"
+    );
+    src.create_migration("vm-d", "dst").await.unwrap();
+}

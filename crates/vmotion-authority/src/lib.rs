@@ -91,6 +91,10 @@ pub enum AuthorityError {
         /// How long the authority asks the caller to wait, if it said.
         retry_after: Option<Duration>,
     },
+    /// The destination is in maintenance (draining): the authority creates no migration
+    /// to it. The message says which host.
+    #[error("{0}")]
+    DestinationDraining(String),
     /// The VM already has a migration in flight (from any host), so no second one is
     /// created. It ends with that migration's final outcome or its key's expiry; a source
     /// whose own earlier sender died before its switchover may ask with

@@ -435,3 +435,34 @@ fn a_sender_without_a_key_service_names_the_missing_key_service() {
         &["refused", "no key service"],
     );
 }
+
+/// Maintenance mode with the real binaries: the destination drains itself with
+/// `vmotion-keyservice host drain`; a migration to it is refused before anything is sent
+/// (exit 3, the message names the maintenance) and goes through once it is undrained.
+#[test]
+fn a_draining_destination_is_refused_until_undrained() {
+    let w = World::new();
+    w.policy("vm-m", "encryption = \"required\"\n");
+    let (_recv, addr) = w.recv(Some("dst"), &[]);
+    let host = |action: &str| {
+        let o = Command::new(keyservice_bin())
+            .args(["host", action, "dst"])
+            .args(w.identity("dst"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    };
+    assert_eq!(host("drain"), "dst: draining (in maintenance)");
+    let o = w.send("vm-m", &addr, true, &[]);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("in maintenance (draining)"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(host("status"), "dst: draining (in maintenance)");
+    assert_eq!(host("undrain"), "dst: in service");
+    let o = w.send("vm-m", &addr, true, &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

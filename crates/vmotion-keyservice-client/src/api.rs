@@ -31,6 +31,16 @@ pub struct RegisterRequest {
     pub ciphers: Vec<String>,
 }
 
+/// Body of `PUT /v1/hosts/{host}/maintenance`, and the answer of it and of `GET` on the
+/// same path: whether the host is in maintenance (`draining`). No migration is created
+/// *to* a draining host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Maintenance {
+    /// The host is draining.
+    pub draining: bool,
+}
+
 /// A host's registry entry (answer of register and of `GET /v1/hosts/{host}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -234,6 +244,8 @@ pub enum ErrorCode {
     /// An admission limit is reached (migrations in flight from the source, to the
     /// destination or in the cluster): retry after `retry_after_ms`.
     Busy,
+    /// The destination is in maintenance (draining): no migration is created to it.
+    HostDraining,
 }
 
 impl ErrorCode {
@@ -247,7 +259,7 @@ impl ErrorCode {
             Self::Expired => 410,
             Self::Internal => 500,
             Self::Unavailable | Self::Busy => 503,
-            Self::VmInFlight => 409,
+            Self::VmInFlight | Self::HostDraining => 409,
             Self::TooManyConnections | Self::RateLimited => 429,
         }
     }

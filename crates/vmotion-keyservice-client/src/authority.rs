@@ -76,6 +76,11 @@ fn create_error(e: ClientError, vm: &str) -> AuthorityError {
             retry_after,
         },
         ClientError::Refused {
+            code: ErrorCode::HostDraining,
+            message,
+            ..
+        } => AuthorityError::DestinationDraining(message),
+        ClientError::Refused {
             code: ErrorCode::VmInFlight,
             migration_id,
             ..

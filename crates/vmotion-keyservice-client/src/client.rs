@@ -24,7 +24,7 @@ use zeroize::Zeroizing;
 
 use crate::api::{
     CreateMigrationRequest, CreateMigrationResponse, ErrorBody, ErrorCode, FetchKeyResponse,
-    HostRecord, Outcome, OutcomeRecord, OutcomeRequest, RegisterRequest,
+    HostRecord, Maintenance, Outcome, OutcomeRecord, OutcomeRequest, RegisterRequest,
 };
 use crate::failover::{self, Failure, Idempotence, Schedule};
 use crate::tls::{ClientIdentity, TlsError};
@@ -536,6 +536,27 @@ impl KeyServiceClient {
         }
     }
 
+    /// Puts `host` in maintenance (`draining`: no migration is created to it) or takes it
+    /// out. A host may do this for itself; other callers must be among the service's
+    /// `admins`.
+    pub async fn set_maintenance(
+        &self,
+        host: &str,
+        draining: bool,
+    ) -> Result<Maintenance, ClientError> {
+        let path = maintenance_path(host)?;
+        let body = serde_json::to_vec(&Maintenance { draining }).expect("serializes");
+        self.call(Method::PUT, &path, Some(body), Idempotence::Idempotent)
+            .await
+    }
+
+    /// Whether `host` is in maintenance.
+    pub async fn maintenance(&self, host: &str) -> Result<Maintenance, ClientError> {
+        let path = maintenance_path(host)?;
+        self.call(Method::GET, &path, None, Idempotence::Idempotent)
+            .await
+    }
+
     /// Creates a migration of `vm` from this host to `destination`, with the default
     /// options.
     pub async fn create_migration(
@@ -635,6 +656,14 @@ impl KeyServiceClient {
         self.call(Method::GET, &path, None, Idempotence::Idempotent)
             .await
     }
+}
+
+/// `/v1/hosts/{host}/maintenance`, for a valid host name.
+fn maintenance_path(host: &str) -> Result<String, ClientError> {
+    if !crate::api::valid_host_name(host) {
+        return Err(ClientError::Url(format!("invalid host name `{host}`")));
+    }
+    Ok(format!("/v1/hosts/{host}/maintenance"))
 }
 
 #[cfg(test)]

@@ -89,6 +89,7 @@ pub(crate) fn classify(e: &ClientError) -> Failure {
             | ErrorCode::Expired
             | ErrorCode::Conflict
             | ErrorCode::VmInFlight
+            | ErrorCode::HostDraining
             | ErrorCode::Busy => Failure::Answer,
         },
         // A wrapped failure was already classified by the call that wrapped it.

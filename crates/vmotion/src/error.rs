@@ -154,7 +154,10 @@ impl MigrateError {
             Self::Refused(_)
                 | Self::PreflightRefused(_)
                 | Self::QueueTimeout { .. }
-                | Self::KeyService(vmotion_authority::AuthorityError::VmInFlight { .. })
+                | Self::KeyService(
+                    vmotion_authority::AuthorityError::VmInFlight { .. }
+                        | vmotion_authority::AuthorityError::DestinationDraining(_)
+                )
         )
     }
 }

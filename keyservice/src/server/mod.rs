@@ -20,7 +20,7 @@ use zeroize::Zeroizing;
 
 use crate::api::{
     CreateMigrationRequest, CreateMigrationResponse, ErrorBody, ErrorCode, FetchKeyResponse,
-    OutcomeRequest, RegisterRequest,
+    Maintenance, OutcomeRequest, RegisterRequest,
 };
 use crate::config::Config;
 use crate::logfile::LogFile;
@@ -85,6 +85,8 @@ struct Shared {
     /// Each host's request budget (a token bucket), and its rate (0: no limit).
     rates: Mutex<std::collections::HashMap<String, Bucket>>,
     requests_per_second: u32,
+    /// Who may put any host in maintenance.
+    admins: Vec<String>,
 }
 
 /// A token bucket: `tokens` requests may go now; it refills at the host's rate up to
@@ -170,6 +172,7 @@ impl Server {
             connections_per_host: config.connections_per_host,
             rates: Mutex::default(),
             requests_per_second: config.requests_per_second_per_host,
+            admins: config.admins.clone(),
             rng: ring::rand::SystemRandom::new(),
         });
         let listener =
@@ -537,6 +540,13 @@ async fn handle(
                 ("register_host", register(shared, caller, req).await)
             }
             (&Method::GET, ["v1", "hosts", host]) => ("read_host", read_host(shared, host).await),
+            (&Method::PUT, ["v1", "hosts", host, "maintenance"]) => (
+                "set_maintenance",
+                set_maintenance(shared, caller, host, req, &mut noted).await,
+            ),
+            (&Method::GET, ["v1", "hosts", host, "maintenance"]) => {
+                ("read_maintenance", read_maintenance(shared, host).await)
+            }
             (&Method::POST, ["v1", "migrations"]) => (
                 "create_migration",
                 create(shared, caller, req, &mut noted).await,
@@ -604,6 +614,32 @@ async fn read_host(shared: &Shared, host: &str) -> Handled {
             format!("host {host} is not registered"),
         )),
     }
+}
+
+async fn set_maintenance(
+    shared: &Shared,
+    caller: &str,
+    host: &str,
+    req: Request<Incoming>,
+    noted: &mut Noted,
+) -> Handled {
+    let host = crate::tls::canonical_host(host)
+        .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
+    noted.destination = Some(host.clone());
+    let m: Maintenance = body(req).await?;
+    shared
+        .store
+        .set_draining(caller, &shared.admins, &host, m.draining)
+        .await?;
+    tracing::info!(caller, %host, draining = m.draining, "maintenance");
+    Ok(ok_json(&m))
+}
+
+async fn read_maintenance(shared: &Shared, host: &str) -> Handled {
+    let host = crate::tls::canonical_host(host)
+        .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
+    let draining = shared.store.is_draining(&host).await?;
+    Ok(ok_json(&Maintenance { draining }))
 }
 
 async fn create(

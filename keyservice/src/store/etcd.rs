@@ -12,6 +12,7 @@
 //! | `P fetched/{id}` | a random token: the key was handed out | the record's |
 //! | `P requests/{source}/{request id}` | the migration id it created | key TTL |
 //! | `P vms/{vm}` | the migration id holding the VM | `in_flight_ttl` |
+//! | `P draining/{host}` | empty: the host is in maintenance | none |
 //! | `P out/{source}/{id}`, `P in/{destination}/{id}` | empty: admission slots | `in_flight_ttl` |
 //!
 //! Leases are shared by the writes of a short window (a lease per window instead of one
@@ -260,6 +261,25 @@ impl EtcdStore {
         Ok(record)
     }
 
+    /// Puts `host` in maintenance (`P draining/{host}`, no lease) or takes it out.
+    pub(crate) async fn set_draining(&self, host: &str, draining: bool) -> Result<(), Refused> {
+        let key = self.key(&["draining", host]);
+        let op = if draining {
+            TxnOp::put(key, "", None)
+        } else {
+            TxnOp::delete(key, None)
+        };
+        self.txn(Txn::new().and_then([op])).await.map(drop)
+    }
+
+    /// Whether `host` is in maintenance (a linearizable read).
+    pub(crate) async fn is_draining(&self, host: &str) -> Result<bool, Refused> {
+        let (_, got) = self
+            .read(vec![TxnOp::get(self.key(&["draining", host]), None)])
+            .await?;
+        Ok(got.first().and_then(first).is_some())
+    }
+
     pub(crate) async fn host(&self, host: &str) -> Result<Option<HostRecord>, Refused> {
         let (_, got) = self
             .read(vec![TxnOp::get(self.key(&["hosts", host]), None)])
@@ -336,23 +356,31 @@ impl EtcdStore {
             Self::get(self.key(&["hosts", destination]), false, local),
         ];
         let request_key = rid.as_ref().map(|r| self.key(&["requests", caller, r]));
+        // Always at index 5, so that the request (when any) is at 6.
+        ops.push(Self::get(
+            self.key(&["draining", destination]),
+            false,
+            local,
+        ));
         if let Some(k) = &request_key {
             ops.push(Self::get(k.clone(), false, local));
         }
         let (rev, got) = self.read(ops).await?;
+        let draining = got.get(5).and_then(first).is_some();
         let counted = InFlight {
             source: count_of(&got[1]),
             destination: count_of(&got[2]),
             cluster: count_of(&got[3]),
         };
         let clear = got.first().and_then(first).is_none()
-            && got.get(5).and_then(first).is_none()
+            && got.get(6).and_then(first).is_none()
+            && !draining
             && self.limits.admit(counted, caller, destination).is_ok();
         if local && !clear {
             return Ok(Attempt::Raced); // decide that on a fresh read
         }
         let dest_record = Self::live_host(got.get(4))?;
-        if let Some(kv) = got.get(5).and_then(first) {
+        if let Some(kv) = got.get(6).and_then(first) {
             let id = rules::parse_id(&String::from_utf8_lossy(kv.value()))?;
             return self
                 .created_again(id, new, dest_record)
@@ -370,6 +398,9 @@ impl EtcdStore {
                 ))));
             }
             return self.stale_or_refused(new, holder, abort_stale).await;
+        }
+        if draining {
+            return Err(rules::draining(destination));
         }
         self.limits.admit(counted, caller, destination)?;
         let (when, then) = self.create_writes(new, Some(rev)).await?;
@@ -442,6 +473,7 @@ impl EtcdStore {
         };
         let migration_key = self.key(&["migrations", &id_hex]);
         let mut when = vec![
+            Compare::version(self.key(&["draining", destination]), CompareOp::Equal, 0),
             Compare::version(vm_key.clone(), CompareOp::Equal, 0),
             Compare::create_revision(migration_key.clone(), CompareOp::Equal, 0),
         ];

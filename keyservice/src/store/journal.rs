@@ -116,6 +116,27 @@ impl JournalStore {
         ))
     }
 
+    /// Puts `host` in maintenance or takes it out, durably: the answer waits for the
+    /// journal line (none when nothing changed).
+    pub(crate) async fn set_draining(&self, host: &str, draining: bool) -> Result<(), Refused> {
+        let Some(line) = self.lock().set_draining(host, draining, unix_ms()) else {
+            return Ok(());
+        };
+        let line = serde_json::to_string(&line).expect("serializes");
+        if let Err(e) = self.journal.append_durable(line).await {
+            self.lock().set_draining(host, !draining, unix_ms());
+            return Err(Refused::new(
+                ErrorCode::Internal,
+                format!("the journal write failed: {e}"),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(crate) fn is_draining(&self, host: &str) -> bool {
+        self.lock().is_draining(host)
+    }
+
     pub(crate) fn fetch_key(&self, caller: &str, id: MigrationId) -> Result<Fetched, Refused> {
         self.lock().fetch_key(caller, id, Instant::now())
     }

@@ -79,6 +79,30 @@ impl Store {
         }
     }
 
+    /// Puts `host` in maintenance (`draining`) or takes it out, for `caller` (the host
+    /// itself or one of `admins`).
+    pub(crate) async fn set_draining(
+        &self,
+        caller: &str,
+        admins: &[String],
+        host: &str,
+        draining: bool,
+    ) -> Result<(), Refused> {
+        rules::check_maintenance(caller, host, admins)?;
+        match self {
+            Self::Journal(s) => s.set_draining(host, draining).await,
+            Self::Etcd(s) => s.set_draining(host, draining).await,
+        }
+    }
+
+    /// Whether `host` is in maintenance.
+    pub(crate) async fn is_draining(&self, host: &str) -> Result<bool, Refused> {
+        match self {
+            Self::Journal(s) => Ok(s.is_draining(host)),
+            Self::Etcd(s) => s.is_draining(host).await,
+        }
+    }
+
     /// Creates a migration with fresh material from the OS CSPRNG.
     pub(crate) async fn create(
         &self,

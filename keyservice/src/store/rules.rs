@@ -166,6 +166,32 @@ pub(crate) fn check_create(caller: &str, vm: &str, destination: &str) -> Result<
     Ok(())
 }
 
+/// The refusal of a create to a host in maintenance.
+pub(crate) fn draining(host: &str) -> Refused {
+    Refused::new(
+        ErrorCode::HostDraining,
+        format!(
+            "host {host} is in maintenance (draining): no migration is created to it; \
+             choose another destination"
+        ),
+    )
+}
+
+/// Whether `caller` may put `host` in maintenance: the host itself, or an admin.
+pub(crate) fn check_maintenance(
+    caller: &str,
+    host: &str,
+    admins: &[String],
+) -> Result<(), Refused> {
+    if caller == host || admins.iter().any(|a| a == caller) {
+        return Ok(());
+    }
+    refuse(
+        ErrorCode::Forbidden,
+        format!("only {host} itself or an admin of the key service may put it in maintenance"),
+    )
+}
+
 /// A request id: 32 lowercase hex digits, as a migration id is.
 pub(crate) fn parse_request_id(s: &str) -> Result<[u8; 16], Refused> {
     parse_id(s).map(|id| id.0).map_err(|_| {

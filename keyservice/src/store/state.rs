@@ -88,6 +88,12 @@ pub(crate) enum JournalEntry {
         outcome: Outcome,
         time_ms: u64,
     },
+    /// A host went into maintenance (`draining`) or out of it.
+    Maintenance {
+        host: String,
+        draining: bool,
+        time_ms: u64,
+    },
 }
 
 /// What `create` hands back. Holds the key: no `Debug`, zeroized on drop.
@@ -163,6 +169,8 @@ pub(crate) struct State {
     inbound: HashMap<String, usize>,
     /// A source's request ids, to the migration each created.
     requests: HashMap<(String, [u8; 16]), MigrationId>,
+    /// Hosts in maintenance: no migration is created to them.
+    draining: std::collections::BTreeSet<String>,
     limits: Limits,
     key_ttl: Duration,
 }
@@ -186,9 +194,34 @@ impl State {
             outbound: HashMap::new(),
             inbound: HashMap::new(),
             requests: HashMap::new(),
+            draining: std::collections::BTreeSet::new(),
             limits,
             key_ttl,
         }
+    }
+
+    /// Puts `host` in maintenance or takes it out; the journal line when it changed.
+    pub(crate) fn set_draining(
+        &mut self,
+        host: &str,
+        draining: bool,
+        now_ms: u64,
+    ) -> Option<JournalEntry> {
+        let changed = if draining {
+            self.draining.insert(host.to_owned())
+        } else {
+            self.draining.remove(host)
+        };
+        changed.then(|| JournalEntry::Maintenance {
+            host: host.to_owned(),
+            draining,
+            time_ms: now_ms,
+        })
+    }
+
+    /// Whether `host` is in maintenance.
+    pub(crate) fn is_draining(&self, host: &str) -> bool {
+        self.draining.contains(host)
     }
 
     /// Registers or refreshes `caller`'s capabilities.
@@ -244,6 +277,9 @@ impl State {
         }
         if let Some(&holder) = self.vms.get(new.vm) {
             return self.stale_or_refused(&new, holder, now_ms);
+        }
+        if self.is_draining(new.destination) {
+            return Err(rules::draining(new.destination));
         }
         let counted = self.in_flight_for(new.caller, new.destination);
         self.limits.admit(counted, new.caller, new.destination)?;
@@ -658,6 +694,9 @@ impl State {
                     outcome,
                     time_ms,
                 } => self.replay_outcome(&migration_id, outcome, time_ms),
+                JournalEntry::Maintenance { host, draining, .. } => {
+                    self.set_draining(&host, draining, 0);
+                }
             }
         }
         self.migrations.len()

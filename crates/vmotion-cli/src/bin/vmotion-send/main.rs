@@ -7,7 +7,7 @@
 //! | 0 | committed (with `--tunnel`: the tunnel closed cleanly, every byte delivered) | running at the destination (with `--tunnel`: ask QEMU's `query-migrate`) |
 //! | 1 | could not start (key service, sources, I/O before the migration) | untouched at the source |
 //! | 2 | bad usage or a bad policy file | untouched at the source |
-//! | 3 | refused before a page was sent: by policy or negotiation, the destination's pre-flight, or the key service (the VM has a migration in flight; no admission slot within `--queue-timeout`) | running at the source |
+//! | 3 | refused before a page was sent: by policy or negotiation, the destination's pre-flight, or the key service (the VM has a migration in flight; the destination is draining; no admission slot within `--queue-timeout`) | running at the source |
 //! | 4 | aborted (with `--qemu`: a convergence limit of the policy cancelled QEMU's migration) | running at the source |
 //! | 5 | outcome unknown, or the resume failed (with `--qemu`: the QMP connection was lost mid-migration) | **paused** at the source: settle it first (with `--qemu`: ask QEMU's `query-migrate`) |
 //! | 6 | `--qemu`: QEMU's migration failed (QEMU's error is quoted); `-- COMMAND`: the command failed | running at the source |
@@ -161,7 +161,9 @@ fn exit_code(e: &MigrateError) -> u8 {
         | MigrateError::PreflightRefused(_)
         | MigrateError::AlreadyInFlight(_)
         | MigrateError::QueueTimeout { .. }
-        | MigrateError::KeyService(AuthorityError::VmInFlight { .. }) => REFUSED,
+        | MigrateError::KeyService(
+            AuthorityError::VmInFlight { .. } | AuthorityError::DestinationDraining(_),
+        ) => REFUSED,
         // The negotiation itself was tampered with: refused before any page.
         MigrateError::Protocol(Error::PeerMisbehaved(
             PeerMisbehaved::DecisionMismatch { .. }
