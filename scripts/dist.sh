@@ -6,7 +6,7 @@
 # Usage: scripts/dist.sh OUT [--prefix /usr] [--bin-dir DIR]
 #   (without --bin-dir it builds the release binaries first: cargo build --release)
 #
-#   OUT/bin/{vmotion-send,vmotion-recv,vmotion-keyservice,vmotion-demo}
+#   OUT/bin/{vmotion-send,vmotion-recv,vmotion-evacuate,vmotion-keyservice,vmotion-demo}
 #   OUT/share/man/man1/*.1
 #   OUT/share/bash-completion/completions/*   OUT/share/zsh/site-functions/_*
 #   OUT/share/fish/vendor_completions.d/*.fish
@@ -33,7 +33,7 @@ if [ -z "$bindir" ]; then
   bindir=target/release
 fi
 
-bins=(vmotion-send vmotion-recv vmotion-keyservice vmotion-demo)
+bins=(vmotion-send vmotion-recv vmotion-evacuate vmotion-keyservice vmotion-demo)
 install -d "$out/bin" "$out/share/man/man1" "$out/share/bash-completion/completions" \
   "$out/share/zsh/site-functions" "$out/share/fish/vendor_completions.d" \
   "$out/lib/systemd/system"

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod evacuate;
 pub mod qemu_destination;
 pub mod qemu_source;
 pub mod sink_dir;
@@ -147,6 +148,30 @@ pub fn kvm_pattern(s: &str) -> Result<vmotion_vmm::Pattern, String> {
                 "--pattern: `{other}` is not uniform, sequential or hot:N (N pages above 0)"
             )),
         },
+    }
+}
+
+/// Logs to stderr at `RUST_LOG`, or `default` (e.g. "warn"), coloured on a terminal.
+pub fn init_logging(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default.into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Completes at SIGINT or SIGTERM (never, where SIGTERM cannot be watched).
+pub async fn shutdown_signal() {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
     }
 }
 

@@ -12,6 +12,7 @@ use common::*;
 const BINS: &[&str] = &[
     "vmotion-send",
     "vmotion-recv",
+    "vmotion-evacuate",
     "vmotion-keyservice",
     "vmotion-demo",
 ];

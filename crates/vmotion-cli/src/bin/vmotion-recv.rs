@@ -12,6 +12,7 @@ use anyhow::Context as _;
 use clap::{Parser, ValueEnum};
 use vmotion::{Endpoint, Listener, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys, Sink};
 use vmotion_cli::qemu_destination::{self, QmpTemplate};
+use vmotion_cli::shutdown_signal;
 use vmotion_cli::sink_dir::{FileSink, SinkDir};
 use vmotion_keyservice_client::KeyServiceClient;
 use vmotion_keyservice_client::api::RegisterRequest;
@@ -219,15 +220,6 @@ async fn settle_sink_dir(dir: SinkDir, receiver: Arc<Receiver>) {
                 tracing::error!(vm = %u.vm, migration = %u.migration_id, %why, "claimed, but filing the guest failed: kept")
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing a SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
     }
 }
 
@@ -628,13 +620,7 @@ fn main() -> ExitCode {
     if let Some(code) = vmotion_clidoc::generate_if_asked::<Args>("vmotion-recv") {
         return code;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmotion_cli::init_logging("info");
     let args = Args::parse();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

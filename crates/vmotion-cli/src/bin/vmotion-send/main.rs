@@ -24,6 +24,7 @@ use vmotion::{
     AuthorityError, Endpoint, KeySource, MigrateError, MigrationReport, Sender, TunnelReport,
 };
 use vmotion_cli::qemu_source::{QemuOutcome, QemuSettings};
+use vmotion_cli::shutdown_signal;
 use vmotion_mover::Source;
 use vmotion_mover::memfile::MemoryFile;
 use vmotion_mover::synthetic::{Pattern, SyntheticConfig, SyntheticGuest};
@@ -280,17 +281,6 @@ enum Done {
     Command(String, Result<TunnelReport, String>),
 }
 
-async fn shutdown_signal() {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
 async fn run(args: Args) -> Result<Done, (u8, String)> {
     if matches!(args.to, Endpoint::Unix(_)) && (args.bind.is_some() || args.dscp.is_some()) {
         return Err((
@@ -455,13 +445,7 @@ fn main() -> ExitCode {
     if let Some(code) = vmotion_clidoc::generate_if_asked::<Args>("vmotion-send") {
         return code;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    vmotion_cli::init_logging("warn");
     let args = Args::parse();
     let json = args.json;
     // Without a key service this host has no keys at all: that, not the destination, is
