@@ -193,3 +193,79 @@ fn a_destination_killed_mid_evacuation_loses_nothing() {
     );
     assert!(bed.most_in_flight_from_src() <= 2);
 }
+
+/// SIGINT mid-evacuation (with `--cancel-in-flight` when `cancel`): no new migration
+/// starts; those in flight finish (or are cancelled, their VMs staying here). Every VM
+/// is where the report says: at its destination when moved, nowhere else otherwise.
+fn interrupted(cancel: bool) -> Vec<Value> {
+    let bed = Bed::new("encryption = \"required\"\nmax_bandwidth = \"16MiB/s\"\n");
+    let mut extra = vec!["--parallel", "2"];
+    if cancel {
+        extra.push("--cancel-in-flight");
+    }
+    let evacuating = bed.evacuate(&extra);
+    // Once the first guests are arriving somewhere.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !DESTINATIONS.iter().any(|d| {
+        std::fs::read_dir(bed.sinks(d))
+            .map(|e| {
+                e.filter_map(Result::ok)
+                    .any(|e| e.file_name().to_string_lossy().ends_with(".receiving"))
+            })
+            .unwrap_or(false)
+    }) {
+        assert!(Instant::now() < deadline, "nothing started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Command::new("kill")
+        .args(["-INT", &evacuating.id().to_string()])
+        .status()
+        .unwrap();
+    let (code, report, err) = finish(evacuating);
+    assert_eq!(code, Some(1), "{report}\n{err}");
+    assert_eq!(report["host_empty"], false, "{report}");
+    let vms = report["vms"].as_array().unwrap().clone();
+    let moved = vms.iter().filter(|v| v["outcome"] == "moved").count();
+    assert!(moved < VMS, "new ones did not start: {report}");
+    for v in &vms {
+        let name = v["vm"].as_str().unwrap();
+        let holders = bed.holders(name);
+        if v["outcome"] == "moved" {
+            assert_eq!(holders, [v["destination"].as_str().unwrap()], "{v}");
+        } else {
+            assert!(
+                holders.is_empty(),
+                "{name} not moved, yet held by {holders:?}"
+            );
+        }
+    }
+    vms
+}
+
+#[test]
+fn sigint_stops_new_migrations_and_lets_those_in_flight_finish() {
+    let vms = interrupted(false);
+    assert!(
+        vms.iter().any(|v| v["outcome"] == "moved"),
+        "those in flight finished: {vms:?}"
+    );
+    for v in vms.iter().filter(|v| v["outcome"] != "moved") {
+        let outcome = v["outcome"].as_str().unwrap();
+        assert!(outcome.contains("stopped by a signal"), "{v}");
+    }
+}
+
+#[test]
+fn sigint_with_cancel_in_flight_cancels_them_and_their_vms_stay() {
+    let vms = interrupted(true);
+    // The migrations in flight were passed the signal and ended without moving their
+    // VM (a synthetic guest's vmotion-send ends at SIGINT); none was tried again.
+    let cancelled: Vec<&Value> = vms
+        .iter()
+        .filter(|v| v["attempts"] == 1 && v["outcome"].as_str().unwrap().starts_with("failed"))
+        .collect();
+    assert!(
+        !cancelled.is_empty(),
+        "a migration in flight was cancelled: {vms:?}"
+    );
+}

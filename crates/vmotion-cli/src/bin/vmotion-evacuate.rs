@@ -214,6 +214,9 @@ async fn send(
     .args(&vm.source)
     .stdin(std::process::Stdio::null())
     .stderr(std::process::Stdio::null())
+    // A group of its own: a terminal's Ctrl-C reaches only this program, which lets the
+    // migrations in flight finish unless --cancel-in-flight.
+    .process_group(0)
     .kill_on_drop(false);
     let ks = &args.keyservice;
     if let (Some(url), Some(ca), Some(cert), Some(key)) =
@@ -394,7 +397,8 @@ fn not_started(vm: &str, why: &str) -> Moved {
     }
 }
 
-/// Passes SIGINT to this process group's children (the vmotion-send processes).
+/// Passes SIGINT to this program's children (the vmotion-send processes, each in a
+/// process group of its own).
 fn interrupt_children() {
     let me = std::process::id().to_string();
     let _ = std::process::Command::new("pkill")
