@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod evacuate;
+pub mod metrics;
 pub mod qemu_destination;
 pub mod qemu_source;
 pub mod sink_dir;

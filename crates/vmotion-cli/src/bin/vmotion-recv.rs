@@ -99,6 +99,11 @@ struct Args {
     /// closes it logs when the guest runs here (or that it does not within 30 s).
     #[arg(long, requires = "tunnel", value_name = "TEMPLATE")]
     qemu_qmp: Option<String>,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9700 (docs/operations.md lists them). Plain HTTP: keep it on a
+    /// management network.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
 }
 
 /// The destination hypervisor's incoming address for VM `vm`, from the `--tunnel`
@@ -247,9 +252,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     println!("listening on {}", listener.local_endpoint()?);
     let sinks = Sinks::open(&args, &receiver)?;
+    let metrics = Arc::new(vmotion_cli::metrics::RecvMetrics::new());
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr, metrics.clone(), receiver.clone()).await?;
+    }
     // Micro-VMs committed here run until the daemon stops: held to the end of `run`.
     let running: Running = Arc::default();
     let arrivals = Arrivals {
+        metrics,
         running: running.clone(),
         qemu_qmp: args
             .qemu_qmp
@@ -267,6 +277,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await;
     tracing::info!("stopped");
     drop(running);
+    Ok(())
+}
+
+/// Serves the metrics on `addr` (bound now, so a bad address fails the start).
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    metrics: Arc<vmotion_cli::metrics::RecvMetrics>,
+    receiver: Arc<Receiver>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("--metrics {addr}"))?;
+    tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
+    let render = Arc::new(move || metrics.render(receiver.in_flight().len()));
+    tokio::spawn(vmotion_cli::metrics::serve(listener, render));
     Ok(())
 }
 
@@ -518,6 +543,7 @@ fn watch_qemu(qmp: PathBuf, id: vmotion_proto::MigrationId, vm: String) {
 
 /// What the daemon keeps of the migrations it received.
 struct Arrivals {
+    metrics: Arc<vmotion_cli::metrics::RecvMetrics>,
     running: Running,
     /// `--qemu-qmp`: where each tunnelled VM's destination QEMU is watched.
     qemu_qmp: Option<QmpTemplate>,
@@ -528,6 +554,7 @@ struct Arrivals {
 impl Arrivals {
     /// Logs how a migration ended, and keeps what must outlive it.
     fn finished(&self, f: vmotion::Finished<AnySink>) {
+        self.metrics.finished(&f);
         match f.result {
             Ok(vmotion::Incoming::Tunnel(report)) => {
                 tracing::info!(

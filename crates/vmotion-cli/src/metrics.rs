@@ -1,0 +1,244 @@
+//! Prometheus metrics of `vmotion-recv` (`--metrics ADDR`): OpenMetrics text at
+//! `GET /metrics`, from the `prometheus-client` crate.
+//!
+//! | metric | type | labels | meaning |
+//! |---|---|---|---|
+//! | `vmotion_migrations` | counter | `kind` (memory, tunnel), `result`, `mode` | migrations that ended here: `succeeded` (the guest claimed and running here), `unsettled` (kept paused until its record settles), `resume_failed`, `tunnel_closed`, `refused` (before any page), `failed` |
+//! | `vmotion_migrations_in_flight` | gauge | | VMs arriving now |
+//! | `vmotion_migration_data_processed_bytes` | counter | | guest payload bytes received (as KubeVirt's `kubevirt_vmi_migration_data_processed_bytes`) |
+//! | `vmotion_migration_pages` | counter | | guest pages received, resends included |
+//! | `vmotion_tunnel_bytes` | counter | `direction` (to_destination, from_destination) | bytes carried by tunnels |
+//!
+//! The server answers one request per connection, reads at most 8 KiB of request within
+//! 5 s, and serves at most 16 connections at once.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use vmotion::{Finished, Incoming, ReceiveOutcome};
+use vmotion_proto::Mode;
+
+/// The labels of `vmotion_migrations`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MigrationLabels {
+    /// memory or tunnel.
+    pub kind: String,
+    /// How it ended.
+    pub result: String,
+    /// encrypted, plaintext, or unknown (it ended before the negotiation).
+    pub mode: String,
+}
+
+/// The labels of `vmotion_tunnel_bytes`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    /// to_destination or from_destination.
+    pub direction: String,
+}
+
+/// What `vmotion-recv` counts.
+#[derive(Debug)]
+pub struct RecvMetrics {
+    registry: Registry,
+    migrations: Family<MigrationLabels, Counter>,
+    in_flight: Gauge,
+    data_bytes: Counter,
+    pages: Counter,
+    tunnel_bytes: Family<DirectionLabels, Counter>,
+}
+
+impl Default for RecvMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn mode_label(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Encrypted(_) => "encrypted",
+        Mode::Plaintext(_) => "plaintext",
+    }
+}
+
+impl RecvMetrics {
+    /// Every metric at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("vmotion");
+        let (migrations, in_flight) = (Family::default(), Gauge::default());
+        let (data_bytes, pages, tunnel_bytes) =
+            (Counter::default(), Counter::default(), Family::default());
+        registry.register(
+            "migrations",
+            "Migrations that ended here, by kind, result and mode",
+            migrations.clone(),
+        );
+        registry.register(
+            "migrations_in_flight",
+            "VMs arriving now",
+            in_flight.clone(),
+        );
+        registry.register(
+            "migration_data_processed_bytes",
+            "Guest payload bytes received",
+            data_bytes.clone(),
+        );
+        registry.register(
+            "migration_pages",
+            "Guest pages received, resends included",
+            pages.clone(),
+        );
+        registry.register(
+            "tunnel_bytes",
+            "Bytes carried by tunnels, by direction",
+            tunnel_bytes.clone(),
+        );
+        Self {
+            registry,
+            migrations,
+            in_flight,
+            data_bytes,
+            pages,
+            tunnel_bytes,
+        }
+    }
+
+    fn count(&self, kind: &str, result: &str, mode: &str) {
+        self.migrations
+            .get_or_create(&MigrationLabels {
+                kind: kind.into(),
+                result: result.into(),
+                mode: mode.into(),
+            })
+            .inc();
+    }
+
+    /// Counts a migration that ended here.
+    pub fn finished<S>(&self, f: &Finished<S>) {
+        match &f.result {
+            Ok(Incoming::Vm(report, _)) => {
+                let result = match report.outcome {
+                    ReceiveOutcome::Committed => "succeeded",
+                    ReceiveOutcome::CommittedNotResumed(_) => "resume_failed",
+                    ReceiveOutcome::Unsettled(_) => "unsettled",
+                };
+                self.count("memory", result, mode_label(report.mode));
+                self.data_bytes.inc_by(report.bytes);
+                self.pages.inc_by(report.pages);
+            }
+            Ok(Incoming::Tunnel(report)) => {
+                self.count("tunnel", "tunnel_closed", mode_label(report.mode));
+                for (direction, bytes) in [
+                    ("to_destination", report.bytes_to_destination),
+                    ("from_destination", report.bytes_from_destination),
+                ] {
+                    self.tunnel_bytes
+                        .get_or_create(&DirectionLabels {
+                            direction: direction.into(),
+                        })
+                        .inc_by(bytes);
+                }
+            }
+            Err(e) => {
+                let result = if e.is_refusal() { "refused" } else { "failed" };
+                self.count("any", result, "unknown");
+            }
+        }
+    }
+
+    /// The metrics as OpenMetrics text, with `in_flight` VMs arriving now.
+    pub fn render(&self, in_flight: usize) -> String {
+        self.in_flight
+            .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `listener`, with the text `render` gives, for ever.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue; // busy: drop the connection
+        };
+        let render = render.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut conn)).await;
+            let response = match head {
+                Ok(Some(line)) if line.starts_with("GET /metrics ") => {
+                    let body = render();
+                    format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
+                         version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\n\
+                         Connection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                }
+                Ok(Some(_)) => {
+                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        .to_owned()
+                }
+                _ => return,
+            };
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), conn.write_all(response.as_bytes()))
+                    .await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+/// The request line of a request whose head ends within 8 KiB; `None` otherwise.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut buf = vec![0u8; 8192];
+    let mut len = 0;
+    while len < buf.len() {
+        let n = conn.read(&mut buf[len..]).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        len += n;
+        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..len]);
+            return head.lines().next().map(str::to_owned);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_names_every_metric() {
+        let m = RecvMetrics::new();
+        m.count("memory", "succeeded", "encrypted");
+        let text = m.render(2);
+        for name in [
+            "vmotion_migrations_total{kind=\"memory\",result=\"succeeded\",mode=\"encrypted\"} 1",
+            "vmotion_migrations_in_flight 2",
+            "vmotion_migration_data_processed_bytes_total 0",
+            "vmotion_migration_pages_total 0",
+            "# EOF",
+        ] {
+            assert!(text.contains(name), "{name} in\n{text}");
+        }
+    }
+}
