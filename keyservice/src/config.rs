@@ -13,6 +13,7 @@
 //! connections_per_host = 32   # open connections one certified host may hold (0: no limit)
 //! requests_per_second_per_host = 1000   # sustained rate per host, bursts of twice that (0: no limit)
 //! admins = ["ops"]            # client identities that may put any host in maintenance
+//! metrics_listen = "127.0.0.1:9701"   # Prometheus metrics at http://ADDR/metrics (plain HTTP)
 //!
 //! [store]                     # optional; without it, the journal store
 //! kind = "etcd"               # "journal" (default) or "etcd"
@@ -70,6 +71,8 @@ pub struct Config {
     /// Client identities that may put any host in maintenance (a host may always do it
     /// for itself).
     pub admins: Vec<String>,
+    /// Where to serve Prometheus metrics (plain HTTP, `/metrics`), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The store: the journal (one replica) or etcd (any number of replicas).
@@ -152,6 +155,8 @@ struct RawConfig {
     requests_per_second_per_host: u32,
     #[serde(default)]
     admins: Vec<String>,
+    #[serde(default)]
+    metrics_listen: Option<SocketAddr>,
     #[serde(default)]
     store: RawStore,
     #[serde(default)]
@@ -309,6 +314,7 @@ impl Config {
             connections_per_host: raw.connections_per_host,
             requests_per_second_per_host: raw.requests_per_second_per_host,
             admins: raw.admins,
+            metrics_listen: raw.metrics_listen,
             limits: crate::store::Limits {
                 outbound_per_host: raw.limits.outbound_per_host,
                 inbound_per_host: raw.limits.inbound_per_host,

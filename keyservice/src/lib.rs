@@ -25,6 +25,7 @@
 pub use vmotion_keyservice_client::api;
 pub mod config;
 mod logfile;
+mod metrics;
 pub mod pki;
 pub mod server;
 mod store;

@@ -1145,3 +1145,59 @@ async fn a_draining_host_gets_no_migration_until_undrained() {
     );
     src.create_migration("vm-d", "dst").await.unwrap();
 }
+
+/// `metrics_listen`: the key service's metrics, scraped with curl after a few requests,
+/// count them by action and result and time them.
+#[tokio::test]
+async fn metrics_count_requests_by_action_and_result() {
+    let curl = Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !curl {
+        eprintln!("SKIPPED: curl not found");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), "src,dst");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = dir.path().join("test.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:0\"\nca = \"ca.pem\"\ncert = \"keyservice.pem\"\n\
+             key = \"keyservice-key.pem\"\njournal = \"state/journal.jsonl\"\n\
+             audit_log = \"state/audit.jsonl\"\nmetrics_listen = \"127.0.0.1:{port}\"\n\
+             [limits]\noutbound_per_host = 0\ninbound_per_host = 0\ncluster = 0\n"
+        ),
+    )
+    .unwrap();
+    let svc = Service::spawn(dir.path(), config);
+    let (src, dst) = (svc.client("src"), svc.client("dst"));
+    let issued = src.create_migration("vm-1", "dst").await.unwrap();
+    dst.fetch_key(issued.id).await.unwrap();
+    let again = dst.fetch_key(issued.id).await.unwrap_err();
+    assert_eq!(code(&again), ErrorCode::AlreadyFetched);
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5"])
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "vmotion_keyservice_requests_total{action=\"create_migration\",result=\"ok\"} 1",
+        "vmotion_keyservice_requests_total{action=\"fetch_key\",result=\"ok\"} 1",
+        "vmotion_keyservice_requests_total{action=\"fetch_key\",result=\"already_fetched\"} 1",
+        "vmotion_keyservice_request_duration_seconds_count{action=\"fetch_key\"} 2",
+        "vmotion_keyservice_request_duration_seconds_count{action=\"create_migration\"} 1",
+    ] {
+        assert!(text.contains(line), "{line} in\n{text}");
+    }
+    // No key material in the metrics: only counts and times.
+    let key_hex = hex::encode(issued.material.key.expose_secret());
+    assert!(!text.contains(&key_hex));
+}

@@ -9,18 +9,13 @@
 //! | `vmotion_migration_pages` | counter | | guest pages received, resends included |
 //! | `vmotion_tunnel_bytes` | counter | `direction` (to_destination, from_destination) | bytes carried by tunnels |
 //!
-//! The server answers one request per connection, reads at most 8 KiB of request within
-//! 5 s, and serves at most 16 connections at once.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! [`vmotion_metrics::serve`] answers the scrapes.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use vmotion::{Finished, Incoming, ReceiveOutcome};
 use vmotion_proto::Mode;
 
@@ -155,71 +150,8 @@ impl RecvMetrics {
     pub fn render(&self, in_flight: usize) -> String {
         self.in_flight
             .set(i64::try_from(in_flight).unwrap_or(i64::MAX));
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
+        vmotion_metrics::render(&self.registry)
     }
-}
-
-/// Serves `GET /metrics` on `listener`, with the text `render` gives, for ever.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
-    render: Arc<dyn Fn() -> String + Send + Sync>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(16));
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue; // busy: drop the connection
-        };
-        let render = render.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let head = tokio::time::timeout(Duration::from_secs(5), read_head(&mut conn)).await;
-            let response = match head {
-                Ok(Some(line)) if line.starts_with("GET /metrics ") => {
-                    let body = render();
-                    format!(
-                        "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
-                         version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\n\
-                         Connection: close\r\n\r\n{body}",
-                        body.len()
-                    )
-                }
-                Ok(Some(_)) => {
-                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        .to_owned()
-                }
-                _ => return,
-            };
-            let _ =
-                tokio::time::timeout(Duration::from_secs(5), conn.write_all(response.as_bytes()))
-                    .await;
-            let _ = conn.shutdown().await;
-        });
-    }
-}
-
-/// The request line of a request whose head ends within 8 KiB; `None` otherwise.
-async fn read_head(conn: &mut tokio::net::TcpStream) -> Option<String> {
-    let mut buf = vec![0u8; 8192];
-    let mut len = 0;
-    while len < buf.len() {
-        let n = conn.read(&mut buf[len..]).await.ok()?;
-        if n == 0 {
-            return None;
-        }
-        len += n;
-        if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..len]);
-            return head.lines().next().map(str::to_owned);
-        }
-    }
-    None
 }
 
 #[cfg(test)]

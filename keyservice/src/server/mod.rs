@@ -87,6 +87,7 @@ struct Shared {
     requests_per_second: u32,
     /// Who may put any host in maintenance.
     admins: Vec<String>,
+    metrics: crate::metrics::KsMetrics,
 }
 
 /// A token bucket: `tokens` requests may go now; it refills at the host's rate up to
@@ -145,6 +146,8 @@ pub struct Server {
     listener: TcpListener,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
+    /// `metrics_listen`, bound.
+    metrics: Option<TcpListener>,
 }
 
 impl std::fmt::Debug for Server {
@@ -173,8 +176,17 @@ impl Server {
             rates: Mutex::default(),
             requests_per_second: config.requests_per_second_per_host,
             admins: config.admins.clone(),
+            metrics: crate::metrics::KsMetrics::new(),
             rng: ring::rand::SystemRandom::new(),
         });
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| ServeError::Listen { addr, source })?,
+            ),
+            None => None,
+        };
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -186,6 +198,7 @@ impl Server {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             shared,
+            metrics,
         })
     }
 
@@ -197,6 +210,14 @@ impl Server {
     /// Serves until `shutdown` completes, then zeroizes every key and flushes the logs.
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let shared = self.shared.clone();
+        let metrics = self.metrics.map(|listener| {
+            if let Ok(addr) = listener.local_addr() {
+                tracing::info!(%addr, "metrics at /metrics");
+            }
+            let shared = shared.clone();
+            let render = Arc::new(move || shared.metrics.render());
+            tokio::spawn(vmotion_metrics::serve(listener, render))
+        });
         let sweeper = tokio::spawn({
             let shared = shared.clone();
             async move {
@@ -233,6 +254,9 @@ impl Server {
             }
         }
         sweeper.abort();
+        if let Some(m) = metrics {
+            m.abort();
+        }
         shared
             .closing
             .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -520,6 +544,7 @@ async fn handle(
     peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -582,6 +607,7 @@ async fn handle(
             (error_response(refused), code, detail)
         }
     };
+    shared.metrics.request(action, &result, started.elapsed());
     let id = noted.migration_id.map(|id| id.to_string());
     shared.audit.append(audit_line(&Audit {
         caller,

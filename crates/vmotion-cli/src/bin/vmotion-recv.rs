@@ -291,7 +291,7 @@ async fn serve_metrics(
         .with_context(|| format!("--metrics {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
     let render = Arc::new(move || metrics.render(receiver.in_flight().len()));
-    tokio::spawn(vmotion_cli::metrics::serve(listener, render));
+    tokio::spawn(vmotion_metrics::serve(listener, render));
     Ok(())
 }
 
