@@ -290,7 +290,10 @@ async fn evacuate_one(
         let (exit, report) = send(&args, &send_bin, &vm, &d).await;
         last.destination = Some(d.name.clone());
         last.exit = exit;
-        last.mode = report["mode"].as_str().map(str::to_owned);
+        last.mode = report["mode"]
+            .as_str()
+            .or_else(|| report["tunnel"]["mode"].as_str())
+            .map(str::to_owned);
         last.downtime_ms = report["downtime_ms"]["total"]
             .as_f64()
             .or_else(|| report["qemu"]["downtime_ms"].as_f64());
