@@ -176,6 +176,17 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Sends SIGINT to process `pid` (a child this program started); a process already gone
+/// is not an error.
+pub fn interrupt(pid: u32) {
+    if let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    }
+}
+
 /// The key-service flags `vmotion-send` and `vmotion-recv` share.
 #[derive(Debug, clap::Args)]
 pub struct KeyServiceArgs {

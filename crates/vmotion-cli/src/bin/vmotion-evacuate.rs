@@ -192,13 +192,49 @@ async fn capabilities(args: &Args, destinations: &mut [Destination]) -> Result<(
     Ok(())
 }
 
+/// What every migration of one evacuation shares.
+struct Evacuation {
+    args: Args,
+    send_bin: PathBuf,
+    placement: std::sync::Mutex<Placement>,
+    /// Set at SIGINT / SIGTERM: no migration starts or is tried again from then on.
+    stopping: AtomicBool,
+    /// The vmotion-send processes running now, by pid.
+    children: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+}
+
+impl Evacuation {
+    fn placement(&self) -> std::sync::MutexGuard<'_, Placement> {
+        self.placement
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn children(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<u32>> {
+        self.children
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Stops: nothing new starts; with `--cancel-in-flight` the running vmotion-send are
+    /// passed the interrupt.
+    fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        if self.args.cancel_in_flight {
+            for &pid in self.children().iter() {
+                vmotion_cli::interrupt(pid);
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+}
+
 /// One migration of `vm` to `d` with vmotion-send; its exit code and JSON report.
-async fn send(
-    args: &Args,
-    send_bin: &std::path::Path,
-    vm: &Vm,
-    d: &Destination,
-) -> (Option<i32>, Value) {
+async fn send(ev: &Evacuation, vm: &Vm, d: &Destination) -> (Option<i32>, Value) {
+    let (args, send_bin) = (&ev.args, &ev.send_bin);
     let mut cmd = tokio::process::Command::new(send_bin);
     cmd.args([
         "--vm",
@@ -213,6 +249,7 @@ async fn send(
     .arg(&args.policy_dir)
     .args(&vm.source)
     .stdin(std::process::Stdio::null())
+    .stdout(std::process::Stdio::piped())
     .stderr(std::process::Stdio::null())
     // A group of its own: a terminal's Ctrl-C reaches only this program, which lets the
     // migrations in flight finish unless --cancel-in-flight.
@@ -230,15 +267,34 @@ async fn send(
             .arg("--key")
             .arg(key);
     }
-    match cmd.output().await {
+    let failed = |e: std::io::Error| {
+        (
+            None,
+            json!({ "error": format!("running {}: {e}", send_bin.display()) }),
+        )
+    };
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return failed(e),
+    };
+    let pid = child.id();
+    if let Some(pid) = pid {
+        ev.children().insert(pid);
+        // A stop that came between the check before this migration and now.
+        if ev.stopping() && ev.args.cancel_in_flight {
+            vmotion_cli::interrupt(pid);
+        }
+    }
+    let output = child.wait_with_output().await;
+    if let Some(pid) = pid {
+        ev.children().remove(&pid);
+    }
+    match output {
         Ok(o) => (
             o.status.code(),
             serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
         ),
-        Err(e) => (
-            None,
-            json!({ "error": format!("running {}: {e}", send_bin.display()) }),
-        ),
+        Err(e) => failed(e),
     }
 }
 
@@ -249,13 +305,7 @@ fn retryable(exit: Option<i32>) -> bool {
 }
 
 /// Moves one VM: places it, sends it, tries elsewhere on a retryable failure.
-async fn evacuate_one(
-    args: Arc<Args>,
-    send_bin: Arc<PathBuf>,
-    vm: Vm,
-    placement: Arc<std::sync::Mutex<Placement>>,
-    stopping: Arc<AtomicBool>,
-) -> Moved {
+async fn evacuate_one(ev: Arc<Evacuation>, vm: Vm) -> Moved {
     let started = Instant::now();
     let mut failed = Vec::new();
     let mut last = Moved {
@@ -268,11 +318,8 @@ async fn evacuate_one(
         attempts: 0,
         exit: None,
     };
-    while last.attempts <= args.retries {
-        let chosen = placement
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .place(vm.requires_encryption, &failed);
+    while last.attempts <= ev.args.retries {
+        let chosen = ev.placement().place(vm.requires_encryption, &failed);
         let i = match chosen {
             Ok(i) => i,
             Err(why) => {
@@ -280,14 +327,10 @@ async fn evacuate_one(
                 break;
             }
         };
-        let d = placement
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .destinations()[i]
-            .clone();
+        let d = ev.placement().destinations()[i].clone();
         eprintln!("vmotion-evacuate: {} → {} ({})", vm.name, d.name, d.addr);
         last.attempts += 1;
-        let (exit, report) = send(&args, &send_bin, &vm, &d).await;
+        let (exit, report) = send(&ev, &vm, &d).await;
         last.destination = Some(d.name.clone());
         last.exit = exit;
         last.mode = report["mode"]
@@ -301,17 +344,14 @@ async fn evacuate_one(
             last.outcome = "moved".into();
             break;
         }
-        placement
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .release(i);
+        ev.placement().release(i);
         let why = report["error"].as_str().unwrap_or("no report").to_owned();
         last.outcome = format!("failed (exit {exit:?}): {why}");
         eprintln!(
             "vmotion-evacuate: {} on {}: {}",
             vm.name, d.name, last.outcome
         );
-        if !retryable(exit) || stopping.load(Ordering::SeqCst) {
+        if !retryable(exit) || ev.stopping() {
             break;
         }
         failed.push(i);
@@ -343,25 +383,23 @@ async fn run(args: Args) -> Result<Vec<Moved>, (u8, String)> {
             .map_err(|e| (1, e.to_string()))?
             .with_file_name("vmotion-send"),
     };
-    let placement = Arc::new(std::sync::Mutex::new(Placement::new(destinations)));
     let slots = Arc::new(Semaphore::new(args.parallel.max(1)));
-    let stopping = Arc::new(AtomicBool::new(false));
-    let (args, send_bin) = (Arc::new(args), Arc::new(send_bin));
+    let ev = Arc::new(Evacuation {
+        args,
+        send_bin,
+        placement: std::sync::Mutex::new(Placement::new(destinations)),
+        stopping: AtomicBool::new(false),
+        children: std::sync::Mutex::default(),
+    });
     let mut tasks = tokio::task::JoinSet::new();
     for vm in vms {
-        let (args, send_bin, placement, slots, stopping) = (
-            args.clone(),
-            send_bin.clone(),
-            placement.clone(),
-            slots.clone(),
-            stopping.clone(),
-        );
+        let (ev, slots) = (ev.clone(), slots.clone());
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
-            if stopping.load(Ordering::SeqCst) {
+            if ev.stopping() {
                 return not_started(&vm.name, "stopped by a signal before it started");
             }
-            evacuate_one(args, send_bin, vm, placement, stopping).await
+            evacuate_one(ev, vm).await
         });
     }
     let mut results = Vec::new();
@@ -375,11 +413,9 @@ async fn run(args: Args) -> Result<Vec<Moved>, (u8, String)> {
             },
             () = shutdown_signal(), if !signalled => {
                 signalled = true;
-                stopping.store(true, Ordering::SeqCst);
-                eprintln!("vmotion-evacuate: stopping: no new migration starts{}", if args.cancel_in_flight { "; cancelling those in flight" } else { "; those in flight finish" });
-                if args.cancel_in_flight {
-                    interrupt_children();
-                }
+                let then = if ev.args.cancel_in_flight { "cancelling those in flight" } else { "those in flight finish" };
+                eprintln!("vmotion-evacuate: stopping: no new migration starts; {then}");
+                ev.stop();
             }
         }
     }
@@ -398,15 +434,6 @@ fn not_started(vm: &str, why: &str) -> Moved {
         attempts: 0,
         exit: None,
     }
-}
-
-/// Passes SIGINT to this program's children (the vmotion-send processes, each in a
-/// process group of its own).
-fn interrupt_children() {
-    let me = std::process::id().to_string();
-    let _ = std::process::Command::new("pkill")
-        .args(["-INT", "-P", &me, "vmotion-send"])
-        .status();
 }
 
 fn print(results: &[Moved], json: bool) {

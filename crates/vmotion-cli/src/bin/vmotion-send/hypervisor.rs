@@ -361,11 +361,8 @@ async fn run_command(
 /// Passes SIGINT on to `child`.
 fn pass_interrupt(child: &tokio::process::Child) {
     eprintln!("vmotion-send: passing the interrupt on to the command");
-    if let Some(pid) = child
-        .id()
-        .and_then(|id| rustix::process::Pid::from_raw(i32::try_from(id).ok()?))
-    {
-        let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+    if let Some(pid) = child.id() {
+        vmotion_cli::interrupt(pid);
     }
 }
 
