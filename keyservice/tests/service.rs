@@ -16,17 +16,23 @@ use vmotion_proto::{DestinationCapability, MigrationId};
 
 const BIN: &str = env!("CARGO_BIN_EXE_vmotion-keyservice");
 
-fn pki(dir: &Path, hosts: &str) {
-    let out = Command::new(BIN)
-        .args(["pki", "init", "--out"])
-        .arg(dir)
-        .args(["--hosts", hosts])
-        .output()
-        .unwrap();
+/// Runs `cmd`, which must succeed; its stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn pki(dir: &Path, hosts: &str) {
+    run_ok(
+        Command::new(BIN)
+            .args(["pki", "init", "--out"])
+            .arg(dir)
+            .args(["--hosts", hosts]),
     );
 }
 
@@ -1125,24 +1131,16 @@ async fn a_draining_host_gets_no_migration_until_undrained() {
     let e = src.create_migration("vm-c", "dst").await.unwrap_err();
     assert_eq!(code(&e), ErrorCode::HostDraining, "{e}");
     let d = dir.path();
-    let out = Command::new(BIN)
-        .args(["host", "undrain", "dst", "--keyservice", &svc.url(), "--ca"])
-        .arg(d.join("ca.pem"))
-        .arg("--cert")
-        .arg(d.join("hosts/ops.pem"))
-        .arg("--key")
-        .arg(d.join("hosts/ops-key.pem"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let said = run_ok(
+        Command::new(BIN)
+            .args(["host", "undrain", "dst", "--keyservice", &svc.url(), "--ca"])
+            .arg(d.join("ca.pem"))
+            .arg("--cert")
+            .arg(d.join("hosts/ops.pem"))
+            .arg("--key")
+            .arg(d.join("hosts/ops-key.pem")),
     );
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        "dst: in service"
-    );
+    assert_eq!(said.trim(), "dst: in service");
     src.create_migration("vm-d", "dst").await.unwrap();
 }
 

@@ -176,6 +176,15 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// How reports and metrics name a migration's mode: `encrypted` or `plaintext`, and for
+/// plaintext, why.
+pub fn mode_fields(mode: vmotion_proto::Mode) -> (&'static str, Option<String>) {
+    match mode {
+        vmotion_proto::Mode::Encrypted(_) => ("encrypted", None),
+        vmotion_proto::Mode::Plaintext(reason) => ("plaintext", Some(reason.to_string())),
+    }
+}
+
 /// Sends SIGINT to process `pid` (a child this program started); a process already gone
 /// is not an error.
 pub fn interrupt(pid: u32) {

@@ -55,10 +55,7 @@ impl Default for RecvMetrics {
 }
 
 fn mode_label(mode: Mode) -> &'static str {
-    match mode {
-        Mode::Encrypted(_) => "encrypted",
-        Mode::Plaintext(_) => "plaintext",
-    }
+    crate::mode_fields(mode).0
 }
 
 impl RecvMetrics {

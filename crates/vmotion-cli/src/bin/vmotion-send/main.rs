@@ -219,10 +219,7 @@ fn queued_notice() -> impl Fn(Duration) + Send + Sync + 'static {
 
 fn report_json(r: &MigrationReport) -> serde_json::Value {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;
-    let (mode, reason) = match r.mode {
-        Mode::Encrypted(_) => ("encrypted", None),
-        Mode::Plaintext(reason) => ("plaintext", Some(reason.to_string())),
-    };
+    let (mode, reason) = vmotion_cli::mode_fields(r.mode);
     json!({
         "outcome": "committed",
         "migration_id": r.migration_id.to_string(),
@@ -251,10 +248,7 @@ fn report_json(r: &MigrationReport) -> serde_json::Value {
 }
 
 fn tunnel_json(r: &TunnelReport) -> serde_json::Value {
-    let (mode, reason) = match r.mode {
-        Mode::Encrypted(_) => ("encrypted", None),
-        Mode::Plaintext(reason) => ("plaintext", Some(reason.to_string())),
-    };
+    let (mode, reason) = vmotion_cli::mode_fields(r.mode);
     json!({
         "outcome": "tunnel closed",
         "migration_id": r.migration_id.to_string(),
