@@ -17,7 +17,8 @@
 # foreground: stop it with SIGTERM; destroy its domains first, they outlive it)
 #
 # QEMU runs as root without cgroups, namespaces or a security driver: Debian's defaults
-# (QEMU as libvirt-qemu) boot and migrate about 10x slower here, and need virtlogd.
+# (QEMU as libvirt-qemu) booted and migrated much slower in a lab run here (not
+# investigated; see docs/libvirt.md), and need virtlogd.
 set -euo pipefail
 
 dir=$1 name=$2 uuid=$3
