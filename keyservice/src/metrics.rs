@@ -5,6 +5,7 @@
 //! |---|---|---|---|
 //! | `vmotion_keyservice_requests_total` | counter | `action` (as in the audit log: `create_migration`, `fetch_key`, `record_outcome`, …), `result` (`ok` or the error code) | requests answered by this replica |
 //! | `vmotion_keyservice_request_duration_seconds` | histogram | `action` | time to answer, the store's time included (an etcd round trip, a journal fsync) |
+//! | `vmotion_keyservice_store_duration_seconds` | histogram | `op` (`create`, `fetch_key`, `record_outcome`, `outcome`, `register`, `host`, `set_draining`, `is_draining`) | the store's part alone: etcd transactions, or the journal's append and fsync |
 
 use std::time::Duration;
 
@@ -25,7 +26,13 @@ struct ActionLabels {
     action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OpLabels {
+    op: String,
+}
+
 type Durations = Family<ActionLabels, Histogram, fn() -> Histogram>;
+type StoreDurations = Family<OpLabels, Histogram, fn() -> Histogram>;
 
 /// What the key service counts.
 #[derive(Debug)]
@@ -33,6 +40,7 @@ pub(crate) struct KsMetrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     durations: Durations,
+    store: StoreDurations,
 }
 
 /// 100 µs to about 6.5 s, doubling.
@@ -45,6 +53,7 @@ impl KsMetrics {
         let mut registry = Registry::with_prefix("vmotion_keyservice");
         let requests = Family::default();
         let durations: Durations = Family::new_with_constructor(buckets);
+        let store: StoreDurations = Family::new_with_constructor(buckets);
         registry.register(
             "requests",
             "Requests answered, by action and result",
@@ -55,10 +64,16 @@ impl KsMetrics {
             "Time to answer a request, the store's included, by action",
             durations.clone(),
         );
+        registry.register(
+            "store_duration_seconds",
+            "Time the store took for one operation (etcd transactions, journal append and fsync), by operation",
+            store.clone(),
+        );
         Self {
             registry,
             requests,
             durations,
+            store,
         }
     }
 
@@ -74,6 +89,13 @@ impl KsMetrics {
             .get_or_create(&ActionLabels {
                 action: action.into(),
             })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Observes one store operation's time.
+    pub(crate) fn store(&self, op: &str, took: Duration) {
+        self.store
+            .get_or_create(&OpLabels { op: op.into() })
             .observe(took.as_secs_f64());
     }
 

@@ -1192,6 +1192,9 @@ async fn metrics_count_requests_by_action_and_result() {
         "vmotion_keyservice_requests_total{action=\"fetch_key\",result=\"already_fetched\"} 1",
         "vmotion_keyservice_request_duration_seconds_count{action=\"fetch_key\"} 2",
         "vmotion_keyservice_request_duration_seconds_count{action=\"create_migration\"} 1",
+        // Both fetches reached the store (the second to be refused by it).
+        "vmotion_keyservice_store_duration_seconds_count{op=\"fetch_key\"} 2",
+        "vmotion_keyservice_store_duration_seconds_count{op=\"create\"} 1",
     ] {
         assert!(text.contains(line), "{line} in\n{text}");
     }

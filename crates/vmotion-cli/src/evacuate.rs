@@ -5,6 +5,10 @@
 //! cannot encrypt when the VM requires encryption, and never back to one where it
 //! already failed. On a tie (destinations without a capacity always tie) the one with
 //! the fewest VMs placed wins, then the one named first.
+//!
+//! [`board`] shows an evacuation's progress.
+
+pub mod board;
 
 use std::fmt;
 

@@ -18,12 +18,17 @@ use std::time::{Duration, Instant};
 use vmotion::{Progress, Stage};
 
 /// Renders [`Progress`] reports: one line rewritten in place on a terminal, a plain log
-/// line per stage change or every two seconds otherwise.
+/// line per stage change or every two seconds otherwise; or, for a program that runs
+/// `vmotion-send` ([`ProgressDisplay::json`]), one JSON object per line.
 #[derive(Debug)]
 pub struct ProgressDisplay {
     tty: bool,
+    json: bool,
     last: Mutex<(Option<Stage>, u32, Instant)>,
 }
+
+/// How often a JSON progress line is written, at most (a new stage always is).
+const JSON_PROGRESS_EVERY: Duration = Duration::from_millis(250);
 
 impl Default for ProgressDisplay {
     fn default() -> Self {
@@ -40,8 +45,43 @@ impl ProgressDisplay {
     pub fn new() -> Self {
         Self {
             tty: std::io::stderr().is_terminal(),
+            json: false,
             last: Mutex::new((None, u32::MAX, Instant::now())),
         }
+    }
+
+    /// A display for programs (`--progress json`): on standard error, one object per
+    /// line, `{"progress": {...}, "line": "…"}`, at a new stage and at most every 250 ms.
+    pub fn json() -> Self {
+        Self {
+            json: true,
+            ..Self::new()
+        }
+    }
+
+    /// One JSON progress line: the figures, and the human line.
+    pub fn json_line(p: &Progress) -> String {
+        let stage = match p.stage {
+            Stage::Queued => "queued",
+            Stage::PreCopy => "pre-copy",
+            Stage::StopAndCopy => "stop-and-copy",
+            Stage::Switchover => "switchover",
+            Stage::Done => "done",
+        };
+        serde_json::json!({
+            "progress": {
+                "stage": stage,
+                "iteration": p.iteration,
+                "bytes_sent": p.bytes_sent,
+                "guest_bytes": p.guest_bytes,
+                "remaining_bytes": p.remaining_bytes,
+                "throughput_bytes_per_sec": p.throughput,
+                "throttle_percent": p.throttle_percent,
+                "elapsed_ms": p.elapsed.as_secs_f64() * 1e3,
+            },
+            "line": Self::line(p),
+        })
+        .to_string()
     }
 
     /// One line describing `p`.
@@ -84,7 +124,13 @@ impl ProgressDisplay {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut err = std::io::stderr().lock();
-        if self.tty {
+        if self.json {
+            let since = Instant::now().saturating_duration_since(last.2);
+            if last.0 != Some(p.stage) || since >= JSON_PROGRESS_EVERY {
+                let _ = writeln!(err, "{}", Self::json_line(p));
+                last.2 = Instant::now();
+            }
+        } else if self.tty {
             let _ = write!(err, "\r\x1b[2K{}", Self::line(p));
             if p.stage == Stage::Done {
                 let _ = writeln!(err);

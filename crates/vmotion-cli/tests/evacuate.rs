@@ -40,6 +40,14 @@ impl Bed {
     }
 
     fn evacuate(&self, extra: &[&str]) -> Child {
+        self.evacuate_command(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    fn evacuate_command(&self, extra: &[&str]) -> Command {
         let mut cmd = Command::new(EVACUATE);
         cmd.args(["--host", "src", "--json", "--policy-dir"])
             .arg(self.w.p("policy"))
@@ -50,11 +58,8 @@ impl Bed {
         for i in 0..VMS {
             cmd.args(["--synthetic", &format!("vm{i}:8")]);
         }
-        cmd.args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+        cmd.args(extra);
+        cmd
     }
 
     fn sinks(&self, d: &str) -> PathBuf {
@@ -97,16 +102,32 @@ fn finish(child: Child) -> (Option<i32>, Value, String) {
     (o.status.code(), v, err)
 }
 
-/// Each VM is at exactly the destination the evacuation reports, and nowhere else.
+/// The memory of the idle 8 MiB synthetic guests the evacuations move (seeded, so every
+/// run and every VM starts from the same bytes).
+fn source_memory() -> Vec<u8> {
+    use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
+    SyntheticGuest::start(SyntheticConfig {
+        pages: 8 * 256,
+        writers: 2,
+        ..SyntheticConfig::default()
+    })
+    .snapshot()
+}
+
+/// Each VM is at exactly the destination the evacuation reports, and nowhere else, with
+/// its memory byte for byte.
 fn assert_each_vm_in_one_place(bed: &Bed, report: &Value) {
+    let memory = source_memory();
     for vm in report["vms"].as_array().unwrap() {
         let name = vm["vm"].as_str().unwrap();
         assert_eq!(vm["outcome"], "moved", "{vm}");
         let holders = bed.holders(name);
-        assert_eq!(
-            holders,
-            [vm["destination"].as_str().unwrap()],
-            "{name} is held by {holders:?}"
+        let at = vm["destination"].as_str().unwrap();
+        assert_eq!(holders, [at], "{name} is held by {holders:?}");
+        let got = std::fs::read(bed.sinks(at).join(format!("{name}.mem"))).unwrap();
+        assert!(
+            got == memory,
+            "{name} at {at}: its memory differs from the source's"
         );
     }
 }
@@ -268,4 +289,44 @@ fn sigint_with_cancel_in_flight_cancels_them_and_their_vms_stay() {
         !cancelled.is_empty(),
         "a migration in flight was cancelled: {vms:?}"
     );
+}
+
+/// On a terminal (a pseudo-terminal from `script`) the evacuation draws one line per VM
+/// in flight, with vmotion-send's own progress, under a totals line; the final JSON is
+/// unchanged.
+#[test]
+fn a_terminal_shows_one_line_per_vm_in_flight_and_the_totals() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: script (util-linux) not found");
+        return;
+    }
+    let bed = Bed::new("encryption = \"required\"\nmax_bandwidth = \"8MiB/s\"\n");
+    let cmd = bed.evacuate_command(&["--parallel", "2"]);
+    let line = std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| format!("'{}'", a.to_str().unwrap()))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let typescript = bed.w.p("typescript");
+    let o = Command::new("script")
+        .args(["-qefc", &line])
+        .arg(&typescript)
+        .env("TERM", "xterm")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let screen = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(o.status.code(), Some(0), "{screen}");
+    // The live lines: a VM on its way with vmotion-send's progress, and the totals.
+    assert!(screen.contains("vm0 → "), "{screen}");
+    assert!(screen.contains("pre-copy"), "{screen}");
+    assert!(screen.contains("in flight"), "{screen}");
+    assert!(screen.contains("8 of 8 moved"), "{screen}");
+    // Redrawn in place: cursor movements, not one line per update.
+    assert!(screen.contains("\x1b["), "{screen}");
+    let json_at = screen.find("{\"host_empty\"").expect("the JSON report");
+    let report: Value =
+        serde_json::from_str(screen[json_at..].lines().next().unwrap().trim()).unwrap();
+    assert_eq!(report["host_empty"], true, "{report}");
+    assert_each_vm_in_one_place(&bed, &report);
 }

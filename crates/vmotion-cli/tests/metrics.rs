@@ -52,6 +52,7 @@ fn metrics_follow_a_migration_and_match_its_report() {
     let (_recv, addr) = w.recv(
         Some("dst"),
         &[
+            "--require-encryption",
             "--metrics",
             &metrics,
             "--sink",
@@ -98,6 +99,7 @@ fn metrics_follow_a_migration_and_match_its_report() {
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
 
     let (_, after) = scrape(&metrics, "/metrics").unwrap();
+    eprintln!("scraped after the migration:\n{after}");
     let succeeded =
         "vmotion_migrations_total{kind=\"memory\",result=\"succeeded\",mode=\"encrypted\"}";
     assert_eq!(sample(&after, succeeded), Some(1.0), "{after}");
@@ -122,5 +124,79 @@ fn metrics_follow_a_migration_and_match_its_report() {
     assert!(
         bytes > 0.9 * wire && bytes <= wire,
         "{bytes} payload, {wire} on the wire"
+    );
+    check_switchover_figures(&after, &report);
+    check_refusals_and_dropped(&w, &addr, &metrics);
+}
+
+/// The destination's downtime, iterations and key epochs against the sender's report.
+fn check_switchover_figures(after: &str, report: &Value) {
+    // The report lists the pre-copy iterations; the stop-and-copy pass is apart.
+    let iterations = report["iterations"].as_array().unwrap().len() as f64 + 1.0;
+    assert_eq!(
+        sample(after, "vmotion_migration_iterations_count"),
+        Some(1.0),
+        "{after}"
+    );
+    assert_eq!(
+        sample(after, "vmotion_migration_iterations_sum"),
+        Some(iterations),
+        "{after}\n{report}"
+    );
+    let epochs = report["key_epochs"].as_f64().unwrap();
+    assert_eq!(
+        sample(after, "vmotion_migration_key_epochs_sum{kind=\"memory\"}"),
+        Some(epochs),
+        "{after}\n{report}"
+    );
+    // Seen from either end the pause is the same stretch, give or take a network delay
+    // and the resume: on loopback, within a second of the source's figure, never zero.
+    assert_eq!(
+        sample(after, "vmotion_migration_downtime_seconds_count"),
+        Some(1.0),
+        "{after}"
+    );
+    let here = sample(after, "vmotion_migration_downtime_seconds_sum").unwrap();
+    let source = report["downtime_ms"]["total"].as_f64().unwrap() / 1e3;
+    eprintln!("downtime: {here} s here, {source} s at the source");
+    assert!(
+        here > 0.0 && (here - source).abs() < 1.0,
+        "{here} s here, {source} s at the source"
+    );
+    let total = report["total_ms"].as_f64().unwrap() / 1e3;
+    assert!(
+        here < total,
+        "{here} s of downtime in a {total} s migration"
+    );
+}
+
+/// A plaintext migration to this `--require-encryption` daemon is refused and counted by
+/// its reason; a connection that is no migration at all is counted as dropped.
+fn check_refusals_and_dropped(w: &World, addr: &str, metrics: &str) {
+    w.policy("vm-p", "encryption = \"disabled\"\n");
+    let o = w.send("vm-p", addr, false, &[]);
+    expect(&o, 3, &["refused"]);
+    {
+        use std::io::Write as _;
+        let mut probe = std::net::TcpStream::connect(addr).unwrap();
+        probe.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    }
+    let reason = "vmotion_migration_refusals_total{reason=\"receiver_requires_encryption\"}";
+    let dropped = |text: &str| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("vmotion_connections_dropped{"))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    let mut last = String::new();
+    let counted = eventually(Duration::from_secs(10), || {
+        last = scrape(metrics, "/metrics").unwrap().1;
+        sample(&last, reason) == Some(1.0) && dropped(&last) == 1.0
+    });
+    assert!(counted, "{last}");
+    // An HTTP request is no frame header at all.
+    assert!(
+        last.contains("vmotion_connections_dropped{kind=\"no_first_frame\"} 1\n"),
+        "{last}"
     );
 }

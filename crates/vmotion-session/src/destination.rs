@@ -44,6 +44,8 @@ pub struct StreamStats {
     pub frames: u64,
     /// Page bytes.
     pub bytes: u64,
+    /// The key epoch the stream ended in (1 = its key was never updated).
+    pub epochs: u32,
 }
 
 /// What the destination's driver must do next.
@@ -130,6 +132,10 @@ pub struct DestinationSession {
     last_activity: Duration,
     verified: Option<Ready>,
     end: Option<DestinationEnd>,
+    /// The latest iteration whose start marker arrived, and when.
+    pass_started: Option<(u32, Duration)>,
+    /// Iterations the source ran, once its `Complete` was verified.
+    iterations: Option<u32>,
 }
 
 impl DestinationSession {
@@ -148,12 +154,30 @@ impl DestinationSession {
             last_activity: now,
             verified: None,
             end: None,
+            pass_started: None,
+            iterations: None,
         }
     }
 
     /// How it ended, once it has.
     pub fn outcome(&self) -> Option<&DestinationEnd> {
         self.end.as_ref()
+    }
+
+    /// The pre-copy iterations the source ran (its stop-and-copy pass included), once
+    /// its totals were verified.
+    pub fn iterations(&self) -> Option<u32> {
+        self.iterations
+    }
+
+    /// When the final (stop-and-copy) pass's start marker arrived here, on the clock
+    /// this machine is driven with: the source paused the guest just before sending it.
+    /// `None` before the totals were verified, or if that marker never came.
+    pub fn final_pass_started(&self) -> Option<Duration> {
+        let last = self.iterations?.checked_sub(1)?;
+        self.pass_started
+            .filter(|(iteration, _)| *iteration == last)
+            .map(|(_, at)| at)
     }
 
     /// What `Ready` said, once the guest was verified: pages and device-state bytes.
@@ -304,7 +328,11 @@ impl DestinationSession {
         let unexpected = PeerMisbehaved::UnexpectedFrame { state, frame_type };
         match Message::decode(frame_type, payload) {
             Err(e) => self.fail(e.into()),
-            Ok(Message::IterationMarker(_)) if receiving => {}
+            Ok(Message::IterationMarker(m)) if receiving => {
+                if m.kind == vmotion_proto::message::MarkerKind::Start {
+                    self.pass_started = Some((m.iteration, now));
+                }
+            }
             Ok(Message::DeviceState(c)) if receiving => {
                 if let Err(e) = self.add_chunk(&c) {
                     self.fail(e.into());
@@ -406,6 +434,7 @@ impl DestinationSession {
             pages,
             device_state_len,
         });
+        self.iterations = Some(complete.iterations);
         self.handle_activity(now);
         self.state = State::Persisting;
         let state = std::mem::take(&mut self.device_state);

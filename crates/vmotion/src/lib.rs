@@ -36,7 +36,9 @@ mod wire;
 pub use connect::{DEFAULT_QUEUE_TIMEOUT, KeySource, NetOptions};
 pub use error::MigrateError;
 pub use in_flight::InFlight;
-pub use receiver::{Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys};
+pub use receiver::{
+    Dropped, Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys,
+};
 pub use report::{ClaimEvidence, MigrationReport, Phases};
 pub use sender::{Progress, Sender, SenderBuilder, Stage};
 pub use transport::{Accept, Conn, Endpoint, Listener, Peer};

@@ -98,6 +98,14 @@ struct Bucket {
 }
 
 impl Shared {
+    /// Runs one store operation, its time observed as `op`'s store latency.
+    async fn stored<T>(&self, op: &'static str, f: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = f.await;
+        self.metrics.store(op, started.elapsed());
+        out
+    }
+
     /// Takes one request from `caller`'s budget, or refuses it.
     fn admit(&self, caller: &str) -> Result<(), Refused> {
         if self.requests_per_second == 0 {
@@ -626,14 +634,16 @@ async fn handle(
 
 async fn register(shared: &Shared, caller: &str, req: Request<Incoming>) -> Handled {
     let r: RegisterRequest = body(req).await?;
-    let record = shared.store.register(caller, r).await?;
+    let record = shared
+        .stored("register", shared.store.register(caller, r))
+        .await?;
     Ok(ok_json(&record))
 }
 
 async fn read_host(shared: &Shared, host: &str) -> Handled {
     let host = crate::tls::canonical_host(host)
         .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
-    match shared.store.host(&host).await? {
+    match shared.stored("host", shared.store.host(&host)).await? {
         Some(record) => Ok(ok_json(&record)),
         None => Err(Refused::new(
             ErrorCode::NotFound,
@@ -653,10 +663,10 @@ async fn set_maintenance(
         .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
     noted.destination = Some(host.clone());
     let m: Maintenance = body(req).await?;
-    shared
+    let set = shared
         .store
-        .set_draining(caller, &shared.admins, &host, m.draining)
-        .await?;
+        .set_draining(caller, &shared.admins, &host, m.draining);
+    shared.stored("set_draining", set).await?;
     tracing::info!(caller, %host, draining = m.draining, "maintenance");
     Ok(ok_json(&m))
 }
@@ -664,7 +674,9 @@ async fn set_maintenance(
 async fn read_maintenance(shared: &Shared, host: &str) -> Handled {
     let host = crate::tls::canonical_host(host)
         .ok_or_else(|| Refused::new(ErrorCode::BadRequest, "not a valid host name"))?;
-    let draining = shared.store.is_draining(&host).await?;
+    let draining = shared
+        .stored("is_draining", shared.store.is_draining(&host))
+        .await?;
     Ok(ok_json(&Maintenance { draining }))
 }
 
@@ -684,19 +696,17 @@ async fn create(
         )
     })?;
     let request = r.request_id.as_deref().map(parse_request_id).transpose()?;
-    let created = shared
-        .store
-        .create(
-            CreateRequest {
-                caller,
-                vm: &r.vm,
-                destination: &destination,
-                request,
-                abort_stale: r.abort_stale,
-            },
-            &shared.rng,
-        )
-        .await?;
+    let create = shared.store.create(
+        CreateRequest {
+            caller,
+            vm: &r.vm,
+            destination: &destination,
+            request,
+            abort_stale: r.abort_stale,
+        },
+        &shared.rng,
+    );
+    let created = shared.stored("create", create).await?;
     noted.migration_id = Some(created.id);
     noted.in_flight = Some(created.in_flight);
     let response = CreateMigrationResponse {
@@ -716,7 +726,9 @@ fn hex(bytes: &[u8]) -> String {
 async fn fetch(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
-    let fetched = shared.store.fetch_key(caller, id).await?;
+    let fetched = shared
+        .stored("fetch_key", shared.store.fetch_key(caller, id))
+        .await?;
     let response = FetchKeyResponse {
         migration_id: id.to_string(),
         key: Zeroizing::new(
@@ -739,13 +751,16 @@ async fn record_outcome(
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
     let r: OutcomeRequest = body(req).await?;
-    let record = shared.store.record_outcome(caller, id, r.outcome).await?;
+    let record = shared.store.record_outcome(caller, id, r.outcome);
+    let record = shared.stored("record_outcome", record).await?;
     Ok(ok_json(&record))
 }
 
 async fn read_outcome(shared: &Shared, caller: &str, id: &str, noted: &mut Noted) -> Handled {
     let id = parse_id(id)?;
     noted.migration_id = Some(id);
-    let record = shared.store.outcome(caller, id).await?;
+    let record = shared
+        .stored("outcome", shared.store.outcome(caller, id))
+        .await?;
     Ok(ok_json(&record))
 }

@@ -22,6 +22,7 @@ use std::time::Instant;
 use clap::Parser;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
+use vmotion_cli::evacuate::board::Board;
 use vmotion_cli::evacuate::{Destination, Placement};
 use vmotion_cli::shutdown_signal;
 use vmotion_proto::EncryptionPolicy;
@@ -201,6 +202,7 @@ struct Evacuation {
     stopping: AtomicBool,
     /// The vmotion-send processes running now, by pid.
     children: std::sync::Mutex<std::collections::BTreeSet<u32>>,
+    board: Board,
 }
 
 impl Evacuation {
@@ -244,13 +246,15 @@ async fn send(ev: &Evacuation, vm: &Vm, d: &Destination) -> (Option<i32>, Value)
         "--destination",
         &d.name,
         "--json",
+        "--progress",
+        "json",
     ])
     .arg("--policy-dir")
     .arg(&args.policy_dir)
     .args(&vm.source)
     .stdin(std::process::Stdio::null())
     .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
     // A group of its own: a terminal's Ctrl-C reaches only this program, which lets the
     // migrations in flight finish unless --cancel-in-flight.
     .process_group(0)
@@ -273,10 +277,14 @@ async fn send(ev: &Evacuation, vm: &Vm, d: &Destination) -> (Option<i32>, Value)
             json!({ "error": format!("running {}: {e}", send_bin.display()) }),
         )
     };
-    let child = match cmd.spawn() {
+    let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return failed(e),
     };
+    let progress = child
+        .stderr
+        .take()
+        .map(|stderr| follow(ev, &vm.name, stderr));
     let pid = child.id();
     if let Some(pid) = pid {
         ev.children().insert(pid);
@@ -285,16 +293,48 @@ async fn send(ev: &Evacuation, vm: &Vm, d: &Destination) -> (Option<i32>, Value)
             vmotion_cli::interrupt(pid);
         }
     }
-    let output = child.wait_with_output().await;
+    let (output, last_words) = tokio::join!(child.wait_with_output(), async {
+        match progress {
+            Some(p) => p.await,
+            None => String::new(),
+        }
+    });
     if let Some(pid) = pid {
         ev.children().remove(&pid);
     }
     match output {
-        Ok(o) => (
-            o.status.code(),
-            serde_json::from_slice(&o.stdout).unwrap_or(Value::Null),
-        ),
+        Ok(o) => {
+            let mut report = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
+            if report["error"].is_null() && !last_words.is_empty() && !o.status.success() {
+                report = json!({ "error": last_words });
+            }
+            (o.status.code(), report)
+        }
         Err(e) => failed(e),
+    }
+}
+
+/// Reads a `vmotion-send`'s stderr to its end: its JSON progress lines go to the board;
+/// returns the last other line (its error, if it failed without a report).
+async fn follow(ev: &Evacuation, vm: &str, stderr: tokio::process::ChildStderr) -> String {
+    use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _};
+    // Bounded: a line longer than this is cut, never buffered whole.
+    const MAX_LINE: u64 = 16 * 1024;
+    let mut reader = tokio::io::BufReader::new(stderr);
+    let mut last = String::new();
+    loop {
+        let mut buf = Vec::new();
+        let mut limited = (&mut reader).take(MAX_LINE);
+        match limited.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return last,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&buf).trim_end().to_owned();
+        match serde_json::from_str::<Value>(&line) {
+            Ok(v) if v["progress"].is_object() => ev.board.progress(vm, &v["progress"]),
+            _ if !line.is_empty() => last = line,
+            _ => {}
+        }
     }
 }
 
@@ -324,11 +364,13 @@ async fn evacuate_one(ev: Arc<Evacuation>, vm: Vm) -> Moved {
             Ok(i) => i,
             Err(why) => {
                 last.outcome = format!("not moved: {why}");
+                ev.board.skipped();
                 break;
             }
         };
         let d = ev.placement().destinations()[i].clone();
-        eprintln!("vmotion-evacuate: {} → {} ({})", vm.name, d.name, d.addr);
+        ev.board
+            .started(&vm.name, &format!("{} ({})", d.name, d.addr));
         last.attempts += 1;
         let (exit, report) = send(&ev, &vm, &d).await;
         last.destination = Some(d.name.clone());
@@ -342,16 +384,17 @@ async fn evacuate_one(ev: Arc<Evacuation>, vm: Vm) -> Moved {
             .or_else(|| report["qemu"]["downtime_ms"].as_f64());
         if exit == Some(0) {
             last.outcome = "moved".into();
+            ev.board
+                .ended(&vm.name, true, true, &format!("moved to {}", d.name));
             break;
         }
         ev.placement().release(i);
         let why = report["error"].as_str().unwrap_or("no report").to_owned();
         last.outcome = format!("failed (exit {exit:?}): {why}");
-        eprintln!(
-            "vmotion-evacuate: {} on {}: {}",
-            vm.name, d.name, last.outcome
-        );
-        if !retryable(exit) || ev.stopping() {
+        let again = retryable(exit) && !ev.stopping() && last.attempts <= ev.args.retries;
+        let said = format!("on {}: {}", d.name, last.outcome);
+        ev.board.ended(&vm.name, false, !again, &said);
+        if !again {
             break;
         }
         failed.push(i);
@@ -384,12 +427,14 @@ async fn run(args: Args) -> Result<Vec<Moved>, (u8, String)> {
             .with_file_name("vmotion-send"),
     };
     let slots = Arc::new(Semaphore::new(args.parallel.max(1)));
+    let board = Board::new(vms.len());
     let ev = Arc::new(Evacuation {
         args,
         send_bin,
         placement: std::sync::Mutex::new(Placement::new(destinations)),
         stopping: AtomicBool::new(false),
         children: std::sync::Mutex::default(),
+        board,
     });
     let mut tasks = tokio::task::JoinSet::new();
     for vm in vms {
@@ -397,6 +442,7 @@ async fn run(args: Args) -> Result<Vec<Moved>, (u8, String)> {
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await.expect("never closed");
             if ev.stopping() {
+                ev.board.skipped();
                 return not_started(&vm.name, "stopped by a signal before it started");
             }
             evacuate_one(ev, vm).await
@@ -414,11 +460,12 @@ async fn run(args: Args) -> Result<Vec<Moved>, (u8, String)> {
             () = shutdown_signal(), if !signalled => {
                 signalled = true;
                 let then = if ev.args.cancel_in_flight { "cancelling those in flight" } else { "those in flight finish" };
-                eprintln!("vmotion-evacuate: stopping: no new migration starts; {then}");
+                ev.board.note(&format!("stopping: no new migration starts; {then}"));
                 ev.stop();
             }
         }
     }
+    ev.board.clear();
     results.sort_by(|a, b| a.vm.cmp(&b.vm));
     Ok(results)
 }

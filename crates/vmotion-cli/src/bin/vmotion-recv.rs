@@ -290,7 +290,9 @@ async fn serve_metrics(
         .await
         .with_context(|| format!("--metrics {addr}"))?;
     tracing::info!(addr = %listener.local_addr()?, "metrics at /metrics");
-    let render = Arc::new(move || metrics.render(receiver.in_flight().len()));
+    let render = Arc::new(move || {
+        metrics.render(receiver.in_flight().len(), &receiver.dropped_connections())
+    });
     tokio::spawn(vmotion_metrics::serve(listener, render));
     Ok(())
 }

@@ -71,18 +71,29 @@ impl Receiver {
         };
         let mut run = Arrival::start(self, hello, config, sink, reader, out, bound);
         run.drive().await;
-        let report = |m: &DestinationSession, outcome| ReceiveReport {
-            migration_id: hello.migration_id,
-            vm_name: hello.vm_name.clone(),
-            mode,
-            pages: m.verified().map_or(0, |v| v.pages),
-            bytes: m.streams().values().map(|s| s.bytes).sum(),
-            device_state_len: m.verified().map_or(0, |v| v.device_state_len),
-            outcome,
+        let elapsed = run.now();
+        let report = |run: &Arrival<'_, S>, outcome| {
+            let m = &run.m;
+            ReceiveReport {
+                migration_id: hello.migration_id,
+                vm_name: hello.vm_name.clone(),
+                mode,
+                pages: m.verified().map_or(0, |v| v.pages),
+                bytes: m.streams().values().map(|s| s.bytes).sum(),
+                device_state_len: m.verified().map_or(0, |v| v.device_state_len),
+                iterations: m.iterations().unwrap_or(0),
+                epochs: m.streams().values().map(|s| s.epochs).max().unwrap_or(1),
+                downtime: m
+                    .final_pass_started()
+                    .zip(run.resumed_at)
+                    .and_then(|(paused, resumed)| resumed.checked_sub(paused)),
+                elapsed,
+                outcome,
+            }
         };
         let outcome = match run.m.outcome().cloned() {
             Some(DestinationEnd::Settled(DestinationOutcome::Resumed)) => {
-                let r = report(&run.m, ReceiveOutcome::Committed);
+                let r = report(&run, ReceiveOutcome::Committed);
                 if let Some(hook) = &self.on_resumed {
                     hook(&r);
                 }
@@ -106,7 +117,7 @@ impl Receiver {
             }
             None => return Err(MigrateError::Internal("the session ended undecided".into())),
         };
-        let r = report(&run.m, outcome);
+        let r = report(&run, outcome);
         Ok((r, run.sink.take()))
     }
 }
@@ -126,6 +137,8 @@ struct Arrival<'a, S: Sink> {
     failed: mpsc::Receiver<MigrateError>,
     /// A local failure's own error (richer than the machine's sentence).
     local: Option<MigrateError>,
+    /// When the guest resumed here.
+    resumed_at: Option<Duration>,
 }
 
 impl<'a, S: Sink> Arrival<'a, S> {
@@ -168,6 +181,7 @@ impl<'a, S: Sink> Arrival<'a, S> {
             tasks,
             failed,
             local: None,
+            resumed_at: None,
         }
     }
 
@@ -309,6 +323,9 @@ impl<'a, S: Sink> Arrival<'a, S> {
                     .control()
                     .resume()
                     .map_err(|e| e.to_string());
+                if r.is_ok() {
+                    self.resumed_at = Some(self.now());
+                }
                 self.m.handle_resumed(r);
             }
             DestinationStep::Discard => self.sink.discard(),

@@ -5,8 +5,12 @@
 //!   control stream until `Complete`, verification, `Ready` and the claim step;
 //! - `streams.rs`: data connections: binding, receiving pages, the received-pages map.
 
+mod dropped;
 mod guest;
 mod streams;
+
+pub use dropped::Dropped;
+use dropped::DroppedCounts;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,6 +51,9 @@ pub struct Finished<S> {
     pub vm_name: String,
     /// What came of it.
     pub result: Result<Incoming<S>, MigrateError>,
+    /// Whether the handshake completed (both ends agreed on the mode and, if encrypted,
+    /// proved they hold the key) before it ended.
+    pub handshake_completed: bool,
 }
 
 /// What pre-flight prepared for a migration: its sink, or for a tunnel the hypervisor's
@@ -93,6 +100,18 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// Device state length.
     pub device_state_len: u64,
+    /// Pre-copy iterations the source ran, its stop-and-copy pass included (0 if its
+    /// totals were never verified).
+    pub iterations: u32,
+    /// The most key epochs any data stream used (1 = no key update).
+    pub epochs: u32,
+    /// The downtime as seen here: from the arrival of the stop-and-copy pass's start
+    /// marker (the source paused the guest just before sending it) to the guest resumed
+    /// here. It leaves out one network delay, so the source's own figure is a little
+    /// longer. `None` if the guest did not resume here.
+    pub downtime: Option<Duration>,
+    /// From the end of the handshake to the end of the migration here.
+    pub elapsed: Duration,
     /// How it ended here.
     pub outcome: ReceiveOutcome,
 }
@@ -163,6 +182,7 @@ pub struct Receiver {
     tunnel_target: Option<TunnelTarget>,
     tunnel_prepare: Option<TunnelPrepare>,
     plaintext_tunnels: bool,
+    dropped: Arc<DroppedCounts>,
 }
 
 /// Called once a committed VM runs here (network announcements, the orchestrator...).
@@ -202,6 +222,7 @@ impl Receiver {
             tunnel_target: None,
             tunnel_prepare: None,
             plaintext_tunnels: false,
+            dropped: Arc::default(),
         }
     }
 
@@ -232,6 +253,11 @@ impl Receiver {
     /// The VMs this receiver is taking in now.
     pub fn in_flight(&self) -> Vec<String> {
         self.incoming.list()
+    }
+
+    /// Connections [`serve`](Self::serve) dropped before any migration began, by reason.
+    pub fn dropped_connections(&self) -> Vec<(Dropped, u64)> {
+        self.dropped.snapshot()
     }
 
     /// A post-resume hook: called right after a committed VM is resumed here — the place
@@ -311,17 +337,13 @@ impl Receiver {
         listener: &impl Accept,
         make_sink: impl FnOnce(&Hello) -> Result<S, String>,
     ) -> Result<(ReceiveReport, S), MigrateError> {
-        let (control, hello) = self.accept_hello(listener).await?;
         let prepare = |h: &Hello| match h.kind {
             vmotion_proto::MigrationKind::Memory => make_sink(h).map(Prepared::Sink),
             vmotion_proto::MigrationKind::Tunnel => {
                 Err("this receiver takes guests, not tunnels".to_owned())
             }
         };
-        match self
-            .migrate_in(control, hello, DataSource::Listener(listener), prepare)
-            .await?
-        {
+        match self.accept_one(listener, prepare).await? {
             Incoming::Vm(r, s) => Ok((r, s)),
             Incoming::Tunnel(_) => Err(MigrateError::Internal("a tunnel was taken".into())),
         }
@@ -333,7 +355,6 @@ impl Receiver {
         &self,
         listener: &impl Accept,
     ) -> Result<crate::TunnelReport, MigrateError> {
-        let (control, hello) = self.accept_hello(listener).await?;
         let prepare =
             |h: &Hello| -> Result<Prepared<vmotion_mover::synthetic::SyntheticGuest>, String> {
                 match h.kind {
@@ -345,13 +366,22 @@ impl Receiver {
                     }
                 }
             };
-        match self
-            .migrate_in(control, hello, DataSource::Listener(listener), prepare)
-            .await?
-        {
+        match self.accept_one(listener, prepare).await? {
             Incoming::Tunnel(r) => Ok(r),
             Incoming::Vm(..) => Err(MigrateError::Internal("a guest was taken".into())),
         }
+    }
+
+    /// One migration accepted on `listener` and received.
+    async fn accept_one<S: Sink>(
+        &self,
+        listener: &impl Accept,
+        prepare: impl FnOnce(&Hello) -> Result<Prepared<S>, String>,
+    ) -> Result<Incoming<S>, MigrateError> {
+        let (control, hello) = self.accept_hello(listener).await?;
+        let data = DataSource::Listener(listener);
+        self.migrate_in(control, hello, data, prepare, &mut false)
+            .await
     }
 
     /// One migration's control connection from `listener`, and its first frame.
@@ -448,13 +478,13 @@ impl Receiver {
     ) {
         let Some(first) = first_frame(&mut tcp).await else {
             tracing::warn!(%peer, "dropping a connection without a first frame");
-            return;
+            return self.dropped.count(Dropped::NoFirstFrame);
         };
         match FrameType::from_u8(first.header[3]) {
             Some(FrameType::Hello) => {
                 let Ok(h) = Hello::decode(&first.payload) else {
                     tracing::warn!(%peer, "dropping a malformed Hello");
-                    return;
+                    return self.dropped.count(Dropped::MalformedHello);
                 };
                 let id = h.migration_id;
                 let vm_name = h.vm_name.clone();
@@ -465,7 +495,7 @@ impl Receiver {
                         .unwrap_or_else(std::sync::PoisonError::into_inner);
                     if r.contains_key(&id) {
                         tracing::warn!(%peer, migration = %id, "a migration with this id is already in progress");
-                        return;
+                        return self.dropped.count(Dropped::DuplicateMigration);
                     }
                     r.insert(id, tx);
                 }
@@ -475,12 +505,14 @@ impl Receiver {
                         self.tunnel_endpoint(h).map(Prepared::Tunnel)
                     }
                 };
+                let mut handshake_completed = false;
                 let result = self
                     .migrate_in(
                         tcp,
                         first,
                         DataSource::<crate::Listener>::Routed(rx),
                         prepare,
+                        &mut handshake_completed,
                     )
                     .await;
                 routes
@@ -491,12 +523,13 @@ impl Receiver {
                     migration_id: id,
                     vm_name,
                     result,
+                    handshake_completed,
                 });
             }
             Some(FrameType::StreamBind) => {
                 let Ok(bind) = ReceiverSession::peek_stream_bind(&first) else {
                     tracing::warn!(%peer, "dropping a malformed stream bind");
-                    return;
+                    return self.dropped.count(Dropped::MalformedStreamBind);
                 };
                 let tx = routes
                     .lock()
@@ -508,12 +541,14 @@ impl Receiver {
                         let _ = tx.send((tcp, first, peer)).await;
                     }
                     None => {
-                        tracing::warn!(%peer, migration = %bind.migration_id, "dropping a stream bind for no migration in progress")
+                        tracing::warn!(%peer, migration = %bind.migration_id, "dropping a stream bind for no migration in progress");
+                        self.dropped.count(Dropped::UnknownStreamBind);
                     }
                 }
             }
             _ => {
-                tracing::warn!(%peer, "dropping a connection that starts with neither Hello nor StreamBind")
+                tracing::warn!(%peer, "dropping a connection that starts with neither Hello nor StreamBind");
+                self.dropped.count(Dropped::NotAMigration);
             }
         }
     }
@@ -526,6 +561,7 @@ impl Receiver {
         hello: WireFrame,
         data: DataSource<'_, impl Accept>,
         prepare: impl FnOnce(&Hello) -> Result<Prepared<S>, String>,
+        handshake_completed: &mut bool,
     ) -> Result<Incoming<S>, MigrateError> {
         let started = std::time::Instant::now();
         let random =
@@ -567,6 +603,7 @@ impl Receiver {
             };
             let session = self.finish_handshake(&mut control, received, key).await?;
             tracing::info!(mode = ?session.negotiated().mode, "handshake done");
+            *handshake_completed = true;
             if let Some(target) = tunnel {
                 let prepare = self.tunnel_prepare.clone().map(|p| (p, hello.clone()));
                 return crate::tunnel::receive_tunnel(

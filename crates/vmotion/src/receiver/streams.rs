@@ -140,6 +140,7 @@ async fn receive_stream(
         pages: 0,
         frames: 0,
         bytes: 0,
+        epochs: 1,
     };
     while let Some(h) = read_open(&mut r, &mut opener, &mut buf).await? {
         ctx.activity.touch();
@@ -179,6 +180,7 @@ async fn receive_stream(
             }
         }
     }
+    stats.epochs = opener.epoch().saturating_add(1);
     opener.finish()?;
     Ok(stats)
 }

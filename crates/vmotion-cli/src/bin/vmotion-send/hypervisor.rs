@@ -262,7 +262,7 @@ pub(super) async fn run_qemu(
         eprintln!("vmotion-send: cancelling QEMU's migration (migrate_cancel)");
         on_signal.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
+    let display = Arc::new(args.progress.display());
     let followed = blocking(move || {
         qemu.migrate(&uri)?;
         qemu.follow(&settings.convergence, &cancel, &|p| display.show(p))

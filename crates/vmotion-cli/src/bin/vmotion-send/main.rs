@@ -33,6 +33,24 @@ use vmotion_proto::{MigrationId, Mode};
 mod hypervisor;
 
 /// Migrates one VM to a vmotion-recv, as the VM's policy file says.
+/// How `vmotion-send` shows progress (`--progress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProgressFormat {
+    /// A line rewritten in place on a terminal, log lines otherwise.
+    Auto,
+    /// One JSON object per line on stderr.
+    Json,
+}
+
+impl ProgressFormat {
+    fn display(self) -> vmotion_cli::ProgressDisplay {
+        match self {
+            Self::Auto => vmotion_cli::ProgressDisplay::new(),
+            Self::Json => vmotion_cli::ProgressDisplay::json(),
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(version)]
 // With keys, the key service must know where they are for.
@@ -113,6 +131,11 @@ struct Args {
     /// Print the report as JSON on stdout (progress still goes to stderr).
     #[arg(long)]
     json: bool,
+    /// How progress is shown on stderr: `auto` (a line rewritten in place on a
+    /// terminal, log lines otherwise) or `json` (one object per line, for programs such as
+    /// vmotion-evacuate).
+    #[arg(long, value_enum, default_value_t = ProgressFormat::Auto)]
+    progress: ProgressFormat,
     /// Local address to send from (the migration network's address).
     #[arg(long)]
     bind: Option<std::net::IpAddr>,
@@ -359,7 +382,7 @@ async fn run(args: Args) -> Result<Done, (u8, String)> {
             ));
         }
     };
-    let display = Arc::new(vmotion_cli::ProgressDisplay::new());
+    let display = Arc::new(args.progress.display());
     let shown = display.clone();
     Sender::builder(&args.vm)
         .policy(policy.vm_policy)
