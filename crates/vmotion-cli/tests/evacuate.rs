@@ -55,11 +55,21 @@ impl Bed {
         for (d, a) in DESTINATIONS.iter().zip(&self.addrs) {
             cmd.args(["--to", &format!("{d}={a}")]);
         }
-        for i in 0..VMS {
-            cmd.args(["--synthetic", &format!("vm{i}:8")]);
+        if !extra.contains(&"--inventory") {
+            for i in 0..VMS {
+                cmd.args(["--synthetic", &format!("vm{i}:8")]);
+            }
         }
         cmd.args(extra);
         cmd
+    }
+
+    /// The eight VMs in an inventory file.
+    fn inventory(&self) -> String {
+        let path = self.w.p("inventory");
+        let lines: String = (0..VMS).map(|i| format!("vm{i} synthetic:8\n")).collect();
+        std::fs::write(&path, format!("# the source host's VMs\n{lines}")).unwrap();
+        path.to_str().unwrap().to_owned()
     }
 
     fn sinks(&self, d: &str) -> PathBuf {
@@ -293,7 +303,7 @@ fn sigint_with_cancel_in_flight_cancels_them_and_their_vms_stay() {
 
 /// On a terminal (a pseudo-terminal from `script`) the evacuation draws one line per VM
 /// in flight, with vmotion-send's own progress, under a totals line; the final JSON is
-/// unchanged.
+/// unchanged. The VMs come from an inventory file.
 #[test]
 fn a_terminal_shows_one_line_per_vm_in_flight_and_the_totals() {
     if Command::new("script").arg("--version").output().is_err() {
@@ -301,7 +311,8 @@ fn a_terminal_shows_one_line_per_vm_in_flight_and_the_totals() {
         return;
     }
     let bed = Bed::new("encryption = \"required\"\nmax_bandwidth = \"8MiB/s\"\n");
-    let cmd = bed.evacuate_command(&["--parallel", "2"]);
+    let inventory = bed.inventory();
+    let cmd = bed.evacuate_command(&["--parallel", "2", "--inventory", &inventory]);
     let line = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(|a| format!("'{}'", a.to_str().unwrap()))

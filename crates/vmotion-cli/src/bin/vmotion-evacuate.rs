@@ -45,6 +45,10 @@ struct Args {
     /// Synthetic guests, for tests and demos: NAME:MIB; repeat for each.
     #[arg(long, value_name = "NAME:MIB")]
     synthetic: Vec<String>,
+    /// An inventory file: one VM per line, `NAME qemu:QMP_SOCKET` or `NAME synthetic:MIB`
+    /// (blank lines and `#` comments allowed).
+    #[arg(long, value_name = "FILE")]
+    inventory: Option<PathBuf>,
     /// Folder of policy files.
     #[arg(long, default_value = "policy")]
     policy_dir: PathBuf,
@@ -114,13 +118,15 @@ fn vms(args: &Args) -> Result<Vec<Vm>, String> {
         let (name, mib) = s
             .split_once(':')
             .ok_or_else(|| format!("--synthetic `{s}`: NAME:MIB"))?;
-        mib.parse::<u64>()
-            .map_err(|_| format!("--synthetic `{s}`: MIB is a number"))?;
-        out.push(Vm {
-            name: name.to_owned(),
-            source: vec!["--synthetic-mib".into(), mib.to_owned()],
-            requires_encryption: false,
-        });
+        out.push(synthetic(name, mib).map_err(|e| format!("--synthetic `{s}`: {e}"))?);
+    }
+    if let Some(path) = &args.inventory {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        out.extend(inventory(&text).map_err(|e| format!("{}: {e}", path.display()))?);
+    }
+    let mut names = std::collections::BTreeSet::new();
+    if let Some(vm) = out.iter().find(|vm| !names.insert(vm.name.clone())) {
+        return Err(format!("VM `{}` is named twice", vm.name));
     }
     for vm in &mut out {
         if !vmotion_policy::valid_vm_name(&vm.name) {
@@ -128,6 +134,44 @@ fn vms(args: &Args) -> Result<Vec<Vm>, String> {
         }
         let policy = vmotion_policy::load(&args.policy_dir, &vm.name).map_err(|e| e.to_string())?;
         vm.requires_encryption = policy.vm_policy.effective() == EncryptionPolicy::Required;
+    }
+    Ok(out)
+}
+
+fn synthetic(name: &str, mib: &str) -> Result<Vm, String> {
+    mib.parse::<u64>()
+        .map_err(|_| format!("`{mib}`: MIB is a number"))?;
+    Ok(Vm {
+        name: name.to_owned(),
+        source: vec!["--synthetic-mib".into(), mib.to_owned()],
+        requires_encryption: false,
+    })
+}
+
+/// The VMs of an inventory file: `NAME qemu:QMP_SOCKET` or `NAME synthetic:MIB` per line.
+fn inventory(text: &str) -> Result<Vec<Vm>, String> {
+    let mut out = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = |e: &str| format!("line {}: {e}", n + 1);
+        let mut words = line.split_whitespace();
+        let (Some(name), Some(source), None) = (words.next(), words.next(), words.next()) else {
+            return Err(at(
+                "expected `NAME qemu:QMP_SOCKET` or `NAME synthetic:MIB`",
+            ));
+        };
+        out.push(match source.split_once(':') {
+            Some(("qemu", path)) if !path.is_empty() => Vm {
+                name: name.to_owned(),
+                source: vec!["--qemu".into(), path.to_owned()],
+                requires_encryption: false,
+            },
+            Some(("synthetic", mib)) => synthetic(name, mib).map_err(|e| at(&e))?,
+            _ => return Err(at(&format!("`{source}`: qemu:QMP_SOCKET or synthetic:MIB"))),
+        });
     }
     Ok(out)
 }
@@ -563,6 +607,40 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_inventory_names_qemu_and_synthetic_vms() {
+        let vms = inventory(
+            "# this host\nweb-1 qemu:/run/vmotion/web-1.qmp\n\n  db synthetic:64  # test\n",
+        )
+        .unwrap();
+        let got: Vec<(&str, Vec<&str>)> = vms
+            .iter()
+            .map(|v| {
+                (
+                    v.name.as_str(),
+                    v.source.iter().map(String::as_str).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("web-1", vec!["--qemu", "/run/vmotion/web-1.qmp"]),
+                ("db", vec!["--synthetic-mib", "64"]),
+            ]
+        );
+        for bad in [
+            "web-1",
+            "web-1 qemu:",
+            "web-1 kvm:4",
+            "db synthetic:x",
+            "a b c",
+        ] {
+            let e = inventory(bad).map(|_| ()).unwrap_err();
+            assert!(e.starts_with("line 1: "), "{bad}: {e}");
+        }
+    }
 
     #[test]
     fn globs_match_the_file_name() {
