@@ -127,13 +127,19 @@ impl SyntheticGuest {
             .ok()
             .and_then(|p| p.checked_mul(words_per_page))
             .expect("the guest's size fits in memory");
-        let mut words = Vec::with_capacity(total);
-        for page in 0..config.pages {
-            let h = mix(config.seed ^ page);
-            let zero = !fill || (h % 10_000) as f64 / 10_000.0 < config.zero_fraction;
-            for w in 0..words_per_page {
-                let v = if zero { 0 } else { mix(h ^ w as u64) | 1 };
-                words.push(AtomicU64::new(v));
+        // Zeroed by the allocator: a large guest is mapped lazily, its pages faulted in
+        // as they are first written (a blank destination's as its pages arrive), as a
+        // real VM's RAM is.
+        let words: Vec<AtomicU64> = bytemuck::zeroed_vec(total);
+        if fill {
+            for (page, words) in (0..config.pages).zip(words.chunks_exact(words_per_page)) {
+                let h = mix(config.seed ^ page);
+                if (h % 10_000) as f64 / 10_000.0 < config.zero_fraction {
+                    continue;
+                }
+                for (w, word) in words.iter().enumerate() {
+                    word.store(mix(h ^ w as u64) | 1, Relaxed);
+                }
             }
         }
         Arc::new(Shared {

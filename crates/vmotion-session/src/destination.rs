@@ -33,6 +33,10 @@ pub struct DestinationConfig {
     pub progress_timeout: Duration,
     /// The claim step; its `arbiter` says whether this host has an arbiter.
     pub claim: ClaimConfig,
+    /// The largest device state accepted (at most the protocol's `MAX_DEVICE_STATE`): a
+    /// source that announces or sends more is refused, so what the destination buffers
+    /// stays bounded by its own choice.
+    pub max_device_state: u64,
 }
 
 /// What one data stream delivered, as its driver counted it.
@@ -495,6 +499,12 @@ impl DestinationSession {
                 reason: "device state chunk out of order or past its total",
             });
         }
+        if c.total_len > self.config.max_device_state {
+            return Err(PeerMisbehaved::MalformedPayload {
+                frame_type: FrameType::DeviceState,
+                reason: "device state larger than this destination accepts",
+            });
+        }
         self.device_state.extend_from_slice(c.data);
         Ok(())
     }
@@ -565,5 +575,63 @@ fn totals(stream: u16, what: &'static str, claimed: u64, received: u64) -> PeerM
         what,
         claimed,
         received,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmotion_proto::message::DeviceStateChunk;
+
+    fn session(max_device_state: u64) -> DestinationSession {
+        let mut m = DestinationSession::new(
+            Duration::ZERO,
+            DestinationConfig {
+                streams: 1,
+                guest_pages: 4,
+                step_timeout: Duration::from_secs(1),
+                progress_timeout: Duration::from_secs(2),
+                claim: ClaimConfig::default(),
+                max_device_state,
+            },
+        );
+        m.handle_bound(Duration::ZERO, 1);
+        m
+    }
+
+    fn chunk(total_len: u64, data: &[u8]) -> Vec<u8> {
+        DeviceStateChunk {
+            offset: 0,
+            total_len,
+            data,
+        }
+        .encode()
+    }
+
+    /// A device state announced larger than this destination accepts ends the migration
+    /// before a byte of it is kept; one within the limit is taken.
+    #[test]
+    fn device_state_past_the_destinations_limit_is_refused() {
+        let mut m = session(100);
+        m.handle_frame(
+            Duration::ZERO,
+            FrameType::DeviceState,
+            &chunk(101, &[7; 10]),
+        );
+        assert!(
+            matches!(m.outcome(), Some(DestinationEnd::Failed(_))),
+            "{:?}",
+            m.outcome()
+        );
+        assert!(m.device_state.is_empty());
+
+        let mut m = session(100);
+        m.handle_frame(
+            Duration::ZERO,
+            FrameType::DeviceState,
+            &chunk(100, &[7; 10]),
+        );
+        assert_eq!(m.outcome(), None);
+        assert_eq!(m.device_state.len(), 10);
     }
 }

@@ -37,7 +37,8 @@ pub use connect::{DEFAULT_QUEUE_TIMEOUT, KeySource, NetOptions};
 pub use error::MigrateError;
 pub use in_flight::InFlight;
 pub use receiver::{
-    Dropped, Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver, ReceiverKeys,
+    DEFAULT_MAX_DEVICE_STATE, Dropped, Finished, Incoming, ReceiveOutcome, ReceiveReport, Receiver,
+    ReceiverKeys,
 };
 pub use report::{ClaimEvidence, MigrationReport, Phases};
 pub use sender::{Progress, Sender, SenderBuilder, Stage};

@@ -56,6 +56,10 @@ struct Args {
     /// Most data streams per migration.
     #[arg(long, default_value_t = 16)]
     max_streams: u16,
+    /// Largest device state accepted, in MiB (a larger one is refused). With
+    /// --max-streams × 2 MiB it bounds what one arriving migration holds beyond its guest.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    max_device_state_mib: u64,
     /// Seconds a migration may go without a page or control frame from its source before
     /// it is abandoned (the guest discarded; the source keeps the VM).
     #[arg(long, default_value_t = 150, value_parser = clap::value_parser!(u64).range(1..=86400))]
@@ -350,6 +354,7 @@ fn receiver(
     let mut receiver = Receiver::new(keys)
         .require_encryption(args.require_encryption)
         .max_streams(args.max_streams)
+        .max_device_state(args.max_device_state_mib << 20)
         .progress_timeout(Duration::from_secs(args.progress_timeout))
         .timeout(Duration::from_secs(args.step_timeout))
         .settle_timeout(Duration::from_secs(args.settle_timeout));

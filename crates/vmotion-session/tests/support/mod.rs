@@ -268,6 +268,7 @@ impl Pair {
                 step_timeout: ms(1000),
                 progress_timeout: ms(2000),
                 claim,
+                max_device_state: vmotion_proto::message::MAX_DEVICE_STATE,
             },
         );
         let mut links = vec![Wire::Control, Wire::Back];

@@ -68,6 +68,7 @@ impl Receiver {
                 authenticated: matches!(mode, vmotion_proto::Mode::Encrypted(_)),
                 ..self.claim
             },
+            max_device_state: self.max_device_state,
         };
         let mut run = Arrival::start(self, hello, config, sink, reader, out, bound);
         run.drive().await;

@@ -183,7 +183,12 @@ pub struct Receiver {
     tunnel_prepare: Option<TunnelPrepare>,
     plaintext_tunnels: bool,
     dropped: Arc<DroppedCounts>,
+    max_device_state: u64,
 }
+
+/// The largest device state a receiver accepts unless told otherwise: a KVM or QEMU
+/// device state is kilobytes to a few MiB (QEMU's own travels through a tunnel, not here).
+pub const DEFAULT_MAX_DEVICE_STATE: u64 = 32 << 20;
 
 /// Called once a committed VM runs here (network announcements, the orchestrator...).
 type ResumedHook = Arc<dyn Fn(&ReceiveReport) + Send + Sync>;
@@ -223,6 +228,7 @@ impl Receiver {
             tunnel_prepare: None,
             plaintext_tunnels: false,
             dropped: Arc::default(),
+            max_device_state: DEFAULT_MAX_DEVICE_STATE,
         }
     }
 
@@ -317,6 +323,14 @@ impl Receiver {
     /// negotiated maximum payload).
     pub fn max_streams(mut self, n: u16) -> Self {
         self.config.max_streams = n;
+        self
+    }
+
+    /// Largest device state accepted, in bytes (default 32 MiB, at most the protocol's
+    /// 1 GiB). With [`max_streams`](Self::max_streams) × the largest payload, it bounds
+    /// what one arriving migration holds beyond the guest's own memory.
+    pub fn max_device_state(mut self, bytes: u64) -> Self {
+        self.max_device_state = bytes.min(vmotion_proto::message::MAX_DEVICE_STATE);
         self
     }
 
