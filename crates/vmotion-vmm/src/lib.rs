@@ -156,6 +156,14 @@ impl GuestRam {
         if ptr == libc::MAP_FAILED {
             return Err(VmmError::Memory(std::io::Error::last_os_error()));
         }
+        // Transparent huge pages where the host allows them (as QEMU asks for its guest
+        // RAM): a first touch then faults in 2 MiB, not 4 KiB. A destination's memory is
+        // first written as the pages arrive, and each 4 KiB fault costs microseconds on a
+        // nested host; with huge pages the faults of a 1 GiB guest drop from 262,144 to
+        // 512. Advice only: where THP is off it is ignored, and so is a failure.
+        // SAFETY: the range is the mapping just made; MADV_HUGEPAGE changes no content and
+        // no access rights.
+        let _ = unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         Ok(Self {
             ptr: ptr.cast(),
             len,
