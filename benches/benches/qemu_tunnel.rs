@@ -18,6 +18,7 @@
 //! `VMOTION_BENCH_MIB` guest size (2048), `VMOTION_BENCH_RUNS` runs per cell (3),
 //! `VMOTION_BENCH_DIRTY` MiB/s the dirtying guest writes (256; 0 skips that table),
 //! `VMOTION_BENCH_TIMEOUT` seconds before a migration counts as not converging (40),
+//! `VMOTION_BENCH_DOWNTIME_LIMIT` QEMU's `downtime-limit` in ms (300),
 //! `VMOTION_BENCH_MODES` a comma-separated subset of plain, socat, tls, multifd-tls,
 //! tunnel-plaintext, tunnel, tunnel-multifd.
 
@@ -339,7 +340,7 @@ impl Bench {
                     .unwrap();
             }
             q.qmp()
-                .set_parameters(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": 300 }))
+                .set_parameters(json!({ "max-bandwidth": 100u64 << 30, "downtime-limit": env("VMOTION_BENCH_DOWNTIME_LIMIT", 300) }))
                 .unwrap();
         }
         src.wait_started(Duration::from_secs(60)).unwrap();
@@ -420,7 +421,9 @@ impl Bench {
             .args(["--vm", vm, "--to", &self.recv_addr, "--policy-dir"])
             .arg(self.dir.path().join("policy"))
             .args(self.ks.identity("src"))
-            .args(["--destination", "dst", "--tunnel"])
+            // A plain tunnel cannot know QEMU's verdict, so the key service holds the VM
+            // as in flight after each run: the next run takes it over.
+            .args(["--destination", "dst", "--abort-stale", "--tunnel"])
             .arg(format!("unix:{}", listen.display()))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
