@@ -11,6 +11,11 @@ scripts/install-qemu.sh
 scripts/install-control-plane.sh
 # libvirt 9.0 for the libvirt tests (they start their own daemons; skip without it).
 scripts/install-libvirt.sh
+# iproute2 for the WAN test bed (network namespaces; those tests skip without it).
+if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iproute2 >/dev/null \
+    || echo "test.sh: iproute2 not installed; the WAN tests skip" >&2
+fi
 # A Linux guest for the QEMU tests: Debian's cloud kernel and busybox, downloaded (not
 # installed) and cached under target/linux-guest. Its tests skip, saying why, without it.
 scripts/linux-guest.sh >/dev/null || echo "test.sh: no Linux guest (see above); its tests skip" >&2

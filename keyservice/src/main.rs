@@ -88,8 +88,8 @@ enum PkiCommand {
         /// Host names to issue client certificates for, comma-separated.
         #[arg(long, value_delimiter = ',', required = true)]
         hosts: Vec<String>,
-        /// Extra DNS names for the service certificate (localhost, 127.0.0.1 and ::1 are
-        /// always included), comma-separated.
+        /// Extra DNS names or IP addresses for the service certificate (localhost,
+        /// 127.0.0.1 and ::1 are always included), comma-separated.
         #[arg(long, value_delimiter = ',')]
         service_names: Vec<String>,
     },

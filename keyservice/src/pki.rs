@@ -114,10 +114,13 @@ pub fn init(dir: &Path, hosts: &[String], service_names: &[String]) -> Result<Pk
     if hosts.is_empty() {
         return Err(PkiError::NoHosts);
     }
+    // The service may also be reached by an IP address (its certificate then carries an
+    // IP SAN); hosts are names.
+    let service_ok = |h: &String| h.parse::<std::net::IpAddr>().is_ok() || valid_host_name(h);
     if let Some(bad) = hosts
         .iter()
-        .chain(service_names)
         .find(|h| !valid_host_name(h))
+        .or_else(|| service_names.iter().find(|h| !service_ok(h)))
     {
         return Err(PkiError::BadHostName(bad.clone()));
     }

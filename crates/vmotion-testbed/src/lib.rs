@@ -2,13 +2,17 @@
 //!
 //! [`EtcdCluster`]: an etcd cluster of real `etcd` processes (Debian's `etcd-server`)
 //! on loopback, each member with its own data directory and log, killed with SIGKILL and
-//! restarted on demand. Nothing here is a mock; nothing listens beyond 127.0.0.1.
+//! restarted on demand. [`WanBed`]: two hosts in network namespaces joined by an emulated
+//! WAN link (`vmotion-wan`: delay, rate, loss) with management links to this namespace.
+//! Nothing here is a mock; nothing listens beyond 127.0.0.1 and the beds' own links.
 
 #![forbid(unsafe_code)]
 
 mod etcd;
+mod wan;
 
 pub use etcd::{EtcdCluster, etcd_available};
+pub use wan::{WanBed, WanLink, ip, wan_available};
 
 /// Starts a daemon that prints `listening on ADDR` as its first line on stdout (as
 /// `vmotion-keyservice serve` and `vmotion-recv` do), its stderr to `stderr`. Returns the

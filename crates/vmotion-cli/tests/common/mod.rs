@@ -52,19 +52,25 @@ pub struct World {
 
 impl World {
     pub fn new() -> Self {
+        Self::at("127.0.0.1")
+    }
+
+    /// A world whose key service listens on `ip` (its certificate names it).
+    pub fn at(ip: &str) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ks = keyservice_bin();
         let out = Command::new(&ks)
             .args(["pki", "init", "--out"])
             .arg(dir.path())
-            .args(["--hosts", "src,dst,plain,weak"])
+            .args(["--hosts", "src,dst,plain,weak", "--service-names", ip])
             .output()
             .unwrap();
         assert!(out.status.success());
         let cfg = dir.path().join("keyservice.toml");
+        let any_port = format!("{ip}:0");
         let text = std::fs::read_to_string(&cfg)
             .unwrap()
-            .replace("127.0.0.1:7443", "127.0.0.1:0");
+            .replace("127.0.0.1:7443", &any_port);
         std::fs::write(&cfg, text).unwrap();
         let (proc_, addr) =
             spawn_listening(Command::new(&ks).args(["serve", "--config"]).arg(&cfg));
@@ -72,7 +78,7 @@ impl World {
         // the same journal.
         let text = std::fs::read_to_string(&cfg)
             .unwrap()
-            .replace("127.0.0.1:0", &addr);
+            .replace(&any_port, &addr);
         std::fs::write(&cfg, text).unwrap();
         std::fs::create_dir(dir.path().join("policy")).unwrap();
         Self {
