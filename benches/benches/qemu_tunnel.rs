@@ -23,11 +23,12 @@
 //! tunnel-plaintext, tunnel, tunnel-multifd.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use vmotion_benches::procs::{KeyService, Proc, bin, listening};
 use vmotion_qemu::guest::DIRTY_REGION_MIN;
 use vmotion_qemu::{Qemu, QemuConfig, dirty_guest, idle_guest, memfile};
 
@@ -123,94 +124,6 @@ impl Mode {
             _ => "bench-vm",
         }
     }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// The release binaries, next to this bench's own folder.
-fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let path = dir.join(name);
-    assert!(
-        path.exists(),
-        "{} missing: cargo build --release -p vmotion-cli -p vmotion-keyservice --bins",
-        path.display()
-    );
-    path
-}
-
-/// A key service with a dev PKI for hosts `src` and `dst`.
-struct KeyService {
-    _proc: Proc,
-    url: String,
-    pki: PathBuf,
-}
-
-impl KeyService {
-    fn start(dir: &Path) -> Self {
-        let ks = bin("vmotion-keyservice");
-        let pki = dir.join("pki");
-        let ok = Command::new(&ks)
-            .args(["pki", "init", "--out"])
-            .arg(&pki)
-            .args(["--hosts", "src,dst"])
-            .output()
-            .unwrap();
-        assert!(ok.status.success(), "{ok:?}");
-        let cfg = pki.join("keyservice.toml");
-        let text = std::fs::read_to_string(&cfg)
-            .unwrap()
-            .replace("127.0.0.1:7443", "127.0.0.1:0");
-        std::fs::write(&cfg, text).unwrap();
-        let (proc_, addr) = listening(
-            Command::new(&ks)
-                .args(["serve", "--config"])
-                .arg(&cfg)
-                .stderr(Stdio::null()),
-        );
-        Self {
-            _proc: proc_,
-            url: format!("https://{addr}"),
-            pki,
-        }
-    }
-
-    fn identity(&self, host: &str) -> Vec<String> {
-        let p = |f: String| self.pki.join(f).display().to_string();
-        vec![
-            "--keyservice".into(),
-            self.url.clone(),
-            "--ca".into(),
-            p("ca.pem".into()),
-            "--cert".into(),
-            p(format!("hosts/{host}.pem")),
-            "--key".into(),
-            p(format!("hosts/{host}-key.pem")),
-        ]
-    }
-}
-
-/// Starts a daemon that prints `listening on ADDR` first; returns it and ADDR.
-fn listening(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected {line:?}"))
-        .to_owned();
-    (Proc(child), addr)
 }
 
 struct Bench {

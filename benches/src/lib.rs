@@ -1,6 +1,8 @@
 //! Benchmarks live in `benches/benches/`; results and the commands that reproduce them are
 //! in `docs/performance.md`. This library holds what several of them share.
 
+pub mod procs;
+
 use vmotion::{KeySource, ReceiverKeys};
 use vmotion_proto::{
     EncryptionPolicy, KeyMaterial, MigrationId, MigrationKey, MigrationNonce, VmPolicy,

@@ -118,6 +118,9 @@ pub struct QemuConfig {
     pub accel: Accel,
     /// More arguments, appended last (e.g. `-object tls-creds-x509,...`).
     pub extra_args: Vec<String>,
+    /// A network namespace to run QEMU in (`ip netns exec NETNS qemu …`): a test host of
+    /// `vmotion_testbed::WanBed`. Its QMP socket is a file, reachable from anywhere.
+    pub netns: Option<String>,
 }
 
 impl QemuConfig {
@@ -144,6 +147,7 @@ impl QemuConfig {
             incoming: None,
             accel: Accel::detect(),
             extra_args: Vec::new(),
+            netns: None,
         }
     }
 
@@ -276,7 +280,16 @@ impl Qemu {
         let log_out = log
             .try_clone()
             .map_err(|e| Error::io("duplicating the log file", e))?;
-        let mut child = Command::new(&binary)
+        let mut command = match &config.netns {
+            // `ip netns exec` execs QEMU in place: the child's pid is QEMU's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&binary);
+                c
+            }
+            None => Command::new(&binary),
+        };
+        let mut child = command
             .args(config.args())
             .stdin(Stdio::null())
             .stdout(log_out)
