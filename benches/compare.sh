@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command, one session, interleaved: the same guest bytes over loopback by plain TCP,
-# by direct rustls (TLS 1.3, AES-256-GCM, ring, 256 KiB writes) and by vmotion migrations
+# by direct rustls (TLS 1.3, AES-256-GCM, ring, 256 KiB writes; also on sockets with
+# vmotion's TCP_NOTSENT_LOWAT, "rustls+lowat") and by vmotion migrations
 # (plaintext and encrypted, 1 and 2 streams), each between two processes
 # (benches/src/bin/vmotion-bench-peer.rs), into cold destination memory (faulted in as
 # the bytes arrive) and into warm (faulted in before the clock). Prints a table of
@@ -15,7 +16,7 @@ cd "$(dirname "$0")/.."
 MIB=${MIB:-2048}
 ROUNDS=${ROUNDS:-3}
 STATES=${STATES:-"cold warm"}
-CELLS=("tcp 1" "tls 1" "plain 1" "encrypted 1" "plain 2" "encrypted 2")
+CELLS=("tcp 1" "tls 1" "tls-lowat 1" "plain 1" "encrypted 1" "plain 2" "encrypted 2")
 
 echo "== $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, load: $(cut -d' ' -f1-3 /proc/loadavg)"
 load=$(cut -d' ' -f1 /proc/loadavg)
@@ -52,8 +53,8 @@ def med(warm, kind, streams):
     v = cells.get((warm, kind, streams))
     return statistics.median(v) if v else None
 print(f"\n{mib} MiB, GB/s (10^9 bytes/s), median (min-max) of {len(next(iter(cells.values())))} rounds\n")
-print("| destination | TCP | rustls | vmotion plaintext 1 / 2 streams | vmotion encrypted 1 / 2 streams | encrypted / rustls (1 / 2 streams) | encrypted / plaintext (1 / 2) |")
-print("|---|---|---|---|---|---|---|")
+print("| destination | TCP | rustls | rustls+lowat | vmotion plaintext 1 / 2 streams | vmotion encrypted 1 / 2 streams | encrypted / rustls (1 / 2 streams) | encrypted 1 / rustls+lowat | encrypted / plaintext (1 / 2) |")
+print("|---|---|---|---|---|---|---|---|---|")
 for warm in (False, True):
     if not any(k[0] == warm for k in cells):
         continue
@@ -61,11 +62,12 @@ for warm in (False, True):
         v = sorted(cells[(warm, kind, streams)])
         return f"{statistics.median(v):.2f} ({v[0]:.2f}-{v[-1]:.2f})"
     tls = med(warm, "tls", 1)
+    lowat = med(warm, "tls-lowat", 1)
     e1, e2 = med(warm, "encrypted", 1), med(warm, "encrypted", 2)
     p1, p2 = med(warm, "plain", 1), med(warm, "plain", 2)
-    print(f"| {'warm' if warm else 'cold'} | {show('tcp', 1)} | {show('tls', 1)} | "
+    print(f"| {'warm' if warm else 'cold'} | {show('tcp', 1)} | {show('tls', 1)} | {show('tls-lowat', 1)} | "
           f"{show('plain', 1)} / {show('plain', 2)} | {show('encrypted', 1)} / {show('encrypted', 2)} | "
-          f"{e1 / tls:.2f} / {e2 / tls:.2f} | {e1 / p1:.2f} / {e2 / p2:.2f} |")
+          f"{e1 / tls:.2f} / {e2 / tls:.2f} | {e1 / lowat:.2f} | {e1 / p1:.2f} / {e2 / p2:.2f} |")
 peaks = [r["receiver_peak_rss_beyond_guest_mib"] for r in rows if r["kind"] in ("plain", "encrypted")]
 print(f"\nvmotion receiver's peak RSS beyond the guest's memory: at most {max(peaks)} MiB")
 EOF

@@ -4,7 +4,7 @@
 //! streams). The sender is this process; the receiver is a child process it starts.
 //!
 //! ```text
-//! vmotion-bench-peer run tcp|tls|plain|encrypted --mib N [--streams S] [--seed K] [--warm]
+//! vmotion-bench-peer run tcp|tls|tls-lowat|plain|encrypted --mib N [--streams S] [--seed K] [--warm]
 //! ```
 //!
 //! `--warm`: the receiver faults its destination memory in before the clock starts, so
@@ -41,6 +41,8 @@ const WRITE: usize = 256 * 1024;
 enum Kind {
     Tcp,
     Tls,
+    /// rustls on sockets with vmotion's `TCP_NOTSENT_LOWAT`, the socket option apart.
+    TlsLowat,
     Plain,
     Encrypted,
 }
@@ -50,6 +52,7 @@ impl Kind {
         Some(match s {
             "tcp" => Self::Tcp,
             "tls" => Self::Tls,
+            "tls-lowat" => Self::TlsLowat,
             "plain" => Self::Plain,
             "encrypted" => Self::Encrypted,
             _ => return None,
@@ -60,6 +63,7 @@ impl Kind {
         match self {
             Self::Tcp => "tcp",
             Self::Tls => "tls",
+            Self::TlsLowat => "tls-lowat",
             Self::Plain => "plain",
             Self::Encrypted => "encrypted",
         }
@@ -82,7 +86,7 @@ fn parse(args: &[String]) -> Result<Opts, String> {
     let kind = args
         .first()
         .and_then(|k| Kind::parse(k))
-        .ok_or("the kind: tcp, tls, plain or encrypted")?;
+        .ok_or("the kind: tcp, tls, tls-lowat, plain or encrypted")?;
     let mut o = Opts {
         kind,
         mib: 2048,
@@ -149,7 +153,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => parse(&args[1..]).and_then(|o| run(&o)),
         Some("serve") => parse(&args[1..]).and_then(|o| serve(&o)),
-        _ => Err("usage: vmotion-bench-peer run tcp|tls|plain|encrypted --mib N [--streams S] [--seed K]".into()),
+        _ => Err("usage: vmotion-bench-peer run tcp|tls|tls-lowat|plain|encrypted --mib N [--streams S] [--seed K] [--warm]".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -176,7 +180,7 @@ fn run(o: &Opts) -> Result<(), String> {
     if o.warm {
         child_args.push("--warm".into());
     }
-    let tls = if o.kind == Kind::Tls {
+    let tls = if matches!(o.kind, Kind::Tls | Kind::TlsLowat) {
         let t = TlsFiles::create(dir.path())?;
         child_args.extend(["--tls-dir".into(), dir.path().display().to_string()]);
         Some(t)
@@ -204,7 +208,7 @@ fn run(o: &Opts) -> Result<(), String> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
     let mut window = (0.0, 0.0);
     let (secs, digest) = match o.kind {
-        Kind::Tcp | Kind::Tls => bulk_send(o, addr, tls.as_ref(), &mut window)?,
+        Kind::Tcp | Kind::Tls | Kind::TlsLowat => bulk_send(o, addr, tls.as_ref(), &mut window)?,
         Kind::Plain | Kind::Encrypted => migrate_send(o, addr, &mut window)?,
     };
     let theirs = next()?;
@@ -240,7 +244,7 @@ fn run(o: &Opts) -> Result<(), String> {
 fn serve(o: &Opts) -> Result<(), String> {
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
     let digest = match o.kind {
-        Kind::Tcp | Kind::Tls => bulk_receive(o, &listener)?,
+        Kind::Tcp | Kind::Tls | Kind::TlsLowat => bulk_receive(o, &listener)?,
         Kind::Plain | Kind::Encrypted => migrate_receive(o, listener)?,
     };
     println!("digest {digest} {}", peak_rss_kib());
@@ -379,6 +383,10 @@ fn bulk_send(
     let started = Instant::now();
     let tcp = TcpStream::connect(addr).map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    if o.kind == Kind::TlsLowat {
+        vmotion_tcp::set_notsent_lowat(&tcp, vmotion_tcp::NOTSENT_LOWAT)
+            .map_err(|e| e.to_string())?;
+    }
     let mut stream: Box<dyn ReadWrite> = match tls {
         None => Box::new(tcp),
         Some(files) => {
@@ -419,6 +427,10 @@ fn bulk_receive(o: &Opts, listener: &TcpListener) -> Result<String, String> {
     announce(listener)?;
     let (tcp, _) = listener.accept().map_err(|e| e.to_string())?;
     tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    if o.kind == Kind::TlsLowat {
+        vmotion_tcp::set_notsent_lowat(&tcp, vmotion_tcp::NOTSENT_LOWAT)
+            .map_err(|e| e.to_string())?;
+    }
     let mut stream: Box<dyn ReadWrite> = match &o.tls_dir {
         None => Box::new(tcp),
         Some(dir) => {

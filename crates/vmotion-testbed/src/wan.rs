@@ -201,11 +201,6 @@ impl WanBed {
             // A stream that paused between passes keeps its window instead of starting
             // over from slow start, which on 150 ms costs seconds (measured).
             ("ipv4/tcp_slow_start_after_idle", "0"),
-            // At most 4 MiB written but not yet sent per socket: the rest waits in the
-            // sender, where the engine still counts it, instead of queueing behind the
-            // switchover in a 64 MiB send buffer (measured: seconds of downtime at 8
-            // streams without it).
-            ("ipv4/tcp_notsent_lowat", "4194304"),
         ] {
             // /proc/sys/net shows the namespace of the process that opens it.
             let ok = Command::new("ip")

@@ -528,6 +528,13 @@ mod tests {
                 "unacknowledged data fails the connection after 30 s"
             );
         }
+        for s in [&tcp, &accepted] {
+            assert_eq!(
+                vmotion_tcp::notsent_lowat(s).unwrap(),
+                vmotion_tcp::NOTSENT_LOWAT,
+                "the unsent tail is bounded on both ends"
+            );
+        }
         let tos = tokio::net::TcpSocket::from_std_stream(tcp.into_std().unwrap())
             .tos_v4()
             .unwrap();

@@ -108,8 +108,9 @@ pub trait Accept: Send + Sync {
 /// Data sent and not acknowledged for this long fails the connection (`TCP_USER_TIMEOUT`).
 pub(crate) const TCP_USER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Keepalive probes on a migration's TCP connection (10 s idle, then 3 probes 5 s apart)
-/// and `TCP_USER_TIMEOUT` (30 s): a peer host that vanishes without a word, or a path that
+/// Keepalive probes on a migration's TCP connection (10 s idle, then 3 probes 5 s
+/// apart), `TCP_USER_TIMEOUT` (30 s) and at most 4 MiB queued unsent
+/// (`TCP_NOTSENT_LOWAT`). A peer host that vanishes without a word, or a path that
 /// black-holes, ends the migration within about half a minute on both ends — the sender's
 /// unacknowledged writes and the receiver's unanswered probes both time out — instead of
 /// leaving either end waiting for ever.
@@ -121,6 +122,10 @@ pub(crate) fn keepalive(s: &TcpStream) {
     let sock = socket2::SockRef::from(s);
     let _ = sock.set_tcp_keepalive(&probes);
     let _ = sock.set_tcp_user_timeout(Some(TCP_USER_TIMEOUT));
+    // A bounded unsent tail: what the engine counts as sent is on its way, and at the
+    // pause the last pages do not wait behind megabytes queued in the kernel
+    // (`vmotion_tcp`).
+    let _ = vmotion_tcp::set_notsent_lowat(s, vmotion_tcp::NOTSENT_LOWAT);
 }
 
 impl Accept for TcpListener {
