@@ -10,14 +10,15 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
+use common::qemu::*;
 use common::*;
 use serde_json::json;
-use vmotion_qemu::{Qemu, QemuConfig, idle_guest, memfile};
+use vmotion_qemu::memfile;
 
 const MIB: u64 = 512;
 
@@ -33,68 +34,9 @@ macro_rules! require_qemu {
     };
 }
 
-/// Guest memory files live in /dev/shm (fast, no disk), in a folder of their own.
-fn shm_dir() -> tempfile::TempDir {
-    let base = Path::new("/dev/shm");
-    if base.is_dir() {
-        tempfile::tempdir_in(base).unwrap()
-    } else {
-        tempfile::tempdir().unwrap()
-    }
-}
-
-struct Vms {
-    mem: tempfile::TempDir,
-    src: Qemu,
-    dst: Qemu,
-}
-
-impl Vms {
-    fn src_mem(&self) -> PathBuf {
-        self.mem.path().join("src.mem")
-    }
-    fn dst_mem(&self) -> PathBuf {
-        self.mem.path().join("dst.mem")
-    }
-}
-
-/// A running source guest with random memory, and a destination QEMU waiting
-/// (`-incoming defer`) with the same configuration; both with `multifd` channels if
-/// asked, and the bandwidth cap lifted.
+/// A running source guest with random memory, and a destination QEMU waiting.
 fn qemus(run: &Path, multifd: Option<u32>) -> Vms {
-    qemus_with(run, multifd, &[])
-}
-
-/// [`qemus`] with more migration capabilities on both sides.
-fn qemus_with(run: &Path, multifd: Option<u32>, capabilities: &[(&str, bool)]) -> Vms {
-    let mem = shm_dir();
-    let kernel = run.join("idle.bin");
-    std::fs::write(&kernel, idle_guest()).unwrap();
-    let (src_mem, dst_mem) = (mem.path().join("src.mem"), mem.path().join("dst.mem"));
-    memfile::fill_random(&src_mem, MIB << 20, 7).unwrap();
-    memfile::create_zeroed(&dst_mem, MIB << 20).unwrap();
-    let mut src = Qemu::spawn(QemuConfig::new("src", run, MIB, &src_mem, &kernel)).unwrap();
-    let mut dst_cfg = QemuConfig::new("dst", run, MIB, &dst_mem, &kernel);
-    dst_cfg.incoming = Some("defer".into());
-    dst_cfg.prealloc = true;
-    let mut dst = Qemu::spawn(dst_cfg).unwrap();
-    for q in [&mut src, &mut dst] {
-        if let Some(n) = multifd {
-            q.qmp().set_capabilities(&[("multifd", true)]).unwrap();
-            q.qmp()
-                .set_parameters(json!({ "multifd-channels": n }))
-                .unwrap();
-        }
-        if !capabilities.is_empty() {
-            q.qmp().set_capabilities(capabilities).unwrap();
-        }
-        q.qmp()
-            .set_parameters(json!({ "max-bandwidth": 8u64 << 30 }))
-            .unwrap();
-    }
-    src.wait_started(Duration::from_secs(60)).unwrap();
-    assert_eq!(src.qmp().query_status().unwrap(), "running");
-    Vms { mem, src, dst }
+    qemus_with(run, MIB, multifd, &[])
 }
 
 /// A key service, and a `vmotion-recv --tunnel` delivering to `RUN/{vm}.incoming` (with
@@ -113,35 +55,13 @@ fn daemon(extra: &[&str]) -> (World, PathBuf, Proc, String) {
 /// Starts `vmotion-send --tunnel` and waits for "tunnel ready" on its stderr; returns
 /// the process and its stderr so far.
 fn tunnel(w: &World, vm: &str, to: &str, listen: &Path) -> (Child, String) {
-    let mut child = Command::new(SEND)
-        .args(["--vm", vm, "--to", to, "--policy-dir"])
+    let mut cmd = Command::new(SEND);
+    cmd.args(["--vm", vm, "--to", to, "--policy-dir"])
         .arg(w.p("policy"))
         .args(w.identity("src"))
         .args(["--destination", "dst", "--json", "--tunnel"])
-        .arg(format!("unix:{}", listen.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut seen = String::new();
-    loop {
-        let mut line = String::new();
-        if err.read_line(&mut line).unwrap() == 0 {
-            // It ended without getting ready (a refusal): hand back what it said.
-            return (child, seen);
-        }
-        seen.push_str(&line);
-        if line.contains("tunnel ready") {
-            break;
-        }
-    }
-    // Keep draining its stderr so it never blocks on a full pipe.
-    std::thread::spawn(move || {
-        let mut rest = String::new();
-        let _ = err.read_to_string(&mut rest);
-    });
-    (child, seen)
+        .arg(format!("unix:{}", listen.display()));
+    start_tunnel(cmd)
 }
 
 /// `return_path`: QEMU's return path on (the destination answers on the main channel, so
@@ -150,7 +70,7 @@ fn tunnel(w: &World, vm: &str, to: &str, listen: &Path) -> (Child, String) {
 fn migrate_through_the_tunnel(multifd: Option<u32>, return_path: bool) {
     let (w, run, _recv, addr) = daemon(&[]);
     w.policy("qemu-vm", "encryption = \"required\"\n");
-    let mut vms = qemus_with(&run, multifd, &[("return-path", return_path)]);
+    let mut vms = qemus_with(&run, MIB, multifd, &[("return-path", return_path)]);
     let dst_uri = format!("unix:{}", run.join("qemu-vm.incoming").display());
     vms.dst.qmp().migrate_incoming(&dst_uri).unwrap();
 
@@ -196,23 +116,12 @@ fn migrate_through_the_tunnel(multifd: Option<u32>, return_path: bool) {
         assert_eq!(back, 0, "{report}");
     }
 
-    // The destination runs the guest, and its memory is the source's, byte for byte
-    // (the source is stopped for good; stop the destination to compare).
-    vms.dst
-        .qmp()
-        .wait_status("running", Duration::from_secs(10))
-        .unwrap();
-    vms.dst.qmp().stop().unwrap();
     let zero = memfile::zero_pages(&vms.src_mem()).unwrap();
     assert!(
         zero < (MIB << 20) / 4096 / 100,
         "the source memory is non-zero data ({zero} zero pages)"
     );
-    assert_eq!(
-        memfile::first_difference(&vms.src_mem(), &vms.dst_mem()).unwrap(),
-        None,
-        "the destination's memory equals the source's"
-    );
+    vms.assert_arrived();
 }
 
 /// Waits for `child` to exit 0 and returns its stdout.

@@ -2,6 +2,8 @@
 //! PKI for a few hosts, daemons that print the address they listen on.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part
 
+pub mod qemu;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};

@@ -135,11 +135,11 @@ impl TunnelReport {
     }
 }
 
-/// The control connection of a tunnel after the handshake, tuned as the streams are: the
+/// The control connection of a tunnel after the handshake, tuned as the streams' peer side is: the
 /// reader of what the peer sends, and this end's writer (each write within
 /// `write_timeout`).
 fn control(conn: Conn, keys: Channel, write_timeout: Duration) -> (ControlReader, ControlWriter) {
-    pump::tune(&conn);
+    pump::remote_tune(&conn);
     let (r, w) = conn.into_split();
     let reader = ControlReader::spawn(r, keys.opener);
     (reader, ControlWriter::new(w, keys.sealer, write_timeout))

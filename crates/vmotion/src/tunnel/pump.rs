@@ -154,7 +154,7 @@ fn was_cut(e: &MigrateError) -> bool {
 /// directions, until both have ended. Symmetric: the sender and the receiver run it.
 async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, MigrateError> {
     tune(&local);
-    tune(&remote);
+    remote_tune(&remote);
     let (lr, lw) = local.into_split();
     let (rr, rw) = remote.into_split();
     let ((sent_frames, sent_bytes, up_epoch), down) = tokio::try_join!(
@@ -170,9 +170,20 @@ async fn pump(local: Conn, remote: Conn, channel: Channel) -> Result<PumpStats, 
     })
 }
 
-/// Deep socket buffers: fewer wake-ups per byte on the relay's two hops (measured in
-/// docs/performance.md; the kernel caps them at `net.core.[rw]mem_max`). (TCP connections
-/// to and from the peer also probe it: `transport::keepalive`.)
+/// The connection to the peer keeps the kernel's buffer autotuning: buffers set by hand
+/// lock the window, and across 150 ms of round trip that held QEMU's single channel to
+/// 1 MB/s (tests/wan_qemu.rs); on loopback they made no difference measured
+/// (docs/performance.md). It probes the peer and bounds its unsent tail
+/// (`transport::keepalive`).
+pub(super) fn remote_tune(c: &Conn) {
+    match c {
+        Conn::Tcp(t) => crate::transport::keepalive(t),
+        Conn::Unix(_) => tune(c),
+    }
+}
+
+/// Deep socket buffers on the hypervisor's side of a relay: fewer wake-ups per byte
+/// (measured in docs/performance.md; the kernel caps them at `net.core.[rw]mem_max`).
 pub(super) fn tune(c: &Conn) {
     let s = match c {
         Conn::Tcp(s) => socket2::SockRef::from(s),
