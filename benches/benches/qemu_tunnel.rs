@@ -28,6 +28,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use vmotion_benches::monotonic;
 use vmotion_benches::procs::{KeyService, Proc, bin, listening};
 use vmotion_qemu::guest::DIRTY_REGION_MIN;
 use vmotion_qemu::{Qemu, QemuConfig, dirty_guest, idle_guest, memfile};
@@ -294,6 +295,7 @@ impl Bench {
         let src_mem = self.mem.path().join("src.mem");
         let before = vmotion_qemu::guest::progress(&src_mem).unwrap();
         let started = std::time::Instant::now();
+        let window_start = monotonic();
         src.qmp().migrate(&src_uri).unwrap();
         let r: Value = match src.qmp().wait_migration(self.timeout) {
             Ok(r) => r,
@@ -314,6 +316,12 @@ impl Bench {
         assert_eq!(r["status"], "completed", "{mode:?}: {r}");
         // The source is paused for good now: its counter is final.
         let wrote = guest_rate(&src_mem, before, started);
+        // For `perf record -k CLOCK_MONOTONIC` then `perf report --time START,END`.
+        eprintln!(
+            "window {}: {window_start:.6},{:.6}",
+            mode.name(),
+            monotonic()
+        );
         dst.qmp()
             .wait_status("running", Duration::from_secs(10))
             .unwrap();

@@ -56,3 +56,10 @@ pub fn run_mode() -> (bool, u64) {
         .unwrap_or(if smoke { 1 } else { 5 });
     (smoke, secs)
 }
+
+/// CLOCK_MONOTONIC now, in seconds: the time base of `perf record -k CLOCK_MONOTONIC`, so
+/// a bench can print the window of what it timed for `perf report --time START,END`.
+pub fn monotonic() -> f64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
+}

@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use vmotion::{Receiver, Sender};
+use vmotion_benches::monotonic;
 use vmotion_mover::GuestMemory;
 use vmotion_mover::synthetic::{SyntheticConfig, SyntheticGuest};
 use vmotion_proto::MigrationId;
@@ -276,12 +277,6 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .enable_all()
         .build()
         .map_err(|e| e.to_string())
-}
-
-/// CLOCK_MONOTONIC now, in seconds (perf's `-k CLOCK_MONOTONIC` time base).
-fn monotonic() -> f64 {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-    t.tv_sec as f64 + t.tv_nsec as f64 / 1e9
 }
 
 fn migrate_send(
