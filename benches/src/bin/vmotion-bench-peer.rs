@@ -125,10 +125,10 @@ fn guest_config(o: &Opts) -> SyntheticConfig {
     }
 }
 
-fn sha256(chunks: impl Iterator<Item = Vec<u8>>) -> String {
+fn sha256<C: AsRef<[u8]>>(chunks: impl Iterator<Item = C>) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for c in chunks {
-        ctx.update(&c);
+        ctx.update(c.as_ref());
     }
     ctx.finish()
         .as_ref()
@@ -406,7 +406,7 @@ fn bulk_send(
     stream.read_exact(&mut ack).map_err(|e| e.to_string())?;
     let secs = started.elapsed().as_secs_f64();
     window.1 = monotonic();
-    Ok((secs, sha256(source.chunks(1 << 20).map(<[u8]>::to_vec))))
+    Ok((secs, sha256(source.chunks(1 << 20))))
 }
 
 trait ReadWrite: Read + Write {}
@@ -454,5 +454,5 @@ fn bulk_receive(o: &Opts, listener: &TcpListener) -> Result<String, String> {
     }
     stream.write_all(&[1]).map_err(|e| e.to_string())?;
     stream.flush().map_err(|e| e.to_string())?;
-    Ok(sha256(dest.chunks(1 << 20).map(<[u8]>::to_vec)))
+    Ok(sha256(dest.chunks(1 << 20)))
 }

@@ -55,13 +55,13 @@ pub fn wan_available() -> Result<(), String> {
     if !ok {
         return Err("`ip netns` does not work here (iproute2 missing, or not root)".into());
     }
-    if !rustix_is_root() {
+    if !is_root() {
         return Err("not root: network namespaces need it".into());
     }
     Ok(())
 }
 
-fn rustix_is_root() -> bool {
+fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
@@ -103,16 +103,28 @@ impl WanBed {
     /// Builds the two hosts and starts the link. `emulator` is the `vmotion-wan` binary.
     pub fn new(link: WanLink, emulator: &std::path::Path) -> Result<Self, String> {
         wan_available()?;
-        // A number of its own per bed: nextest runs tests as separate processes.
-        let n = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed) * 7919) % 250 + 1;
-        let tag = format!("vw{n}");
-        let mut bed = Self {
-            n,
-            tag,
-            emulator: None,
-        };
+        let mut bed = Self::claim_number()?;
         bed.build(link, emulator)?;
         Ok(bed)
+    }
+
+    /// The first free bed number, from one of this process's own: its host A namespace is
+    /// made at once, so two beds (nextest runs tests as separate processes) never share
+    /// one, and a bed never removes anything another made.
+    fn claim_number() -> Result<Self, String> {
+        let first = std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed) * 7919;
+        for k in 0..250 {
+            let n = (first + k) % 250 + 1;
+            let tag = format!("vw{n}");
+            if ip(&["netns", "add", &format!("{tag}a")]).is_ok() {
+                return Ok(Self {
+                    n,
+                    tag,
+                    emulator: None,
+                });
+            }
+        }
+        Err("no free WAN bed number (250 namespaces vw*a exist: `ip netns list`)".into())
     }
 
     /// Host A's or B's namespace name.
@@ -151,11 +163,11 @@ impl WanBed {
     }
 
     fn build(&mut self, link: WanLink, emulator: &std::path::Path) -> Result<(), String> {
-        // Leftovers of a bed that was killed before it could clean up.
-        self.remove();
         for (host, subnet) in [('a', 88), ('b', 89)] {
             let (ns, root_dev) = (self.ns(host), format!("{}m{host}", self.tag));
-            ip(&["netns", "add", &ns])?;
+            if host == 'b' {
+                ip(&["netns", "add", &ns])?;
+            }
             ip(&["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])?;
             ip(&[
                 "link", "add", &root_dev, "type", "veth", "peer", "name", "mgmt", "netns", &ns,
